@@ -1,0 +1,65 @@
+"""The MaskGIT masking schedule and loss, shared by the trainer and the sampler.
+
+Training (aMUSEd paper, section 3): draw r ~ U(0, 1) per image, mask a fraction cos(r * pi / 2) of its tokens
+(at least one), replace them with the mask id, and take the cross-entropy on the masked positions only.
+Sampling walks the same schedule from t = 0 (all masked) to t = 1 (none masked).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_schedule(r: torch.Tensor) -> torch.Tensor:
+    """Fraction of tokens masked at progress r in [0, 1]: 1 at r = 0, 0 at r = 1."""
+    return torch.cos(r * math.pi / 2)
+
+
+def linear_schedule(r: torch.Tensor) -> torch.Tensor:
+    return 1 - r
+
+
+SCHEDULES = {"cosine": cosine_schedule, "linear": linear_schedule}
+
+
+def mask_tokens(
+    tokens: torch.Tensor, mask_id: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask a cos(r*pi/2) fraction of each image's tokens, r ~ U(0, 1); at least one token per image.
+
+    tokens: [B, h, w] VQ ids. Returns (input_ids with mask_id at masked positions, bool mask [B, h, w]).
+    Draws come from `generator` on the CPU, image by image, so an image's mask depends only on the generator's
+    state when its turn comes: batch 4 and four batches of 1 draw the same masks.
+    """
+    b, h, w = tokens.shape
+    n = h * w
+    masks = []
+    for _ in range(b):
+        r = torch.rand(1, generator=generator)
+        num_masked = int((cosine_schedule(r) * n).round().clamp(min=1, max=n))
+        scores = torch.rand(n, generator=generator)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[scores.argsort()[:num_masked]] = True
+        masks.append(mask)
+    mask = torch.stack(masks).reshape(b, h, w).to(tokens.device)
+    input_ids = torch.where(mask, torch.full_like(tokens, mask_id), tokens)
+    return input_ids, mask
+
+
+def masked_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on masked positions: the mean over each image's masked tokens, then the mean over images.
+
+    logits: [B, V, h, w] (UVit2DModel output); tokens, mask: [B, h, w]. Averaging per image first makes the loss
+    of a batch of B the mean of B per-image losses, so batch B x accumulation 1 and batch 1 x accumulation B give
+    the same gradient (a token-level mean would weight images by how many of their tokens were masked).
+    """
+    v = logits.shape[1]
+    per_token = F.cross_entropy(
+        logits.permute(0, 2, 3, 1).reshape(-1, v).float(), tokens.reshape(-1), reduction="none"
+    ).reshape(mask.shape)
+    m = mask.float()
+    per_image = (per_token * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)
+    return per_image.mean()
