@@ -1,0 +1,207 @@
+"""The recipe schema: one YAML file describes one run.
+
+Every field's docstring is its help text (`amused-tune RECIPE.yaml --help`) and its documentation. The sections
+are typed dataclasses parsed by jsonargparse, so `--train.max_steps=10` overrides a value, an unknown key or a
+wrong type fails before any model is loaded, and `--print_config` prints the resolved recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class RecipeError(ValueError):
+    """A recipe value that cannot work; the message names the key and what to pass instead."""
+
+
+def _positive(section: str, **values: float) -> None:
+    for key, value in values.items():
+        if value is None or value <= 0:
+            raise RecipeError(f"{section}.{key} must be > 0, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    base: str = "tiny"
+    """Base model: a Hub id (amused/amused-256, amused/amused-512), a local pipeline folder, `tiny` (random,
+    built in code, CPU-sized) or `toy` (the small pretrained model shipped with the kit)."""
+    resolution: Optional[int] = None
+    """Training image size in pixels; must equal the base model's (256 or 512 for aMUSEd). None: the model's."""
+    dtype: Precision = "fp32"
+    """Precision the frozen weights are held in (bf16/fp16 halve their memory). Trainable weights stay fp32."""
+    quantize: Optional[Literal["8bit", "4bit"]] = None
+    """LoRA only, CUDA only: hold the frozen U-ViT's linear layers in bitsandbytes 8-bit or 4-bit (QLoRA-style)."""
+
+
+@dataclass
+class DataConfig:
+    card: Optional[str] = None
+    """A dataset card: a name from datasets_cards/ (e.g. nouns) or a path to a card YAML. Fields set below
+    override the card's."""
+    source: Optional[Literal["imagefolder", "captionfolder", "hub", "single_image"]] = None
+    """Where images come from: a folder with metadata.jsonl, a folder of image + .txt pairs, a Hub dataset, or
+    one image with `prompt`."""
+    path: Optional[str] = None
+    """Folder (imagefolder, captionfolder), image file (single_image) or Hub dataset id (hub)."""
+    split: str = "train"
+    """Hub dataset split."""
+    image_column: str = "image"
+    """Column holding the image (hub) or the file name (imagefolder: file_name)."""
+    caption_column: str = "text"
+    """Column holding the caption."""
+    prompt: Optional[str] = None
+    """single_image: the caption of the image, e.g. 'A mushroom in [V] style'."""
+    prompt_prefix: str = ""
+    """Prepended to every caption (e.g. 'minecraft ')."""
+    center_crop: bool = True
+    """Centre crop after resizing the short side; false: random crop."""
+    random_flip: bool = False
+    """Flip images horizontally with probability 0.5."""
+    cache: bool = True
+    """Encode images to VQ tokens and captions to text embeddings once, then train from the cache."""
+    on_bad_sample: Literal["skip", "error"] = "skip"
+    """An unreadable image or a missing caption: skip it (counted in the log) or stop before training."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the training process)."""
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["lora", "full"] = "lora"
+    """lora: train low-rank adapters on `targets`; full: train every weight of the U-ViT."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / rank. Saved with the adapter, so it reloads at this strength."""
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
+    """Module names that get a LoRA (default: the QKV projections of every attention of the U-ViT)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    text_encoder: bool = False
+    """Also train a LoRA on the CLIP text encoder's q_proj/k_proj/v_proj (disables the text-embedding cache)."""
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    """Modules of the text encoder that get a LoRA."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 8.0e-4
+    """Peak learning rate."""
+    adam_8bit: bool = False
+    """Use bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: ~75% less optimizer memory)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1.0e-8
+    """AdamW epsilon."""
+    scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to lr."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this value (0 disables clipping)."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1
+    """Images per micro-batch, per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Effective batch = batch_size x grad_accum x processes."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    precision: Precision = "bf16"
+    """Autocast precision of the forward pass (fp16 uses loss scaling). CPU runs fall back from fp16 to bf16."""
+    grad_checkpointing: bool = False
+    """Recompute the transformer layers' activations in the backward pass: less memory, ~30% slower."""
+    seed: int = 0
+    """Seed of the weights' init, data order, masks and condition dropout."""
+    checkpoint_every: int = 250
+    """Write a resumable checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output.dir; none: start fresh; or a checkpoint path."""
+    cond_dropout: float = 0.1
+    """Probability of replacing a sample's text conditioning with the empty prompt's (for classifier-free guidance)."""
+    skip_nonfinite: bool = False
+    """On a non-finite loss or gradient, skip the step (counted in metrics) instead of stopping the run."""
+    log_every: int = 1
+    """Write metrics.jsonl every N optimizer steps."""
+    device: Optional[str] = None
+    """Force a device (cpu, cuda); None: what accelerate picks."""
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)
+    """Prompts of the sample grid written to samples/step-N.png (none: no validation)."""
+    every: int = 250
+    """Write a sample grid every N optimizer steps (and before step 0 and at the end)."""
+    steps: int = 12
+    """MaskGIT decoding steps."""
+    guidance: float = 10.0
+    """Classifier-free guidance scale."""
+    seed: int = 0
+    """Seed of the first image; image i uses seed + i."""
+    images_per_prompt: int = 1
+    """Images per prompt in the grid."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    """Output folder: recipe.yaml, adapter/ or transformer/, checkpoints/, samples/, metrics.jsonl, README.md."""
+    overwrite: bool = False
+    """Allow reusing an output folder that holds a run of a different recipe (its checkpoints are discarded)."""
+    push_to_hub: bool = False
+    """Push the adapter, card and samples to the Hub at the end of the run."""
+    hub_repo_id: Optional[str] = None
+    """Hub repository for push_to_hub, e.g. user/pixel-art-lora."""
+    hub_private: bool = False
+    """Create the Hub repository as private."""
+    tensorboard: bool = False
+    """Also log metrics and sample grids to tensorboard (OUTPUT_DIR/logs)."""
+    loss_plot: bool = True
+    """Write loss.png (the loss curve) at the end of the run."""
+
+
+@dataclass
+class Recipe:
+    """One fine-tuning run of aMUSEd."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> "Recipe":
+        """Check values that types alone cannot; raises RecipeError naming the key."""
+        _positive("optim", lr=self.optim.lr)
+        _positive("train", batch_size=self.train.batch_size, grad_accum=self.train.grad_accum,
+                  max_steps=self.train.max_steps, checkpoint_every=self.train.checkpoint_every,
+                  log_every=self.train.log_every)
+        _positive("validation", every=self.validation.every, steps=self.validation.steps)
+        if self.adapter.kind == "lora":
+            _positive("adapter", rank=self.adapter.rank, alpha=self.adapter.alpha)
+        if not 0 <= self.train.cond_dropout <= 1:
+            raise RecipeError(f"train.cond_dropout must be in [0, 1], got {self.train.cond_dropout}")
+        if self.train.keep_checkpoints < 1:
+            raise RecipeError(f"train.keep_checkpoints must be >= 1, got {self.train.keep_checkpoints}")
+        if self.optim.warmup_steps < 0:
+            raise RecipeError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
+        if self.model.quantize and self.adapter.kind != "lora":
+            raise RecipeError("model.quantize needs adapter.kind=lora: a quantized base cannot be fully fine-tuned")
+        if self.output.push_to_hub and not self.output.hub_repo_id:
+            raise RecipeError("output.push_to_hub=true needs output.hub_repo_id (e.g. user/my-lora)")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,425 @@
+"""MaskGIT decoding for aMUSEd: text-to-image, image variation, inpainting, LoRA and StyleDrop guidance.
+
+The loop (`sample_tokens`): start from all-masked tokens (or an image's VQ tokens with some of them masked); at each
+of T steps predict every masked token, sample it, then re-mask the least confident of the newly sampled tokens so
+that a fraction gamma((i + 1) / T) of the starting masked count stays masked (gamma = cos(r * pi / 2), or 1 - r).
+Confidence is log p(sampled token) plus Gumbel noise whose temperature falls linearly over the steps ((2, 0) by
+default). Classifier-free guidance runs cond and uncond in one batch: uncond + g * (cond - uncond).
+
+Randomness: each image has its own CPU `torch.Generator`, and every random number of that image comes from it, in a
+fixed order, so an image depends on its prompt and seed only, not on the rest of the batch. Two ways to draw:
+
+- ``draws="exact"`` (default) draws exactly what diffusers' `AmusedScheduler` draws from a CPU generator
+  (``torch.multinomial`` = argmax of p / Exp(1) noise over the whole codebook, then the Gumbel uniforms), so at
+  batch 1 with fp32 logits the tokens equal `AmusedPipeline(..., generator=torch.Generator().manual_seed(seed))`.
+  It costs N x V exponentials per image and step on the CPU (2M at amused-256).
+- ``draws="fast"`` samples by inverse CDF from one uniform per token and draws all of an image's uniforms up
+  front: one small host-to-device copy per call, nothing per step. Same distribution, different images.
+
+The loop never waits on the device: per-step numbers are Python floats computed before it, shapes are static, and
+draws do not depend on model outputs (exact draws are made on the CPU while the device runs the previous step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, PngImagePlugin
+
+from amused_tune.masking import SCHEDULES
+from amused_tune.models import Components, decode_tokens, encode_images, encode_prompts, micro_conditioning
+
+DRAWS = ("exact", "fast")
+Embeds = tuple[torch.Tensor, torch.Tensor]  # (penultimate hidden states [B, L, D], pooled projection [B, P])
+
+
+class SampleError(ValueError):
+    """Sampling arguments that cannot work together; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class StyleDropGuidance:
+    """StyleDrop's two-model guidance: adapter + lambda_a * (adapter - base) + lambda_b * (base - uncond).
+
+    "adapter" is the conditional logits with the LoRA adapters on, "base" and "uncond" the conditional and
+    unconditional logits of the base model (adapters off). Needs unmerged adapters; replaces `guidance`.
+    """
+
+    lambda_a: float
+    lambda_b: float
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def step_plan(steps: int, schedule: str = "cosine", temperature: float | Sequence[float] = (2.0, 0.0)) -> tuple[list[float], list[float]]:
+    """Per step i: (fraction of the starting masked tokens still masked after step i, Gumbel temperature of step i).
+
+    Computed in fp32 exactly as diffusers' `AmusedScheduler` does, so that token counts match bit for bit. A single
+    `temperature` t means (t, 0.01), as in diffusers.
+    """
+    if steps < 1:
+        raise SampleError(f"steps must be >= 1, got {steps}")
+    if schedule not in SCHEDULES:
+        raise SampleError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+    t0, t1 = (float(temperature), 0.01) if isinstance(temperature, (int, float)) else map(float, temperature)
+    ratios = [float(SCHEDULES[schedule]((torch.tensor([[i]]) + 1) / steps)) for i in range(steps)]
+    return ratios, torch.linspace(t0, t1, steps).tolist()
+
+
+def start_step(steps: int, strength: float) -> int:
+    """Index of the first step run for `strength`: the last round(strength * steps) steps run (>= 1 if strength > 0)."""
+    if not 0.0 <= strength <= 1.0:
+        raise SampleError(f"strength must be in [0, 1], got {strength}")
+    run = 0 if strength == 0 else min(steps, max(1, round(strength * steps)))
+    return steps - run
+
+
+def gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from U(0, 1) draws, clamped as diffusers does."""
+    return -torch.log((-torch.log(uniform.clamp(1e-20))).clamp(1e-20))
+
+
+def make_generators(seeds: Sequence[int | torch.Generator]) -> list[torch.Generator]:
+    """One CPU generator per image (an int seed, or a CPU generator passed through)."""
+    gens = []
+    for s in seeds:
+        if isinstance(s, torch.Generator):
+            if s.device.type != "cpu":
+                raise SampleError("generators must live on the CPU (draws are made there, then copied)")
+            gens.append(s)
+        else:
+            gens.append(torch.Generator().manual_seed(int(s)))
+    return gens
+
+
+# --------------------------------------------------------------------------------------------- adapters
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run `model` as its base model: every (unmerged) peft adapter layer off, requires_grad left as it was."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise SampleError("StyleDrop guidance needs LoRA adapters that are loaded and not merged into the model")
+    grads = {p: p.requires_grad for p in model.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, g in grads.items():
+            p.requires_grad_(g)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(transformer: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile` of the U-ViT (static shapes), made once per module and reused."""
+    if transformer not in _COMPILED:
+        _COMPILED[transformer] = torch.compile(transformer, dynamic=False)
+    return _COMPILED[transformer]
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def _expand(t: torch.Tensor, b: int) -> torch.Tensor:
+    return t.expand(b, *t.shape[1:]) if t.shape[0] == 1 and b > 1 else t
+
+
+@torch.no_grad()
+def sample_tokens(
+    transformer: torch.nn.Module,
+    cond: Embeds,
+    uncond: Embeds | None,
+    seeds: Sequence[int | torch.Generator],
+    *,
+    micro_conds: torch.Tensor,
+    steps: int = 12,
+    guidance: float = 10.0,
+    schedule: str = "cosine",
+    temperature: float | Sequence[float] = (2.0, 0.0),
+    init_tokens: torch.Tensor | None = None,
+    region: torch.Tensor | None = None,
+    strength: float = 1.0,
+    styledrop: StyleDropGuidance | None = None,
+    draws: str = "exact",
+    grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Generate VQ tokens [B, h, w] from precomputed text embeddings (no text encoder or VQ model needed).
+
+    cond / uncond: (hidden [B or 1, L, D], pooled [B or 1, P]); uncond may be None when guidance <= 1 and no
+    StyleDrop. seeds: one per image. micro_conds: [5] or [B, 5] (`models.micro_conditioning`).
+    init_tokens [B or 1, h, w]: start from these tokens (variation / inpainting) instead of all masked.
+    region bool [B or 1, h, w]: the tokens that may be regenerated (default: all); others are returned unchanged.
+    strength: run the last round(strength * steps) steps, masking the share of `region` the schedule has masked
+    at that point (1.0: all of it, like text-to-image; 0.0: returns init_tokens).
+    """
+    if draws not in DRAWS:
+        raise SampleError(f"draws must be one of {DRAWS}, got {draws!r}")
+    base = getattr(transformer, "_orig_mod", transformer)
+    mask_id = int(base.config.vocab_size) - 1
+    device = next(base.parameters()).device
+    gens = make_generators(seeds)
+    b = len(gens)
+    if init_tokens is not None:
+        grid = tuple(init_tokens.shape[-2:])
+    h, w = grid or (int(base.config.sample_size),) * 2
+    n = h * w
+    ratios, temps = step_plan(steps, schedule, temperature)
+    first = start_step(steps, strength) if init_tokens is not None else 0
+    use_cfg = styledrop is None and guidance > 1.0
+    if (use_cfg or styledrop is not None) and uncond is None:
+        raise SampleError("guidance needs uncond embeddings (encode the negative or empty prompt)")
+
+    hidden, pooled = (_expand(t.to(device), b) for t in cond)
+    dtype = hidden.dtype
+    micro = _expand(micro_conds.to(device, dtype).reshape(-1, 5), b)
+    if uncond is not None:
+        u_hidden, u_pooled = (_expand(t.to(device, dtype), b) for t in uncond)
+    if use_cfg or styledrop is not None:  # uncond first, as diffusers batches it
+        hidden2, pooled2, micro2 = torch.cat([u_hidden, hidden]), torch.cat([u_pooled, pooled]), micro.repeat(2, 1)
+
+    # Start tokens and the region that may change.
+    if init_tokens is None:
+        x = torch.full((b, n), mask_id, dtype=torch.long, device=device)
+        region_flat = torch.ones(b, n, dtype=torch.bool, device=device)
+    else:
+        x = _expand(init_tokens.to(device).long().reshape(-1, n), b).clone()
+        region_flat = torch.ones(b, n, dtype=torch.bool, device=device) if region is None else (
+            _expand(region.to(device).bool().reshape(-1, n), b)
+        )
+    count = region_flat.sum(-1, keepdim=True).float()  # per image: tokens the schedule is relative to
+    if first == steps:
+        return x.reshape(b, h, w)
+    if first == 0:
+        x = torch.where(region_flat, mask_id, x)
+    else:  # mask a random floor(count * gamma(first / steps)) of the region, drawn from each image's generator
+        scores = torch.stack([torch.rand(n, generator=g) for g in gens]).to(device, non_blocking=True)
+        scores = torch.where(region_flat, scores, 2.0)
+        rank = scores.argsort(-1).argsort(-1)
+        x = torch.where(rank < (count * ratios[first - 1]).floor().long(), mask_id, x)
+
+    if draws == "fast":  # all uniforms up front: [B, steps, 2, N] (sampling, Gumbel)
+        pre = torch.stack([torch.rand(steps - first, 2, n, generator=g) for g in gens])
+        pre = pre.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else pre.to(device)
+
+    def logits_of(tokens: torch.Tensor) -> torch.Tensor:
+        grid_tokens = tokens.reshape(-1, h, w)
+        if styledrop is not None:
+            with adapters_disabled(base):
+                out = transformer(grid_tokens.repeat(2, 1, 1), micro_conds=micro2, pooled_text_emb=pooled2,
+                                  encoder_hidden_states=hidden2).float()
+            a = transformer(grid_tokens, micro_conds=micro, pooled_text_emb=pooled, encoder_hidden_states=hidden).float()
+            un, bc = out.chunk(2)
+            return a + styledrop.lambda_a * (a - bc) + styledrop.lambda_b * (bc - un)
+        if use_cfg:
+            out = transformer(grid_tokens.repeat(2, 1, 1), micro_conds=micro2, pooled_text_emb=pooled2,
+                              encoder_hidden_states=hidden2).float()
+            un, co = out.chunk(2)
+            return un + guidance * (co - un)
+        return transformer(grid_tokens, micro_conds=micro, pooled_text_emb=pooled, encoder_hidden_states=hidden).float()
+
+    was_training = base.training
+    base.eval()
+    try:
+        for i in range(first, steps):
+            logits = logits_of(x)
+            v = logits.shape[1]
+            probs = logits.reshape(b, v, n).permute(0, 2, 1).softmax(-1)  # [B, N, V], the layout diffusers uses
+            last = i == steps - 1
+            if draws == "exact":
+                q = torch.stack([torch.empty(n, v).exponential_(generator=g) for g in gens])
+                sampled = (probs / q.to(device, non_blocking=True)).argmax(-1)
+                if not last:
+                    noise = torch.cat([torch.zeros(1, n).uniform_(0, 1, generator=g) for g in gens])
+                    noise = noise.to(device, non_blocking=True)
+            else:
+                cdf = probs.cumsum(-1)
+                u = pre[:, i - first, 0, :, None] * cdf[..., -1:]
+                sampled = torch.searchsorted(cdf, u, right=True)[..., 0].clamp(max=v - 1)
+                noise = pre[:, i - first, 1]
+            unknown = x == mask_id
+            pred = torch.where(unknown, sampled, x)
+            if last:
+                x = pred
+                break
+            picked = probs.gather(-1, pred[..., None])[..., 0]
+            conf = torch.log(picked.clamp(1e-20)) + temps[i] * gumbel(noise)
+            conf = torch.where(unknown, conf, math.inf)
+            keep_masked = (count * ratios[i]).floor().long()
+            keep_masked = torch.minimum(unknown.sum(-1, keepdim=True) - 1, keep_masked).clamp(min=1)
+            cutoff = conf.sort(-1).values.gather(-1, keep_masked.clamp(max=n - 1))
+            x = torch.where(conf < cutoff, mask_id, pred)
+    finally:
+        base.train(was_training)
+    return x.reshape(b, h, w)
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def _square(img: Image.Image, size: int, resample: int) -> Image.Image:
+    """Centre-crop to a square, then resize to size x size."""
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    return img.crop((left, top, left + side, top + side)).resize((size, size), resample)
+
+
+def load_image(image: str | Path | Image.Image | torch.Tensor, size: int) -> torch.Tensor:
+    """An input image as [1, 3, size, size] in [0, 1]: a path, a PIL image (centre-cropped, resized) or a tensor."""
+    if isinstance(image, torch.Tensor):
+        t = image.float().reshape(-1, *image.shape[-3:])
+        return t if t.shape[-2:] == (size, size) else F.interpolate(t, (size, size), mode="bicubic").clamp(0, 1)
+    if not isinstance(image, Image.Image):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image file {image} does not exist")
+        image = Image.open(image)
+    img = _square(image.convert("RGB"), size, Image.BICUBIC)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(size, size, 3).permute(2, 0, 1)[None] / 255.0
+
+
+def mask_to_grid(mask: str | Path | Image.Image | torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """An inpainting mask (white = regenerate) as bool [1 or B, h, w]: a token is regenerated if any of its pixels
+    is white (>= 0.5 after greyscale), so every white pixel is repainted and untouched tokens stay exactly."""
+    if isinstance(mask, torch.Tensor):
+        m = mask.float()
+        m = m.reshape(-1, 1, *m.shape[-2:]) if m.dim() != 4 else m.mean(1, keepdim=True)
+    else:
+        if not isinstance(mask, Image.Image):
+            if not Path(mask).is_file():
+                raise FileNotFoundError(f"mask file {mask} does not exist")
+            mask = Image.open(mask)
+        g = mask.convert("L")
+        side = min(g.size)
+        g = _square(g, side, Image.NEAREST)  # same crop as the image, no resampling of values
+        m = torch.frombuffer(bytearray(g.tobytes()), dtype=torch.uint8).reshape(1, 1, side, side) / 255.0
+    return F.adaptive_max_pool2d((m >= 0.5).float(), grid)[:, 0] > 0
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> PIL RGB images (rounded to 8 bits)."""
+    arr = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()
+    return [Image.fromarray(a.numpy(), "RGB") for a in arr]
+
+
+def png_info(texts: dict) -> PngImagePlugin.PngInfo:
+    """PNG text chunks: strings as they are, anything else as JSON."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in texts.items():
+        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
+    return info
+
+
+def save_grid(images: torch.Tensor | list[Image.Image], path: str | Path, texts: dict | None = None,
+              nrow: int | None = None) -> Path:
+    """Write a PNG grid (rows of `nrow`, default ceil(sqrt(B))) with `texts` (prompts, seeds...) as text chunks."""
+    pils = to_pil(images) if isinstance(images, torch.Tensor) else list(images)
+    nrow = nrow or math.ceil(math.sqrt(len(pils)))
+    w, h = pils[0].size
+    rows = math.ceil(len(pils) / nrow)
+    canvas = Image.new("RGB", (nrow * w, rows * h))
+    for k, img in enumerate(pils):
+        canvas.paste(img, ((k % nrow) * w, (k // nrow) * h))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, pnginfo=png_info(texts or {}))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- generate
+
+
+def encode_texts(components: Components, texts: Sequence[str]) -> Embeds:
+    """Encode texts, each distinct one once (one batch), and index them back: (hidden [B, L, D], pooled [B, P])."""
+    unique = list(dict.fromkeys(texts))
+    hidden, pooled = encode_prompts(components.text_encoder, components.tokenizer, unique)
+    idx = torch.tensor([unique.index(t) for t in texts], device=hidden.device)
+    return hidden[idx], pooled[idx]
+
+
+_EMPTY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def empty_prompt_embeds(components: Components) -> Embeds:
+    """The empty prompt's embeddings [1, ...], computed once per text encoder and recomputed only when its
+    weights change (moved, cast, adapters added, or updated in place by an optimizer)."""
+    enc = components.text_encoder
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in enc.parameters())
+    hit = _EMPTY.get(enc)
+    if hit is None or hit[0] != key:
+        hit = (key, encode_prompts(enc, components.tokenizer, [""]))
+        _EMPTY[enc] = hit
+    return hit[1]
+
+
+@torch.no_grad()
+def generate(
+    components: Components,
+    prompts: Sequence[str] | None,
+    seeds: Sequence[int | torch.Generator],
+    *,
+    steps: int = 12,
+    guidance: float = 10.0,
+    negative_prompt: str | Sequence[str] | None = None,
+    schedule: str = "cosine",
+    temperature: float | Sequence[float] = (2.0, 0.0),
+    image: str | Path | Image.Image | torch.Tensor | None = None,
+    strength: float = 1.0,
+    mask: str | Path | Image.Image | torch.Tensor | None = None,
+    prompt_embeds: Embeds | None = None,
+    styledrop: StyleDropGuidance | None = None,
+    draws: str = "exact",
+    aesthetic_score: float = 6.0,
+    crop: tuple[int, int] = (0, 0),
+    torch_compile: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-to-image, image variation (`image`, `strength`) or inpainting (`image` + `mask`, white = regenerate).
+
+    One image per seed; a single prompt is used for every seed. `prompt_embeds` (hidden, pooled) replaces encoding
+    `prompts`. Returns (tokens [B, h, w], images [B, 3, H, W] in [0, 1]).
+    """
+    b = len(seeds)
+    if prompt_embeds is None:
+        if not prompts:
+            raise SampleError("pass prompts or prompt_embeds")
+        prompts = list(prompts) * b if len(prompts) == 1 else list(prompts)
+        if len(prompts) != b:
+            raise SampleError(f"{len(prompts)} prompts for {b} seeds: pass one prompt or one per seed")
+    if mask is not None and image is None:
+        raise SampleError("inpainting needs the image to paint into: pass image= with mask=")
+    negatives = [negative_prompt or ""] * b if isinstance(negative_prompt, (str, type(None))) else list(negative_prompt)
+    needs_uncond = styledrop is not None or guidance > 1.0
+    cond = prompt_embeds if prompt_embeds is not None else encode_texts(components, prompts)
+    uncond = None
+    if needs_uncond:
+        uncond = empty_prompt_embeds(components) if not any(negatives) else encode_texts(components, negatives)
+
+    res = components.resolution
+    init = region = None
+    if image is not None:
+        init = encode_images(components.vqvae, load_image(image, res))
+        if mask is not None:
+            region = mask_to_grid(mask, tuple(init.shape[-2:]))
+    transformer = compiled(components.transformer) if torch_compile else components.transformer
+    tokens = sample_tokens(
+        transformer, cond, uncond, seeds,
+        micro_conds=micro_conditioning(res, res, crop[0], crop[1], aesthetic_score),
+        steps=steps, guidance=guidance, schedule=schedule, temperature=temperature, init_tokens=init,
+        region=region, strength=strength, styledrop=styledrop, draws=draws,
+    )
+    return tokens, decode_tokens(components.vqvae, tokens)

@@ -1,0 +1,31 @@
+"""The toy pretrained aMUSEd shipped with the kit, and the synthetic world it was trained on.
+
+``model.base: toy`` loads `toy_dir()`, a diffusers pipeline folder (transformer/, vqvae/, text_encoder/,
+tokenizer/, scheduler/) committed under ``amused_tune/toy/weights/``. It is small enough to sample and
+fine-tune on a CPU in seconds, and it was trained on a world simple enough that an exact classifier
+(`amused_tune.toy.classify`) says whether a sample shows what its caption asked for: learning itself is tested.
+
+- `world`: the images (a circle, square or triangle of one colour on a background of another, 32x32) and their
+  captions ("a red circle on a blue background"), generated deterministically.
+- `classify`: the exact classifier and the caption-match rate.
+- `build`: ``python -m amused_tune.toy build`` rebuilds the weights from scratch (VQ autoencoder, frozen random
+  CLIP text encoder, U-ViT pretrained with the kit's full fine-tuning); ``python -m amused_tune.toy eval``
+  measures the caption-match rate and the guidance sweep.
+
+See docs/toy.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def toy_dir() -> Path:
+    """The folder of the shipped toy pipeline (``amused_tune/toy/weights``)."""
+    if not (WEIGHTS_DIR / "transformer").is_dir():
+        raise FileNotFoundError(
+            f"the toy weights are missing from {WEIGHTS_DIR}: rebuild them with `python -m amused_tune.toy build`"
+        )
+    return WEIGHTS_DIR
