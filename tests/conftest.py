@@ -1,0 +1,50 @@
+"""Shared test fixtures: tiny models, fixture images, a clean accelerate state, no network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # the CI machine has 2 cores; one thread per test process is the fastest overall
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    """accelerate keeps global state between Accelerator objects: start every test from scratch."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def make_images(folder: Path, n: int = 4, size: int = 40, captions: bool = True) -> Path:
+    """n small, distinct RGB images in `folder` with a metadata.jsonl (imagefolder layout)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    colours = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 40), (200, 60, 200), (40, 200, 200)]
+    for i in range(n):
+        img = Image.new("RGB", (size, size), colours[i % len(colours)])
+        for x in range(size // 4, size // 2):
+            for y in range(size // 4, 3 * size // 4):
+                img.putpixel((x + i % 3, y), (255, 255, 255))
+        name = f"img{i}.png"
+        img.save(folder / name)
+        rows.append({"file_name": name, "text": f"a picture number {i}"})
+    if captions:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_images(tmp_path / "data")
