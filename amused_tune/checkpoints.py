@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 PREFIX = "step-"
 
 
-def rng_state(mask_generator: torch.Generator) -> dict:
+def rng_state(generators: dict[str, torch.Generator]) -> dict:
     np_state = np.random.get_state()
     state = {
         "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
@@ -33,21 +33,22 @@ def rng_state(mask_generator: torch.Generator) -> dict:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
         "torch": torch.get_rng_state(),
-        "mask_generator": mask_generator.get_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict, mask_generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
     py = state["python"]
     gauss = py[-1]
     random.setstate((state["python_version"], tuple(py[:-1]), None if gauss == -1 else gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    mask_generator.set_state(state["mask_generator"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

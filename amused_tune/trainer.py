@@ -166,6 +166,12 @@ def check_resolution(recipe: Recipe, comps: Components) -> int:
 # --------------------------------------------------------------------------------------------- one step
 
 
+def draw_dropout(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Which of n samples lose their text (probability p each), drawn one sample at a time so that a sample's
+    draw does not depend on the batch size."""
+    return torch.cat([torch.rand(1, generator=generator) for _ in range(n)]) < p
+
+
 def batch_conditioning(
     batch: dict, comps: Components, empty: Conditioning, drop: torch.Tensor, train_text: bool, device
 ) -> Conditioning:
@@ -186,15 +192,14 @@ def batch_conditioning(
 
 
 def compute_loss(
-    batch: dict, transformer, comps: Components, empty: Conditioning, recipe: Recipe, generator: torch.Generator,
-    device,
+    batch: dict, transformer, comps: Components, empty: Conditioning, recipe: Recipe,
+    generators: dict[str, torch.Generator], device,
 ) -> torch.Tensor:
-    """The MaskGIT loss of one micro-batch (masks and dropout drawn from `generator`)."""
+    """The MaskGIT loss of one micro-batch (masks and condition dropout drawn from `generators`)."""
     tokens = batch["tokens"].to(device) if "tokens" in batch else encode_images(comps.vqvae, batch["pixels"])
-    n = tokens.shape[0]
-    drop = torch.rand(n, generator=generator) < recipe.train.cond_dropout
+    drop = draw_dropout(tokens.shape[0], recipe.train.cond_dropout, generators["dropout"])
     cond = batch_conditioning(batch, comps, empty, drop, recipe.adapter.text_encoder, device)
-    input_ids, mask = mask_tokens(tokens, comps.mask_id, generator)
+    input_ids, mask = mask_tokens(tokens, comps.mask_id, generators["mask"])
     logits = transformer(
         input_ids,
         encoder_hidden_states=cond.hidden,
@@ -242,10 +247,11 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
 
     t = recipe.train
     samples_per_step = t.batch_size * t.grad_accum
-    generator = torch.Generator().manual_seed(t.seed * 1_000_003 + accelerator.process_index)
+    seed = t.seed * 1_000_003 + accelerator.process_index
+    generators = {"mask": torch.Generator().manual_seed(seed), "dropout": torch.Generator().manual_seed(seed + 1)}
     step = 0
     if t.resume != "none":
-        step = resume(out, recipe, t.resume, trainable, names, optimizer, lr_scheduler, accelerator, generator)
+        step = resume(out, recipe, t.resume, trainable, names, optimizer, lr_scheduler, accelerator, generators)
     if step >= t.max_steps:
         accelerator.print(f"{out} already reached train.max_steps={t.max_steps}: nothing to do")
         return {"step": step, "output_dir": str(out), "already_done": True}
@@ -270,7 +276,7 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
             batch = next(batches)
             sync = micro == t.grad_accum - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(transformer)), accelerator.autocast():
-                loss = compute_loss(batch, transformer, comps, empty, recipe, generator, device)
+                loss = compute_loss(batch, transformer, comps, empty, recipe, generators, device)
             accelerator.backward(loss / t.grad_accum)
             total += loss.detach() / t.grad_accum
         if accelerator.sync_gradients and recipe.optim.max_grad_norm > 0:
@@ -309,7 +315,7 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
         progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{row['images_per_s']:.1f}", lr=f"{row['lr']:.2e}")
 
         if step % t.checkpoint_every == 0 or step == t.max_steps or stop.signum:
-            save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generator)
+            save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generators)
         if stop.signum:
             progress.close()
             code = 128 + stop.signum
@@ -354,12 +360,12 @@ class _StopFlag:
 # --------------------------------------------------------------------------------------------- checkpoints
 
 
-def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generator) -> None:
+def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generators) -> None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     state = {"optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
-             "rng": checkpoints.rng_state(generator)}
+             "rng": checkpoints.rng_state(generators)}
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler.state_dict()
     weights = {names[id(p)]: p for p in trainable}
@@ -367,7 +373,7 @@ def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerat
     checkpoints.save_checkpoint(out / "checkpoints", step, weights, state, meta, recipe.train.keep_checkpoints)
 
 
-def resume(out, recipe, where, trainable, names, optimizer, lr_scheduler, accelerator, generator) -> int:
+def resume(out, recipe, where, trainable, names, optimizer, lr_scheduler, accelerator, generators) -> int:
     """Restore the newest complete checkpoint (or the one at `where`); returns its step, 0 if none."""
     if where == "auto":
         found = checkpoints.load_latest(out / "checkpoints")
@@ -388,6 +394,6 @@ def resume(out, recipe, where, trainable, names, optimizer, lr_scheduler, accele
     lr_scheduler.load_state_dict(state["scheduler"])
     if "scaler" in state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
-    checkpoints.set_rng_state(state["rng"], generator)
+    checkpoints.set_rng_state(state["rng"], generators)
     accelerator.print(f"resumed from {path} (step {meta['step']})")
     return int(meta["step"])
