@@ -44,7 +44,7 @@ def log(msg: str) -> None:
 
 def new_vqvae() -> VQModel:
     return VQModel(
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         layers_per_block=1,

@@ -1,0 +1,191 @@
+"""`amused-tune sample`: generate images from a base model plus LoRA adapters, on the command line.
+
+    amused-tune sample --base amused/amused-256 --adapter runs/x --prompt "a cat" --num-images 4 --seed 0 --out samples/
+
+Image k (counting over all prompts) gets seed + k. Writes ``OUT/NNN-seedS.png`` per image, with the prompt, seed,
+steps, guidance and adapters in its PNG text chunks, and ``OUT/grid.png``. Errors are one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from amused_tune.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="amused-tune sample", description="Generate images with aMUSEd (+ LoRA adapters).")
+    p.add_argument("--base", default="amused/amused-256", help="Hub id, local pipeline folder, 'tiny' or 'toy'")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable; each gets --num-images images")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0, help="image k gets seed + k")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--guidance", type=float, default=10.0, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--temperature", type=float, nargs="+", default=[2.0, 0.0], metavar="T",
+                   help="Gumbel temperature: START END (linear over the steps), or one value (START, 0.01)")
+    p.add_argument("--image", default=None, help="input image for variation / inpainting")
+    p.add_argument("--strength", type=float, default=None,
+                   help="0..1, share of the schedule to rerun (default 0.6 with --image, 1.0 with --mask)")
+    p.add_argument("--mask", default=None, help="inpainting mask, white = regenerate (needs --image)")
+    p.add_argument("--adapter", action="append", default=[], help="LoRA: run dir, adapter dir, .safetensors or Hub id")
+    p.add_argument("--adapter-scale", type=float, action="append", default=[], help="one per --adapter, in order")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt adapters (runs code)")
+    p.add_argument("--styledrop-guidance", type=float, nargs=2, default=None, metavar=("LAMBDA_A", "LAMBDA_B"),
+                   help="StyleDrop two-model guidance instead of --guidance (keeps adapters unmerged)")
+    p.add_argument("--quantize", choices=["8bit", "4bit"], default=None, help="bitsandbytes U-ViT linears (CUDA only)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (results do not depend on it)")
+    p.add_argument("--draws", choices=DRAWS, default="exact",
+                   help="exact: diffusers' random draws (bit-identical tokens); fast: one uniform per token")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-ViT")
+    return p
+
+
+def quantize_linears(model: torch.nn.Module, bits: int, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """Swap every plain `nn.Linear` of `model` (LoRA weights excepted) for a bitsandbytes Linear8bitLt / Linear4bit
+    (nf4) on `device`; weights quantize as they move there. Returns how many layers were swapped."""
+    import bitsandbytes as bnb
+
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear or "lora_" in f"{name}.{child_name}":
+                continue
+            weight = child.weight.data.detach().cpu()
+            if bits == 8:
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                          has_fp16_weights=False, threshold=6.0)
+                new.weight = bnb.nn.Int8Params(weight.half(), requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=compute_dtype, quant_type="nf4")
+                new.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                new.bias = torch.nn.Parameter(child.bias.data.detach().cpu().to(compute_dtype), requires_grad=False)
+            setattr(module, child_name, new.to(device))
+            swapped += 1
+    return swapped
+
+
+def _fail(message: str) -> int:
+    print(f"amused-tune sample: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `amused-tune sample ...` (argv without the word "sample"). Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sample"]:
+        argv = argv[1:]
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as err:
+        return _fail(str(err))
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+
+    # Everything that can be checked before loading a model.
+    if args.mask and not args.image:
+        return _fail("--mask needs --image (the picture to paint into)")
+    for flag, path in (("--image", args.image), ("--mask", args.mask)):
+        if path and not Path(path).is_file():
+            return _fail(f"{flag} {path}: no such file")
+    if args.adapter_scale and len(args.adapter_scale) != len(args.adapter):
+        return _fail(f"{len(args.adapter_scale)} --adapter-scale for {len(args.adapter)} --adapter: give one per adapter or none")
+    if args.styledrop_guidance and not args.adapter:
+        return _fail("--styledrop-guidance needs at least one --adapter (it contrasts adapter and base model)")
+    if len(args.temperature) > 2:
+        return _fail("--temperature takes one value or two (START END)")
+    if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
+        return _fail("--num-images, --batch-size and --steps must be >= 1")
+    strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.6 if args.image else 1.0)
+    if not 0.0 <= strength <= 1.0:
+        return _fail(f"--strength must be in [0, 1], got {strength}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _fail(f"--device {args.device}: CUDA is not available on this machine")
+    if args.quantize and device.type != "cuda":
+        return _fail(f"--quantize {args.quantize} needs a CUDA GPU (bitsandbytes' int8/nf4 matmul); "
+                     "pass --device cuda or drop --quantize")
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+
+    from amused_tune.adapters import AdapterError, load_lora, merge_adapters, set_adapter_scales
+    from amused_tune.models import BaseModelError, load_components
+
+    try:
+        comps = load_components(args.base)
+        scales = args.adapter_scale or [1.0] * len(args.adapter)
+        names = [load_lora(comps.transformer, src, scale=s, allow_pickle=args.allow_pickle)
+                 for src, s in zip(args.adapter, scales)]
+        if names:
+            set_adapter_scales(comps.transformer, dict(zip(names, scales)))
+            if not args.styledrop_guidance:
+                merge_adapters(comps.transformer)
+        comps.text_encoder.to(device, dtype)
+        vq_dtype = torch.float32 if getattr(comps.vqvae.config, "force_upcast", False) else dtype
+        comps.vqvae.to(device, vq_dtype)
+        comps.transformer.to(dtype)
+        if args.quantize:  # quantized weights must not be cast again: cast first, then move only
+            quantize_linears(comps.transformer, 8 if args.quantize == "8bit" else 4, dtype, device)
+        comps.transformer.to(device)
+
+        prompts = [p for p in args.prompt for _ in range(args.num_images)]
+        seeds = [args.seed + k for k in range(len(prompts))]
+        styledrop = StyleDropGuidance(*args.styledrop_guidance) if args.styledrop_guidance else None
+        temperature = tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0]
+        images = []
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = slice(start, start + args.batch_size)
+            _, imgs = generate(
+                comps, prompts[chunk], seeds[chunk], steps=args.steps, guidance=args.guidance,
+                negative_prompt=args.negative_prompt, schedule=args.schedule, temperature=temperature,
+                image=args.image, strength=strength, mask=args.mask, styledrop=styledrop, draws=args.draws,
+                torch_compile=args.compile,
+            )
+            images.extend(to_pil(imgs))
+    except (SampleError, BaseModelError, AdapterError, FileNotFoundError) as err:
+        return _fail(str(err))
+
+    common = {
+        "base": args.base, "steps": args.steps, "guidance": args.guidance, "schedule": args.schedule,
+        "temperature": list(args.temperature), "negative_prompt": args.negative_prompt or "",
+        "adapter": [{"source": a, "scale": s} for a, s in zip(args.adapter, scales)],
+        "styledrop_guidance": args.styledrop_guidance, "draws": args.draws, "quantize": args.quantize,
+        "dtype": str(dtype).removeprefix("torch."), "sampler": "amused-tune",
+    }
+    if args.image:
+        common.update(image=args.image, strength=strength, mask=args.mask)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (img, prompt, seed) in enumerate(zip(images, prompts, seeds)):
+        path = out / f"{k:03d}-seed{seed}.png"
+        img.save(path, pnginfo=png_info({"prompt": prompt, "seed": seed, **common}))
+        print(path)
+    grid = save_grid(images, out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})
+    print(grid)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
