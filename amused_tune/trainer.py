@@ -30,6 +30,7 @@ from amused_tune.data import build_dataset, collate
 from amused_tune.masking import mask_tokens, masked_cross_entropy
 from amused_tune.models import Components, encode_images, encode_prompts, load_components, text_conditioning
 from amused_tune.recipe import Recipe, RecipeError
+from amused_tune.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,8 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
     names = {id(p): n for n, p in list(comps.transformer.named_parameters()) + [
         (f"text_encoder.{n}", p) for n, p in comps.text_encoder.named_parameters()]}
     dataset = build_dataset(recipe.data, resolution)
-    empty = Conditioning(*encode_prompts(comps.text_encoder, comps.tokenizer, [""]))
+    empty = Conditioning(*(e.to(device) for e in encode_prompts(comps.text_encoder, comps.tokenizer, [""])))
+    validator = Validator(recipe, comps, (empty.hidden, empty.pooled))
 
     optimizer = make_optimizer(recipe, trainable)
     lr_scheduler = get_scheduler(
@@ -264,6 +266,8 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
     batches = iter(loader)
     metrics_file = outputs.MetricsFile(out / "metrics.jsonl", resumed_step=step, enabled=main)
     stop = _StopFlag()
+    if main and step == 0 and validator.enabled:
+        validator(accelerator.unwrap_model(transformer), 0, out, accelerator)
     progress = tqdm(total=t.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     images_per_step = samples_per_step * accelerator.num_processes
     loss_value = float("nan")
@@ -314,6 +318,8 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{row['images_per_s']:.1f}", lr=f"{row['lr']:.2e}")
 
+        if main and validator.due(step):
+            validator(accelerator.unwrap_model(transformer), step, out, accelerator)
         if step % t.checkpoint_every == 0 or step == t.max_steps or stop.signum:
             save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generators)
         if stop.signum:

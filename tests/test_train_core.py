@@ -316,3 +316,29 @@ def test_cli_full_finetune_8bit_with_accumulation_runs(tmp_path, monkeypatch):
                      "--validation.prompts=[]"])
     assert code == 0
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_validation_writes_a_grid_before_step_0_and_every_n_steps(tmp_path, image_folder):
+    from PIL import Image
+
+    recipe = tiny_recipe(tmp_path, image_folder, train={"max_steps": 4},
+                         validation={"prompts": ["a red circle", "a cat"], "every": 2, "steps": 3,
+                                     "images_per_prompt": 2})
+    train(recipe)
+    samples = Path(recipe.output.dir) / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step-0.png", "step-2.png", "step-4.png"]
+    with Image.open(samples / "step-2.png") as grid:
+        assert grid.size == (2 * 32, 2 * 32)  # 2 images per prompt in a row, one row per prompt
+        assert "a red circle" in grid.text["prompts"] and grid.text["seeds"] == "[0, 1, 2, 3]"
+
+
+def test_validation_does_not_change_training(tmp_path, image_folder):
+    weights = []
+    for prompts in ([], ["a cat"]):
+        comps = build_tiny()
+        recipe = tiny_recipe(tmp_path / str(len(prompts)), image_folder, train={"max_steps": 3},
+                             validation={"prompts": prompts, "every": 1, "steps": 2})
+        train(recipe, components=comps)
+        weights.append({n: p.detach().clone() for n, p in comps.transformer.named_parameters() if "lora" in n})
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name

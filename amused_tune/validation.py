@@ -1,0 +1,63 @@
+"""Sample grids during training: `samples/step-N.png`, drawn with the kit's sampler.
+
+The prompts are encoded once, before training, so that sampling needs neither the text encoder on the
+accelerator nor a second copy of it (unless the text encoder itself is being trained). Sampling draws from its
+own per-image generators: it never touches the training RNG, so a run with validation trains exactly like one
+without.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from amused_tune.models import Components, decode_tokens, encode_prompts, micro_conditioning
+from amused_tune.recipe import Recipe
+from amused_tune.sampler import sample_tokens, save_grid
+
+
+class Validator:
+    """Writes one grid of `validation.prompts` x `images_per_prompt` per call."""
+
+    def __init__(self, recipe: Recipe, comps: Components, empty: tuple[torch.Tensor, torch.Tensor]):
+        v = recipe.validation
+        self.recipe, self.comps = recipe, comps
+        self.prompts = [p for p in v.prompts for _ in range(v.images_per_prompt)]
+        self.seeds = [v.seed + i for i in range(len(self.prompts))]
+        self.empty = empty
+        self.cond = self._encode() if self.enabled and not recipe.adapter.text_encoder else None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts)
+
+    def _encode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_prompts(self.comps.text_encoder, self.comps.tokenizer, self.prompts)
+
+    def due(self, step: int) -> bool:
+        return self.enabled and (step % self.recipe.validation.every == 0 or step == self.recipe.train.max_steps)
+
+    @torch.no_grad()
+    def __call__(self, transformer: torch.nn.Module, step: int, out: Path, accelerator) -> Path:
+        v = self.recipe.validation
+        cond = self.cond if self.cond is not None else self._encode()
+        was_training = transformer.training
+        transformer.eval()
+        res = self.comps.resolution
+        with accelerator.autocast():
+            tokens = sample_tokens(
+                transformer, cond, self.empty, self.seeds, micro_conds=micro_conditioning(res, res),
+                steps=v.steps, guidance=v.guidance,
+            )
+        transformer.train(was_training)
+        images = decode_tokens(self.comps.vqvae, tokens).float().cpu()
+        texts = {"prompts": json.dumps(self.prompts), "seeds": json.dumps(self.seeds), "step": str(step),
+                 "steps": str(v.steps), "guidance": str(v.guidance)}
+        path = save_grid(images, out / "samples" / f"step-{step}.png", texts, nrow=v.images_per_prompt)
+        if self.recipe.output.tensorboard:
+            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+            if tracker is not None:
+                tracker.add_images("samples", images, step)
+        return path
