@@ -9,7 +9,6 @@ steps, guidance and adapters in its PNG text chunks, and ``OUT/grid.png``. Error
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -84,7 +83,32 @@ def quantize_linears(model: torch.nn.Module, bits: int, compute_dtype: torch.dty
                 new.bias = torch.nn.Parameter(child.bias.data.detach().cpu().to(compute_dtype), requires_grad=False)
             setattr(module, child_name, new.to(device))
             swapped += 1
+    for module in model.modules():  # the rest follows; quantized params are never moved or cast again
+        if not isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
+            module._apply(lambda t: t.to(device), recurse=False)
     return swapped
+
+
+def load_adapters(transformer: torch.nn.Module, sources: list[str], scales: list[float] | None = None,
+                  merge: bool = True, allow_pickle: bool = False) -> list[str]:
+    """Load LoRA adapters (run dirs, adapter dirs, .safetensors files or Hub ids), each at its scale, all active
+    together; `merge` folds them into the weights (faster; StyleDrop guidance needs them unmerged)."""
+    from amused_tune.adapters import load_lora, merge_adapters, set_adapter_scales
+
+    scales = scales or [1.0] * len(sources)
+    names = [load_lora(transformer, src, scale=s, allow_pickle=allow_pickle) for src, s in zip(sources, scales)]
+    if names:
+        set_adapter_scales(transformer, dict(zip(names, scales)))
+        if merge:
+            merge_adapters(transformer)
+    return names
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move, and cast only when the dtype differs (diffusers warns on every `.to(dtype)`)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+    module.to(device)
 
 
 def _fail(message: str) -> int:
@@ -111,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if path and not Path(path).is_file():
             return _fail(f"{flag} {path}: no such file")
     if args.adapter_scale and len(args.adapter_scale) != len(args.adapter):
-        return _fail(f"{len(args.adapter_scale)} --adapter-scale for {len(args.adapter)} --adapter: give one per adapter or none")
+        return _fail(f"{len(args.adapter_scale)} --adapter-scale for {len(args.adapter)} --adapter: "
+                     "give one per adapter, or none")
     if args.styledrop_guidance and not args.adapter:
         return _fail("--styledrop-guidance needs at least one --adapter (it contrasts adapter and base model)")
     if len(args.temperature) > 2:
@@ -128,27 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.quantize and device.type != "cuda":
         return _fail(f"--quantize {args.quantize} needs a CUDA GPU (bitsandbytes' int8/nf4 matmul); "
                      "pass --device cuda or drop --quantize")
+    scales = args.adapter_scale or [1.0] * len(args.adapter)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
 
-    from amused_tune.adapters import AdapterError, load_lora, merge_adapters, set_adapter_scales
+    from amused_tune.adapters import AdapterError
     from amused_tune.models import BaseModelError, load_components
 
     try:
         comps = load_components(args.base)
-        scales = args.adapter_scale or [1.0] * len(args.adapter)
-        names = [load_lora(comps.transformer, src, scale=s, allow_pickle=args.allow_pickle)
-                 for src, s in zip(args.adapter, scales)]
-        if names:
-            set_adapter_scales(comps.transformer, dict(zip(names, scales)))
-            if not args.styledrop_guidance:
-                merge_adapters(comps.transformer)
-        comps.text_encoder.to(device, dtype)
-        vq_dtype = torch.float32 if getattr(comps.vqvae.config, "force_upcast", False) else dtype
-        comps.vqvae.to(device, vq_dtype)
-        comps.transformer.to(dtype)
-        if args.quantize:  # quantized weights must not be cast again: cast first, then move only
+        load_adapters(comps.transformer, args.adapter, scales, merge=not args.styledrop_guidance,
+                      allow_pickle=args.allow_pickle)
+        _place(comps.text_encoder, device, dtype)
+        _place(comps.vqvae, device, torch.float32 if getattr(comps.vqvae.config, "force_upcast", False) else dtype)
+        _place(comps.transformer, torch.device("cpu") if args.quantize else device, dtype)
+        if args.quantize:  # cast first: quantized weights must not be cast again
             quantize_linears(comps.transformer, 8 if args.quantize == "8bit" else 4, dtype, device)
-        comps.transformer.to(device)
 
         prompts = [p for p in args.prompt for _ in range(args.num_images)]
         seeds = [args.seed + k for k in range(len(prompts))]

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
@@ -60,7 +61,9 @@ class StyleDropGuidance:
 # --------------------------------------------------------------------------------------------- schedule
 
 
-def step_plan(steps: int, schedule: str = "cosine", temperature: float | Sequence[float] = (2.0, 0.0)) -> tuple[list[float], list[float]]:
+def step_plan(
+    steps: int, schedule: str = "cosine", temperature: float | Sequence[float] = (2.0, 0.0)
+) -> tuple[list[float], list[float]]:
     """Per step i: (fraction of the starting masked tokens still masked after step i, Gumbel temperature of step i).
 
     Computed in fp32 exactly as diffusers' `AmusedScheduler` does, so that token counts match bit for bit. A single
@@ -90,14 +93,9 @@ def gumbel(uniform: torch.Tensor) -> torch.Tensor:
 
 def make_generators(seeds: Sequence[int | torch.Generator]) -> list[torch.Generator]:
     """One CPU generator per image (an int seed, or a CPU generator passed through)."""
-    gens = []
-    for s in seeds:
-        if isinstance(s, torch.Generator):
-            if s.device.type != "cpu":
-                raise SampleError("generators must live on the CPU (draws are made there, then copied)")
-            gens.append(s)
-        else:
-            gens.append(torch.Generator().manual_seed(int(s)))
+    gens = [s if isinstance(s, torch.Generator) else torch.Generator().manual_seed(int(s)) for s in seeds]
+    if any(g.device.type != "cpu" for g in gens):
+        raise SampleError("generators must live on the CPU (draws are made there, then copied)")
     return gens
 
 
@@ -113,25 +111,23 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     if not layers:
         raise SampleError("StyleDrop guidance needs LoRA adapters that are loaded and not merged into the model")
     grads = {p: p.requires_grad for p in model.parameters()}
+    was_disabled = [layer.disable_adapters for layer in layers]
     for layer in layers:
         layer.enable_adapters(False)
     try:
         yield
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        for layer, off in zip(layers, was_disabled):
+            layer.enable_adapters(not off)
         for p, g in grads.items():
             p.requires_grad_(g)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def compiled(transformer: torch.nn.Module) -> torch.nn.Module:
-    """`torch.compile` of the U-ViT (static shapes), made once per module and reused."""
-    if transformer not in _COMPILED:
-        _COMPILED[transformer] = torch.compile(transformer, dynamic=False)
-    return _COMPILED[transformer]
+    """`torch.compile` of the U-ViT (static shapes), made once per module and kept on it."""
+    if "_amused_compiled" not in transformer.__dict__:  # not a submodule: no cycle in .modules()
+        transformer.__dict__["_amused_compiled"] = torch.compile(transformer, dynamic=False)
+    return transformer.__dict__["_amused_compiled"]
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -156,7 +152,7 @@ def sample_tokens(
     init_tokens: torch.Tensor | None = None,
     region: torch.Tensor | None = None,
     strength: float = 1.0,
-    styledrop: StyleDropGuidance | None = None,
+    styledrop: StyleDropGuidance | tuple[float, float] | None = None,
     draws: str = "exact",
     grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
@@ -168,9 +164,14 @@ def sample_tokens(
     region bool [B or 1, h, w]: the tokens that may be regenerated (default: all); others are returned unchanged.
     strength: run the last round(strength * steps) steps, masking the share of `region` the schedule has masked
     at that point (1.0: all of it, like text-to-image; 0.0: returns init_tokens).
+    styledrop: StyleDropGuidance or (lambda_a, lambda_b), replaces `guidance`.
     """
     if draws not in DRAWS:
         raise SampleError(f"draws must be one of {DRAWS}, got {draws!r}")
+    if region is not None and init_tokens is None:
+        raise SampleError("region (an inpainting mask) needs init_tokens to keep outside it")
+    if styledrop is not None and not isinstance(styledrop, StyleDropGuidance):
+        styledrop = StyleDropGuidance(*styledrop)
     base = getattr(transformer, "_orig_mod", transformer)
     mask_id = int(base.config.vocab_size) - 1
     device = next(base.parameters()).device
@@ -218,21 +219,23 @@ def sample_tokens(
         pre = torch.stack([torch.rand(steps - first, 2, n, generator=g) for g in gens])
         pre = pre.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else pre.to(device)
 
+    def forward(tokens: torch.Tensor, pair: bool) -> torch.Tensor:  # pair: [uncond; cond] in one batch
+        t = tokens.reshape(-1, h, w)
+        if pair:
+            return transformer(t.repeat(2, 1, 1), micro_conds=micro2, pooled_text_emb=pooled2,
+                               encoder_hidden_states=hidden2).float()
+        return transformer(t, micro_conds=micro, pooled_text_emb=pooled, encoder_hidden_states=hidden).float()
+
     def logits_of(tokens: torch.Tensor) -> torch.Tensor:
-        grid_tokens = tokens.reshape(-1, h, w)
         if styledrop is not None:
             with adapters_disabled(base):
-                out = transformer(grid_tokens.repeat(2, 1, 1), micro_conds=micro2, pooled_text_emb=pooled2,
-                                  encoder_hidden_states=hidden2).float()
-            a = transformer(grid_tokens, micro_conds=micro, pooled_text_emb=pooled, encoder_hidden_states=hidden).float()
-            un, bc = out.chunk(2)
+                un, bc = forward(tokens, True).chunk(2)
+            a = forward(tokens, False)
             return a + styledrop.lambda_a * (a - bc) + styledrop.lambda_b * (bc - un)
         if use_cfg:
-            out = transformer(grid_tokens.repeat(2, 1, 1), micro_conds=micro2, pooled_text_emb=pooled2,
-                              encoder_hidden_states=hidden2).float()
-            un, co = out.chunk(2)
+            un, co = forward(tokens, True).chunk(2)
             return un + guidance * (co - un)
-        return transformer(grid_tokens, micro_conds=micro, pooled_text_emb=pooled, encoder_hidden_states=hidden).float()
+        return forward(tokens, False)
 
     was_training = base.training
     base.eval()
@@ -242,11 +245,15 @@ def sample_tokens(
             v = logits.shape[1]
             probs = logits.reshape(b, v, n).permute(0, 2, 1).softmax(-1)  # [B, N, V], the layout diffusers uses
             last = i == steps - 1
-            if draws == "exact":
-                q = torch.stack([torch.empty(n, v).exponential_(generator=g) for g in gens])
+            if draws == "exact":  # what torch.multinomial(probs, 1, g) draws, then the Gumbel uniforms
+                q = torch.empty(b, n, v)
+                for j, g in enumerate(gens):
+                    q[j].exponential_(generator=g)
                 sampled = (probs / q.to(device, non_blocking=True)).argmax(-1)
                 if not last:
-                    noise = torch.cat([torch.zeros(1, n).uniform_(0, 1, generator=g) for g in gens])
+                    noise = torch.empty(b, n)
+                    for j, g in enumerate(gens):
+                        noise[j].uniform_(0, 1, generator=g)
                     noise = noise.to(device, non_blocking=True)
             else:
                 cdf = probs.cumsum(-1)
@@ -273,6 +280,14 @@ def sample_tokens(
 # --------------------------------------------------------------------------------------------- images
 
 
+def _open(source: str | Path | Image.Image, what: str) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"{what} file {source} does not exist")
+    return Image.open(source)
+
+
 def _square(img: Image.Image, size: int, resample: int) -> Image.Image:
     """Centre-crop to a square, then resize to size x size."""
     side = min(img.size)
@@ -285,12 +300,8 @@ def load_image(image: str | Path | Image.Image | torch.Tensor, size: int) -> tor
     if isinstance(image, torch.Tensor):
         t = image.float().reshape(-1, *image.shape[-3:])
         return t if t.shape[-2:] == (size, size) else F.interpolate(t, (size, size), mode="bicubic").clamp(0, 1)
-    if not isinstance(image, Image.Image):
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"image file {image} does not exist")
-        image = Image.open(image)
-    img = _square(image.convert("RGB"), size, Image.BICUBIC)
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(size, size, 3).permute(2, 0, 1)[None] / 255.0
+    img = _square(_open(image, "image").convert("RGB"), size, Image.BICUBIC)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None] / 255.0
 
 
 def mask_to_grid(mask: str | Path | Image.Image | torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -300,14 +311,10 @@ def mask_to_grid(mask: str | Path | Image.Image | torch.Tensor, grid: tuple[int,
         m = mask.float()
         m = m.reshape(-1, 1, *m.shape[-2:]) if m.dim() != 4 else m.mean(1, keepdim=True)
     else:
-        if not isinstance(mask, Image.Image):
-            if not Path(mask).is_file():
-                raise FileNotFoundError(f"mask file {mask} does not exist")
-            mask = Image.open(mask)
-        g = mask.convert("L")
+        g = _open(mask, "mask").convert("L")
         side = min(g.size)
         g = _square(g, side, Image.NEAREST)  # same crop as the image, no resampling of values
-        m = torch.frombuffer(bytearray(g.tobytes()), dtype=torch.uint8).reshape(1, 1, side, side) / 255.0
+        m = torch.from_numpy(np.array(g))[None, None] / 255.0
     return F.adaptive_max_pool2d((m >= 0.5).float(), grid)[:, 0] > 0
 
 
@@ -382,7 +389,7 @@ def generate(
     strength: float = 1.0,
     mask: str | Path | Image.Image | torch.Tensor | None = None,
     prompt_embeds: Embeds | None = None,
-    styledrop: StyleDropGuidance | None = None,
+    styledrop: StyleDropGuidance | tuple[float, float] | None = None,
     draws: str = "exact",
     aesthetic_score: float = 6.0,
     crop: tuple[int, int] = (0, 0),

@@ -1,0 +1,269 @@
+"""The kit's MaskGIT sampler: diffusers parity, batch independence, variation, inpainting, adapters, CLI, bench."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from amused_tune import sample_cli
+from amused_tune.models import build_tiny, decode_tokens, encode_images
+from amused_tune.sampler import (
+    StyleDropGuidance,
+    adapters_disabled,
+    empty_prompt_embeds,
+    generate,
+    mask_to_grid,
+    save_grid,
+    start_step,
+    step_plan,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MASK_ID = 64  # tiny model: codebook 64, mask id = vocab_size - 1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny()
+
+
+def first_inputs(transformer: torch.nn.Module) -> tuple[list[torch.Tensor], object]:
+    """Record the token grids the U-ViT is called with."""
+    seen: list[torch.Tensor] = []
+    handle = transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    return seen, handle
+
+
+def an_image(tiny, seed: int = 0) -> torch.Tensor:
+    """A [1, 3, 32, 32] image the VQ model can represent (decoded from random tokens)."""
+    tokens = torch.randint(0, 64, (1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    return decode_tokens(tiny.vqvae, tokens)
+
+
+# --------------------------------------------------------------------------------------------- parity
+
+
+def test_default_text_to_image_matches_diffusers_pipeline(tiny):
+    from diffusers import AmusedPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = AmusedPipeline(vqvae=tiny.vqvae, tokenizer=tiny.tokenizer, text_encoder=tiny.text_encoder,
+                              transformer=tiny.transformer, scheduler=tiny.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    for prompt, seed in [("a cat", 0), ("a red dog on grass", 7)]:
+        ref = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent").images
+        tokens, images = generate(tiny, [prompt], [seed])
+        assert tokens.shape == (1, 8, 8) and images.shape == (1, 3, 32, 32)
+        assert torch.equal(tokens, ref)
+        assert 0.0 <= images.min() and images.max() <= 1.0
+    ref = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="latent", guidance_scale=4.0,
+               num_inference_steps=5, negative_prompt="blurry").images
+    tokens, _ = generate(tiny, ["a cat"], [3], guidance=4.0, steps=5, negative_prompt="blurry")
+    assert torch.equal(tokens, ref)
+
+
+@pytest.mark.parametrize("draws", ["exact", "fast"])
+def test_image_in_batch_equals_image_alone(tiny, draws):
+    prompts, seeds = ["a cat", "a red dog on grass", "a cat"], [5, 6, 7]
+    batch, _ = generate(tiny, prompts, seeds, draws=draws)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone, _ = generate(tiny, [prompt], [seed], draws=draws)
+        assert torch.equal(batch[i], alone[0])
+    assert not torch.equal(batch[0], batch[2])  # same prompt, other seed: another image
+    assert int(batch.max()) < MASK_ID and int(batch.min()) >= 0
+
+
+def test_schedule_plan_and_strength_steps():
+    ratios, temps = step_plan(12)
+    assert ratios[0] == pytest.approx(math.cos(math.pi / 24), abs=1e-6) and ratios[-1] < 1e-6
+    assert temps[0] == 2.0 and temps[-1] == 0.0 and len(temps) == 12
+    assert step_plan(4, "linear")[0] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+    assert (start_step(12, 1.0), start_step(12, 0.0), start_step(12, 0.6), start_step(12, 0.01)) == (0, 12, 5, 11)
+
+
+# --------------------------------------------------------------------------------------------- variation, inpainting
+
+
+def test_variation_strength_one_starts_all_masked(tiny):
+    seen, handle = first_inputs(tiny.transformer)
+    try:
+        tokens, _ = generate(tiny, ["a cat"], [2], image=an_image(tiny), strength=1.0)
+    finally:
+        handle.remove()
+    assert len(seen) == 12
+    assert bool((seen[0] == MASK_ID).all())
+    text_only, _ = generate(tiny, ["a cat"], [2])
+    assert torch.equal(tokens, text_only)  # the input image had no say
+
+
+def test_variation_strength_zero_returns_input_tokens(tiny):
+    image = an_image(tiny)
+    seen, handle = first_inputs(tiny.transformer)
+    try:
+        tokens, images = generate(tiny, ["a cat"], [2, 3], image=image, strength=0.0)
+    finally:
+        handle.remove()
+    assert seen == []
+    expected = encode_images(tiny.vqvae, image)
+    assert torch.equal(tokens, expected.expand(2, -1, -1))
+    assert images.shape == (2, 3, 32, 32)
+
+
+def test_variation_partial_strength_masks_the_scheduled_share(tiny):
+    image = an_image(tiny)
+    expected = encode_images(tiny.vqvae, image)[0]
+    seen, handle = first_inputs(tiny.transformer)
+    try:
+        generate(tiny, ["a cat"], [4], image=image, strength=0.5)
+    finally:
+        handle.remove()
+    assert len(seen) == 6  # the last 6 of 12 steps
+    start = seen[0][0]  # uncond half of the [uncond; cond] forward batch
+    ratios, _ = step_plan(12)
+    assert int((start == MASK_ID).sum()) == math.floor(64 * ratios[5])
+    kept = start != MASK_ID
+    assert torch.equal(start[kept], expected[kept])
+
+
+def test_inpainting_keeps_every_unmasked_token(tiny):
+    image = an_image(tiny, seed=1)
+    original = encode_images(tiny.vqvae, image)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:20, 4:14] = 1.0  # white = regenerate; touches token rows 2..4, cols 1..3
+    region = mask_to_grid(mask, (8, 8))
+    assert int(region.sum()) == 9 and bool(region[0, 2:5, 1:4].all())
+    seen, handle = first_inputs(tiny.transformer)
+    try:
+        tokens, _ = generate(tiny, ["a cat"], [0, 1], image=image, mask=mask)
+    finally:
+        handle.remove()
+    keep = ~region.expand(2, -1, -1)
+    assert torch.equal(tokens[keep], original.expand(2, -1, -1)[keep])
+    start = seen[0][:2]  # the forward batch is [uncond; cond]
+    assert bool((start[~keep] == MASK_ID).all()) and not bool((start[keep] == MASK_ID).any())
+    assert not torch.equal(tokens, original.expand(2, -1, -1))
+
+
+def test_mask_image_file_maps_white_pixels_to_tokens(tmp_path):
+    img = Image.new("L", (64, 64), 0)
+    img.paste(255, (60, 0, 64, 4))  # top-right corner only
+    img.save(tmp_path / "m.png")
+    region = mask_to_grid(tmp_path / "m.png", (8, 8))
+    assert region.shape == (1, 8, 8) and int(region.sum()) == 1 and bool(region[0, 0, 7])
+
+
+# --------------------------------------------------------------------------------------------- adapters
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    from amused_tune.adapters import attach_lora, save_lora
+
+    comps = build_tiny()
+    attach_lora(comps.transformer, rank=4, alpha=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in comps.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return save_lora(tmp_path_factory.mktemp("run") / "adapter", comps.transformer)
+
+
+def test_lora_scale_and_styledrop_guidance(tiny, adapter_dir):
+    from amused_tune.adapters import load_lora, merge_adapters
+
+    base_tokens, _ = generate(tiny, ["a cat"], [0])
+    zero = build_tiny()
+    load_lora(zero.transformer, adapter_dir, scale=0.0)
+    merge_adapters(zero.transformer)
+    assert torch.equal(generate(zero, ["a cat"], [0])[0], base_tokens)
+
+    styled = build_tiny()
+    load_lora(styled.transformer, adapter_dir, scale=1.0)
+    adapted, _ = generate(styled, ["a cat"], [0])
+    assert not torch.equal(adapted, base_tokens)
+    # the base pass really is the base model, and the adapter is back on afterwards
+    ids = torch.full((1, 8, 8), MASK_ID)
+    kw = dict(micro_conds=torch.tensor([[32.0, 32, 0, 0, 6]]), pooled_text_emb=torch.zeros(1, 32),
+              encoder_hidden_states=torch.zeros(1, 77, 32))
+    with torch.no_grad():
+        with adapters_disabled(styled.transformer):
+            assert torch.equal(styled.transformer(ids, **kw), tiny.transformer(ids, **kw))
+        assert not torch.equal(styled.transformer(ids, **kw), tiny.transformer(ids, **kw))
+    # lambdas 0, 0: logits = adapter's conditional logits = sampling without guidance
+    no_cfg, _ = generate(styled, ["a cat"], [0], guidance=1.0)
+    sd0, _ = generate(styled, ["a cat"], [0], styledrop=StyleDropGuidance(0.0, 0.0))
+    assert torch.equal(sd0, no_cfg)
+    sd, _ = generate(styled, ["a cat"], [0], styledrop=StyleDropGuidance(2.0, 5.0))
+    assert not torch.equal(sd, sd0)
+
+
+# --------------------------------------------------------------------------------------------- files, CLI, bench
+
+
+def test_empty_prompt_embeddings_are_cached_until_weights_change():
+    comps = build_tiny()
+    first = empty_prompt_embeds(comps)
+    assert empty_prompt_embeds(comps) is first
+    with torch.no_grad():
+        comps.text_encoder.text_projection.weight.mul_(2.0)  # what an optimizer step does: in place
+    again = empty_prompt_embeds(comps)
+    assert again is not first and not torch.equal(again[1], first[1]) and torch.equal(again[0], first[0])
+
+
+def test_save_grid_writes_prompts_and_seeds(tmp_path):
+    images = torch.rand(3, 3, 32, 32)
+    path = save_grid(images, tmp_path / "samples" / "step-5.png", {"prompts": ["a", "b", "c"], "seeds": [0, 1, 2]})
+    img = Image.open(path)
+    assert img.size == (64, 64)
+    assert img.text["prompts"] == '["a", "b", "c"]' and img.text["seeds"] == "[0, 1, 2]"
+
+
+def test_cli_writes_images_and_grid_byte_identically(tmp_path, adapter_dir):
+    outs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        argv = ["--base", "tiny", "--prompt", "a cat", "--num-images", "2", "--seed", "1", "--out", str(out)]
+        assert sample_cli.main(argv) == 0
+        outs.append(out)
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == ["000-seed1.png", "001-seed2.png", "grid.png"]
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+    meta = Image.open(outs[0] / "001-seed2.png").text
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["guidance"]) == ("a cat", "2", "12", "10.0")
+    assert Image.open(outs[0] / "grid.png").size == (64, 32)
+
+    out = tmp_path / "lora"
+    argv = ["sample", "--base", "tiny", "--prompt", "a cat", "--out", str(out), "--adapter", str(adapter_dir),
+            "--adapter-scale", "0.5", "--steps", "4"]
+    assert sample_cli.main(argv) == 0
+    assert '"scale": 0.5' in Image.open(out / "000-seed0.png").text["adapter"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--image", "missing.png"], "missing.png"),
+    (["--mask", "m.png"], "--mask needs --image"),
+    (["--quantize", "8bit", "--device", "cpu"], "CUDA"),
+    (["--adapter", "nowhere/at/all"], "nowhere/at/all"),
+])
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, extra, needle):
+    rc = sample_cli.main(["--base", "tiny", "--prompt", "x", "--out", str(tmp_path), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and needle in err[-1] and err[-1].startswith("amused-tune sample: error:")
+
+
+def test_bench_runs_tiny_on_cpu(capsys):
+    spec = importlib.util.spec_from_file_location("bench_sample", ROOT / "bench" / "sample.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--steps", "2", "--batch-sizes", "1", "2", "--warmup", "0", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| batch | diffusers s" in out and "| 2 |" in out
