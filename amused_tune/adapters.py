@@ -161,6 +161,11 @@ def read_adapter(
     Files without alpha metadata (diffusers' ``train_amused.py`` writes none) get alpha = rank, with a warning.
     """
     file, fmt = resolve_adapter(source, allow_pickle)
+    if fmt == "peft" and part != "transformer":  # peft keeps each part in its own folder: <adapter>/<part>/
+        part_dir = file.parent / part
+        if not (part_dir / PEFT_FILE).is_file():
+            raise AdapterError(f"{file.parent} has no LoRA weights for the {part} ({part}/{PEFT_FILE})")
+        file = part_dir / PEFT_FILE
     if file.suffix in PICKLE_SUFFIXES:
         raw = torch.load(file, map_location="cpu", weights_only=True)
         meta: dict = {}

@@ -1,0 +1,289 @@
+"""The model card of a run: OUTPUT_DIR/README.md, written at the end of every run and uploaded by `amused-tune push`.
+
+YAML front matter the Hub indexes: base_model, library_name (diffusers), license (the base model's), tags (amused,
+lora or full-fine-tune, text-to-image, styledrop for single-image runs), instance_prompt (StyleDrop: data.prompt),
+datasets (Hub data), widget (the validation grids samples/step-N.png, newest first). The body: what was trained on
+which data, the sample grid, the final loss and step (metrics.jsonl), the recipe's key values, and how to use it with
+`amused-tune sample`, with diffusers (`AmusedLoraLoaderMixin`, since `AmusedPipeline` has no `load_lora_weights`) and
+with peft.
+
+A generated card carries `MARKER` as its first body line; a card whose marker was deleted is the user's and is never
+overwritten. No torch import here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+CARD = "README.md"
+MARKER = ("<!-- written by amused-tune; `amused-tune push` refreshes this card. "
+          "Delete this line to keep your own edits. -->")
+# amused_tune.adapters' file name, repeated so that this module does not import torch
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+BASE_LICENSES = {"amused/amused-256": "openrail++", "amused/amused-512": "openrail++", "tiny": "apache-2.0",
+                 "toy": "apache-2.0"}
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+ROOT = Path(__file__).resolve().parent.parent
+MAX_WIDGETS = 4
+
+
+# --------------------------------------------------------------------------------------------- reading a run
+
+
+def final_metrics(out: Path) -> dict | None:
+    """Step and loss of the last optimizer step in metrics.jsonl (rows without `lr` were skipped steps)."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    trained = [r for r in rows if "lr" in r and "loss" in r]
+    if not trained:
+        return None
+    return {"step": int(trained[-1]["step"]), "loss": float(trained[-1]["loss"]),
+            "skipped": int(rows[-1].get("skipped_nonfinite", 0))}
+
+
+def sample_grids(out: Path) -> list[tuple[int, str]]:
+    """(step, "samples/step-N.png") of the validation grids, oldest first."""
+    grids = []
+    for path in (Path(out) / "samples").glob("step-*.png"):
+        match = re.fullmatch(r"step-(\d+)\.png", path.name)
+        if match and path.is_file():
+            grids.append((int(match[1]), f"samples/{path.name}"))
+    return sorted(grids)
+
+
+def dataset_card(data: dict) -> dict:
+    """The dataset card named by data.card (a name in datasets_cards/ or $AMUSED_TUNE_CARDS, or a path); {} if none."""
+    name = str(data.get("card") or "")
+    if not name:
+        return {}
+    path = Path(name).expanduser()
+    if not (name.endswith((".yaml", ".yml")) or "/" in name):
+        path = Path(os.environ.get("AMUSED_TUNE_CARDS") or ROOT / "datasets_cards") / f"{name}.yaml"
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        loaded = None
+    return {"name": path.stem, **loaded} if isinstance(loaded, dict) else {"name": name}
+
+
+def resolved_data(data: dict) -> dict:
+    """The data section as training saw it: the recipe's values over its dataset card's (as data.resolve_config)."""
+    card = dataset_card(data)
+    return {**card, **{k: v for k, v in data.items() if v is not None}, "_card": card}
+
+
+def base_license(base: str) -> str:
+    if base in BASE_LICENSES:
+        return BASE_LICENSES[base]
+    readme = Path(base).expanduser() / CARD
+    if readme.is_file():  # a local pipeline folder with its own card
+        meta = _front_matter(readme.read_text())
+        if isinstance(meta.get("license"), str):
+            return meta["license"]
+    return "other"
+
+
+def _front_matter(text: str) -> dict:
+    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.S)
+    try:
+        meta = yaml.safe_load(match[1]) if match else None
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def card_metadata(recipe: dict, out: Path) -> dict:
+    """The YAML front matter: the fields the Hub indexes."""
+    model, adapter = recipe.get("model") or {}, recipe.get("adapter") or {}
+    data, validation = resolved_data(recipe.get("data") or {}), recipe.get("validation") or {}
+    base = str(model.get("base") or "amused/amused-256")
+    lora = adapter.get("kind", "lora") == "lora"
+    styledrop = data.get("source") == "single_image"
+    tags = ["amused", "lora" if lora else "full-fine-tune", "text-to-image", "diffusers", "amused-tune"]
+    if styledrop:
+        tags.append("styledrop")
+    meta: dict = {"base_model": base, "library_name": "diffusers", "license": base_license(base), "tags": tags}
+    if styledrop and data.get("prompt"):
+        meta["instance_prompt"] = str(data["prompt"])
+    if data.get("source") == "hub" and data.get("path"):
+        meta["datasets"] = [str(data["path"])]
+    prompts = [str(p) for p in validation.get("prompts") or []]
+    widgets = []
+    for step, path in reversed(sample_grids(out)[-MAX_WIDGETS:]):
+        text = " | ".join(prompts) if prompts else f"validation grid at step {step}"
+        widgets.append({"text": text, "output": {"url": path}})
+    if widgets:
+        meta["widget"] = widgets
+    return meta
+
+
+def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
+    """The whole README.md. Code examples point at `repo_id` when given, else at the local run folder."""
+    out = Path(out)
+    recipe = json.loads(json.dumps(recipe, default=str))
+    meta = card_metadata(recipe, out)
+    model, adapter = recipe.get("model") or {}, recipe.get("adapter") or {}
+    data = resolved_data(recipe.get("data") or {})
+    optim, train = recipe.get("optim") or {}, recipe.get("train") or {}
+    validation = recipe.get("validation") or {}
+    base, lora = meta["base_model"], adapter.get("kind", "lora") == "lora"
+    name = repo_id.split("/")[-1] if repo_id else out.resolve().name
+    source = repo_id or str(out / "adapter" if lora else out)
+    prompt = meta.get("instance_prompt") or next(iter(validation.get("prompts") or []), "a photo of a cat")
+    dcard = data["_card"]
+
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000).strip(), "---", MARKER, ""]
+    lines.append(f"# {name}")
+    lines.append("")
+    what = (f"A LoRA (rank {adapter.get('rank')}, alpha {adapter.get('alpha')}, on "
+            f"{', '.join(adapter.get('targets') or [])}{' and the CLIP text encoder' if adapter.get('text_encoder') else ''})"
+            if lora else "A full fine-tune of the U-ViT")
+    lines.append(f"{what} for {_model_link(base)}, trained with amused-tune "
+                 f"on {_data_description(data, dcard)}.")
+    if meta.get("instance_prompt"):
+        lines += ["", f"StyleDrop: trained on a single image captioned `{meta['instance_prompt']}`; put the same "
+                      "style words in your prompts."]
+    if base in ("tiny", "toy"):
+        lines += ["", f"The base `{base}` is built into amused-tune (`amused_tune.models.load_components({base!r})`), "
+                      "not a Hub model: this repository is a test artifact."]
+    if dcard.get("license") or dcard.get("licence"):
+        lines += ["", f"Training data licence: {dcard.get('license') or dcard.get('licence')}."]
+
+    lines += ["", "## Samples", ""]
+    grids = sample_grids(out)
+    if grids:
+        step, path = grids[-1]
+        lines.append(f"![validation grid at step {step}]({path})")
+        lines.append("")
+        lines.append(f"Validation grid at step {step}: prompts {', '.join(f'`{p}`' for p in validation.get('prompts') or [])}; "
+                     f"{validation.get('steps')} MaskGIT steps, guidance {validation.get('guidance')}, "
+                     f"seeds from {validation.get('seed')} (also in the PNG's text chunks).")
+    else:
+        lines.append("No validation grid was written (the recipe has no validation.prompts).")
+
+    lines += ["", "## Training", ""]
+    final = final_metrics(out)
+    if final:
+        skipped = f", {final['skipped']} non-finite steps skipped" if final["skipped"] else ""
+        lines.append(f"Final loss **{final['loss']:.4f}** at step **{final['step']}** of "
+                     f"{train.get('max_steps')} (masked cross-entropy, metrics.jsonl{skipped}).")
+    else:
+        lines.append("No metrics were recorded.")
+    if (out / "loss.png").is_file():
+        lines += ["", "![loss curve](loss.png)"]
+    lines += ["", "| recipe key | value |", "|---|---|"]
+    keys = [("model", "base"), ("model", "resolution"), ("data", "card"), ("data", "source"), ("data", "path"),
+            ("adapter", "kind"), ("adapter", "rank"), ("adapter", "alpha"), ("adapter", "targets"),
+            ("adapter", "text_encoder"), ("optim", "lr"), ("optim", "adam_8bit"), ("optim", "scheduler"),
+            ("optim", "warmup_steps"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
+            ("train", "precision"), ("train", "cond_dropout"), ("train", "seed")]
+    sections = {"model": model, "data": data, "adapter": adapter, "optim": optim, "train": train}
+    for section, key in keys:
+        if key in sections[section] and sections[section][key] is not None:
+            if not lora and section == "adapter" and key != "kind":
+                continue
+            lines.append(f"| {section}.{key} | `{_short(sections[section][key])}` |")
+    lines += ["", "The full resolved recipe, with package versions, is [recipe.yaml](recipe.yaml): "
+                  "`amused-tune recipe.yaml` reruns it."]
+    lines += ["", "## Use it", ""] + _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id)
+    return "\n".join(lines) + "\n"
+
+
+def _model_link(base: str) -> str:
+    if REPO_ID.match(base) and not Path(base).expanduser().exists():
+        return f"[{base}](https://huggingface.co/{base})"
+    return f"`{base}`"
+
+
+def _data_description(data: dict, dcard: dict) -> str:
+    if dcard:
+        text = f"the dataset card `{dcard['name']}`"
+        if dcard.get("homepage"):
+            text = f"[{text}]({dcard['homepage']})"
+        if dcard.get("description"):
+            text += f" ({' '.join(str(dcard['description']).split()).rstrip('.')})"
+        return text
+    if data.get("source") == "single_image":
+        return f"one image (`{Path(str(data.get('path'))).name}`)"
+    return f"{data.get('source') or 'a'} dataset `{data.get('path')}`"
+
+
+def _short(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, repo_id: str | None) -> list[str]:
+    """The "Use it" section. Strings go into the code as literals (json.dumps / shlex.quote), whatever they hold."""
+    py_base, py_source, py_prompt = json.dumps(base), json.dumps(source), json.dumps(prompt)
+    sh_base, sh_source, sh_prompt = shlex.quote(base), shlex.quote(source), shlex.quote(prompt)
+    if not lora:
+        folder = repo_id.split("/")[-1] if repo_id else sh_source
+        fetch = f"hf download {repo_id} --local-dir {folder}\n" if repo_id else ""
+        return [
+            "With amused-tune (fold the fine-tuned U-ViT into a full pipeline folder, then sample):", "", "```bash",
+            f"{fetch}amused-tune merge {folder} --out merged\n"
+            f"amused-tune sample --base merged --prompt {sh_prompt} --out samples/", "```", "",
+            "With diffusers:", "", "```python",
+            "import torch",
+            "from diffusers import AmusedPipeline, UVit2DModel", "",
+            f'transformer = UVit2DModel.from_pretrained({py_source}, subfolder="transformer")',
+            f"pipe = AmusedPipeline.from_pretrained({py_base}, transformer=transformer)",
+            f"image = pipe({py_prompt}, generator=torch.manual_seed(0)).images[0]",
+            'image.save("sample.png")', "```",
+        ]
+    te_line = ("AmusedLoraLoaderMixin.load_lora_into_text_encoder(\n    state_dict, network_alphas=network_alphas, "
+               "text_encoder=pipe.text_encoder, prefix=\"text_encoder\", metadata=metadata\n)\n") if text_encoder else ""
+    peft_te = (f"pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, {py_source}, "
+               'subfolder="text_encoder").merge_and_unload()\n') if text_encoder else ""
+    return [
+        "With amused-tune:", "", "```bash",
+        f"amused-tune sample --base {sh_base} --adapter {sh_source} --prompt {sh_prompt} --out samples/", "```", "",
+        "With diffusers. `AmusedPipeline` has no `load_lora_weights`: load the adapter with the LoRA loader mixin. "
+        "`return_lora_metadata=True` keeps `lora_alpha`, so the adapter applies at the strength it was trained at.",
+        "", "```python",
+        "import torch",
+        "from diffusers import AmusedPipeline",
+        "from diffusers.loaders import AmusedLoraLoaderMixin", "",
+        f"pipe = AmusedPipeline.from_pretrained({py_base})",
+        "state_dict, network_alphas, metadata = AmusedLoraLoaderMixin.lora_state_dict(",
+        f'    {py_source}, weight_name="{DIFFUSERS_FILE}", return_lora_metadata=True',
+        ")",
+        "AmusedLoraLoaderMixin.load_lora_into_transformer(",
+        "    state_dict, network_alphas=network_alphas, transformer=pipe.transformer, metadata=metadata",
+        ")",
+        f"{te_line}image = pipe({py_prompt}, generator=torch.manual_seed(0)).images[0]",
+        'image.save("sample.png")', "```", "",
+        "With peft (the same adapter in peft's format, `adapter_config.json` + `adapter_model.safetensors`):", "",
+        "```python",
+        "from diffusers import AmusedPipeline",
+        "from peft import PeftModel", "",
+        f"pipe = AmusedPipeline.from_pretrained({py_base})",
+        f"pipe.transformer = PeftModel.from_pretrained(pipe.transformer, {py_source}).merge_and_unload()",
+        f"{peft_te}image = pipe({py_prompt}).images[0]", "```",
+    ]
+
+
+def write_card(out: Path, recipe: dict, repo_id: str | None = None) -> Path | None:
+    """Write OUTPUT_DIR/README.md; a card whose marker line was deleted (edited by hand) is kept as it is."""
+    out = Path(out)
+    path = out / CARD
+    if path.is_file() and MARKER not in path.read_text(errors="replace"):
+        return None
+    output = recipe.get("output") or {}
+    if repo_id is None and output.get("push_to_hub"):
+        repo_id = output.get("hub_repo_id")
+    tmp = out / f".{CARD}.tmp"
+    tmp.write_text(render_card(out, recipe, repo_id))
+    os.replace(tmp, path)
+    return path

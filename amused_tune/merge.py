@@ -1,0 +1,149 @@
+"""`amused-tune merge`: fuse a run's LoRA into its base U-ViT and save a full aMUSEd pipeline folder.
+
+  amused-tune merge OUTPUT_DIR --out DIR [--base BASE] [--scale 1.0] [--dtype fp32|fp16|bf16] [--overwrite]
+
+DIR holds transformer/, vqvae/, text_encoder/, tokenizer/, scheduler/ and model_index.json: diffusers'
+`AmusedPipeline.from_pretrained(DIR)` loads it, and so does the kit (`model.base: DIR`, `amused-tune sample --base
+DIR`). The base model is the run's `model.base` (from OUTPUT_DIR/recipe.yaml) unless --base names another. A
+text-encoder LoRA, when the run trained one, is fused into the text encoder too. A full fine-tuning run
+(OUTPUT_DIR/transformer/) is "merged" by putting its U-ViT into the base pipeline.
+
+OUTPUT_DIR may also be an adapter folder or a .safetensors file (diffusers' or peft's format); then --base is needed.
+DIR is written aside and renamed into place, so an interrupted merge leaves no half-written folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+class MergeError(ValueError):
+    """A merge that cannot happen; the message says what to pass instead."""
+
+
+def run_base(run: Path) -> str | None:
+    """model.base from a run's recipe.yaml, or None when `run` is not a run folder."""
+    recipe = run / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    return ((yaml.safe_load(recipe.read_text()) or {}).get("model") or {}).get("base")
+
+
+def text_encoder_source(source: Path):
+    """Where the text encoder's LoRA of `source` is (a file or a peft folder), or None when it has none."""
+    from safetensors import safe_open
+
+    from amused_tune.adapters import PEFT_FILE, resolve_adapter
+
+    file, fmt = resolve_adapter(source)
+    if fmt == "diffusers":
+        with safe_open(file, framework="pt") as f:
+            return file if any(k.startswith("text_encoder.") for k in f.keys()) else None
+    folder = file.parent / "text_encoder"
+    return folder if (folder / PEFT_FILE).is_file() else None
+
+
+def merge_run(run: str | os.PathLike, out: str | os.PathLike, base: str | None = None, scale: float = 1.0,
+              dtype: str = "fp32", overwrite: bool = False):
+    """Build the merged pipeline and write it to `out`; returns the merged `Components`."""
+    import torch
+    from diffusers import UVit2DModel
+
+    from amused_tune import adapters
+    from amused_tune.models import BaseModelError, load_components
+
+    run, out = Path(run).expanduser(), Path(out).expanduser()
+    if not run.exists():
+        raise MergeError(f"{run} does not exist: pass a run's output.dir, an adapter folder or a .safetensors file")
+    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
+        raise MergeError(f"--out {out} would overwrite the run it merges: pick another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise MergeError(f"--out {out} exists and is not empty: pick another folder or pass --overwrite")
+    recorded = run_base(run) if run.is_dir() else None
+    base = base or recorded
+    if not base:
+        raise MergeError(f"{run} has no recipe.yaml naming model.base: pass --base (a Hub id, a pipeline folder or tiny)")
+    try:
+        comps = load_components(base)
+    except BaseModelError as err:
+        hint = f" (model.base from {run / 'recipe.yaml'}; pass --base to use another)" if base == recorded else ""
+        raise MergeError(f"{err}{hint}") from err
+
+    if (run / "transformer" / "config.json").is_file() and not (run / "adapter").is_dir():
+        comps.transformer = UVit2DModel.from_pretrained(run / "transformer")
+    else:
+        adapters.load_lora(comps.transformer, run, scale=scale, adapter_name="merged")
+        adapters.merge_adapters(comps.transformer)
+        te = text_encoder_source(run)
+        if te is not None:
+            adapters.load_lora(comps.text_encoder, te, scale=scale, adapter_name="merged", part="text_encoder")
+            adapters.merge_adapters(comps.text_encoder)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    for name in ("transformer", "vqvae", "text_encoder"):
+        if getattr(comps, name).dtype != torch_dtype:
+            getattr(comps, name).to(torch_dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        comps.save_pretrained(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return comps
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="amused-tune merge",
+                description="Fuse a run's LoRA into its base U-ViT; write a pipeline folder AmusedPipeline loads.")
+    p.add_argument("run", metavar="OUTPUT_DIR", help="the run's output.dir (or an adapter folder / .safetensors file)")
+    p.add_argument("--out", required=True, help="the pipeline folder to write")
+    p.add_argument("--base", default=None, help="base model (default: model.base of OUTPUT_DIR/recipe.yaml)")
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength (1.0: as trained)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the saved weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as err:
+        print(f"amused-tune merge: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    from amused_tune.adapters import AdapterError
+
+    try:
+        merge_run(args.run, args.out, base=args.base, scale=args.scale, dtype=args.dtype, overwrite=args.overwrite)
+    except (MergeError, AdapterError) as err:
+        print(f"amused-tune: error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged {args.run} into {args.out}: load it with AmusedPipeline.from_pretrained({str(args.out)!r}) "
+          f"or amused-tune sample --base {args.out}")
+    return 0
