@@ -38,32 +38,49 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The training data. Keys left unset (null) come from the dataset card, then from the defaults named below."""
+
     card: Optional[str] = None
-    """A dataset card: a name from datasets_cards/ (e.g. nouns) or a path to a card YAML. Fields set below
-    override the card's."""
+    """A dataset card: a name from datasets_cards/ (nouns, minecraft, styledrop, local_imagefolder,
+    local_captionfolder) or a path to a card YAML. Every key below that the recipe sets overrides the card's."""
     source: Optional[Literal["imagefolder", "captionfolder", "hub", "single_image"]] = None
-    """Where images come from: a folder with metadata.jsonl, a folder of image + .txt pairs, a Hub dataset, or
-    one image with `prompt`."""
+    """imagefolder: a folder with metadata.jsonl ({"file_name", caption column} per line); captionfolder: image
+    files each with a same-named .txt caption; hub: a Hub dataset id or a local save_to_disk folder; single_image:
+    one image file with `prompt`."""
     path: Optional[str] = None
-    """Folder (imagefolder, captionfolder), image file (single_image) or Hub dataset id (hub)."""
-    split: str = "train"
-    """Hub dataset split."""
-    image_column: str = "image"
-    """Column holding the image (hub) or the file name (imagefolder: file_name)."""
-    caption_column: str = "text"
-    """Column holding the caption."""
+    """Folder (imagefolder, captionfolder), image file (single_image), or Hub dataset id / save_to_disk folder
+    (hub). Relative paths are tried from the working directory, then from the kit's folder."""
+    split: Optional[str] = None
+    """hub: the dataset split (default train)."""
+    image_column: Optional[str] = None
+    """hub: the column holding the image (default image)."""
+    caption_column: Optional[str] = None
+    """hub and imagefolder: the column / metadata key holding the caption (default text)."""
     prompt: Optional[str] = None
-    """single_image: the caption of the image, e.g. 'A mushroom in [V] style'."""
-    prompt_prefix: str = ""
-    """Prepended to every caption (e.g. 'minecraft ')."""
-    center_crop: bool = True
-    """Centre crop after resizing the short side; false: random crop."""
-    random_flip: bool = False
-    """Flip images horizontally with probability 0.5."""
+    """single_image: the image's caption, e.g. 'A mushroom in [V] style'. Other sources: when set, the caption
+    of every image (their own captions are ignored)."""
+    prompt_prefix: Optional[str] = None
+    """Prepended to every prompt, e.g. 'minecraft ' (default empty)."""
+    prompt_template: Optional[str] = None
+    """The prompt made from a caption; `{caption}` is replaced by it (default '{caption}')."""
+    center_crop: Optional[bool] = None
+    """After resizing the short side to the resolution: true (default) crops the centre, false a random square."""
+    random_flip: Optional[bool] = None
+    """Flip images horizontally with probability 0.5 (default false)."""
+    min_image_size: Optional[int] = None
+    """Images whose short side is below this many pixels are bad samples (default: the model's resolution;
+    0 upscales everything)."""
     cache: bool = True
-    """Encode images to VQ tokens and captions to text embeddings once, then train from the cache."""
+    """Encode every image to VQ tokens and every caption to text embeddings once, before training, and train from
+    that cache with the VQ model and text encoder moved to the CPU. See docs/data.md."""
+    cache_dir: Optional[str] = None
+    """Where the cache lives (default $AMUSED_TUNE_CACHE, else ~/.cache/amused-tune); entries are keyed by a
+    fingerprint of the data, the preprocessing and the model, so runs over the same data share them."""
+    random_crops: int = 4
+    """With center_crop=false and the cache on: crops cached per image (and per flip); training picks one."""
     on_bad_sample: Literal["skip", "error"] = "skip"
-    """An unreadable image or a missing caption: skip it (counted in the log) or stop before training."""
+    """A bad sample (unreadable, not an image, too small, no caption): skip it (counted in the log and in
+    OUTPUT_DIR/data_report.json) or stop before training, naming the file."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process)."""
 

@@ -11,6 +11,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "AMUSED_TUNE_CACHE" not in os.environ:  # tests never write into the user's ~/.cache
+    import tempfile
+
+    os.environ["AMUSED_TUNE_CACHE"] = tempfile.mkdtemp(prefix="amused-tune-test-cache-")
 torch.set_num_threads(1)  # the CI machine has 2 cores; one thread per test process is the fastest overall
 
 

@@ -1,0 +1,254 @@
+"""The token and text-embedding cache: encode the data once, train from disk.
+
+Layout, under `data.cache_dir` (default $AMUSED_TUNE_CACHE, else $XDG_CACHE_HOME/amused-tune or
+~/.cache/amused-tune), shared by every run over the same data:
+
+  tokens-<fingerprint>/shard-00000.safetensors ...   VQ tokens [n, V, h, w] + micro_conds [n, V, 5] of 256 listed
+                                                     samples each, with their captions and bad samples
+  text-<fingerprint>/shard-00000.safetensors ...     hidden [m, 77, D] + pooled [m, P] of 256 distinct prompts each
+                                                     (the empty prompt included)
+
+The tokens' fingerprint covers the data (file names, sizes and mtimes, or the Hub dataset's fingerprint and
+files), the preprocessing (resolution, crops, flips, minimum size) and the VQ model (class, config and a sample
+of every weight, in the dtype it runs in); the text's covers the prompts, the text encoder and the tokenizer.
+Anything else changed means a new folder, never a stale cache. Each shard is written aside and renamed, so an
+interrupted encoding resumes at the first missing shard.
+
+V variants per image: every flip (random_flip: unflipped and flipped) of every crop (the centre crop, or
+`data.random_crops` random crops drawn from the sample's name, so the same crops come back on every run).
+Training picks one variant per access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from amused_tune.data import (BadSample, Record, Report, Source, bad_sample, check_caption, check_lengths,
+                              finish, load_image, make_prompt, open_source, preprocess)
+from amused_tune.models import Components, encode_images, encode_prompts
+from amused_tune.recipe import DataConfig
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when what a shard holds changes
+SHARD = 256
+ENCODE_BATCH = 16
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    if os.environ.get("AMUSED_TUNE_CACHE"):
+        return Path(os.environ["AMUSED_TUNE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "amused-tune"
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_digest(module: torch.nn.Module) -> str:
+    """Class, config (minus names and versions) and 256 strided values of every weight, in its dtype."""
+    config = getattr(module, "config", {})
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    config = {k: v for k, v in config.items() if not k.startswith("_") and not k.endswith("_version")}
+    h = hashlib.sha256(digest(type(module).__name__, config).encode())
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            flat = t.detach().reshape(-1)
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    return digest(type(tokenizer).__name__, tokenizer.model_max_length, sorted(tokenizer.get_vocab().items()))
+
+
+def save_atomic(tensors: dict, meta: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_meta(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["meta"])
+
+
+# --------------------------------------------------------------------------------------------- VQ tokens
+
+
+def variants(key: str, cfg: DataConfig) -> list[tuple[random.Random | None, bool]]:
+    """(crop rng or None for the centre, flip) of every cached variant of one sample, in a fixed order. The crops
+    are drawn from the sample's file name, so a moved dataset gets the same ones."""
+    crops = 1 if cfg.center_crop else cfg.random_crops
+    flips = (False, True) if cfg.random_flip else (False,)
+    seeds = [int(hashlib.sha256(f"{Path(key).name}#{k}".encode()).hexdigest()[:16], 16) for k in range(crops)]
+    return [(None if cfg.center_crop else random.Random(seed), flip) for seed in seeds for flip in flips]
+
+
+def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolution: int, min_size: int,
+                 comps: Components, progress) -> tuple[dict, dict]:
+    """Validate and encode one shard of samples: (tensors, meta with keys, captions, bad and conversions)."""
+    report = Report()
+    pixels, micro, keys, captions = [], [], [], []
+    for record in records:
+        try:
+            caption = check_caption(record, cfg)
+            image, converted = load_image(source, record, min_size)
+        except BadSample as bad:
+            bad_sample(report, cfg, record.key, str(bad))
+            continue
+        finally:
+            progress.update(1)
+        report.converted.update([converted] if converted else [])
+        keys.append(record.key)
+        captions.append(caption)
+        for rng, flip in variants(record.key, cfg):
+            px, mc = preprocess(image, resolution, rng, flip)
+            pixels.append(px)
+            micro.append(mc)
+    n_var = len(variants("", cfg))
+    side = resolution // comps.vae_scale
+    dtype = torch.int16 if comps.vqvae.config.num_vq_embeddings <= 32767 else torch.int32
+    tokens = [encode_images(comps.vqvae, torch.stack(pixels[i : i + ENCODE_BATCH])).cpu()
+              for i in range(0, len(pixels), ENCODE_BATCH)]
+    tensors = {
+        "tokens": (torch.cat(tokens) if tokens else torch.zeros(0, side, side)).to(dtype).reshape(-1, n_var, side, side),
+        "micro_conds": (torch.stack(micro) if micro else torch.zeros(0, 5)).reshape(-1, n_var, 5),
+    }
+    meta = {"keys": keys, "captions": captions, "bad": report.bad, "converted": dict(report.converted)}
+    return tensors, meta
+
+
+def token_cache(source: Source, cfg: DataConfig, resolution: int, comps: Components,
+                show_progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[str], Report]:
+    """Tokens [N, V, h, w], micro_conds [N, V, 5] and captions of the usable samples, encoding missing shards."""
+    min_size = resolution if cfg.min_image_size is None else cfg.min_image_size
+    key = digest(CACHE_VERSION, source.kind, source.identity, resolution, min_size, cfg.center_crop,
+                 None if cfg.center_crop else cfg.random_crops, cfg.random_flip, cfg.prompt is not None,
+                 model_digest(comps.vqvae))
+    folder = cache_root(cfg) / f"tokens-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = [folder / f"shard-{i:05d}.safetensors" for i in range(-(-len(source.records) // SHARD))]
+    todo = [i for i, path in enumerate(shards) if not path.is_file()]
+    report = Report(total=len(source.records))
+    if cfg.on_bad_sample == "error":  # a skip-mode cache may hold bad samples: stop on them as a fresh run would
+        for i, path in enumerate(shards):
+            if i not in todo and read_meta(path)["bad"]:
+                bad_sample(report, cfg, *read_meta(path)["bad"][0])
+    if todo:
+        count = sum(len(source.records[i * SHARD : (i + 1) * SHARD]) for i in todo)
+        log.info("data: encoding %d images to VQ tokens into %s", count, folder)
+        with tqdm(total=count, desc="cache: VQ tokens", disable=not show_progress, dynamic_ncols=True) as bar:
+            for i in todo:
+                tensors, meta = encode_shard(source, source.records[i * SHARD : (i + 1) * SHARD], cfg, resolution,
+                                             min_size, comps, bar)
+                save_atomic(tensors, meta, shards[i])
+    tokens, micro, captions = [], [], []
+    for path in shards:
+        data, meta = load_file(str(path)), read_meta(path)
+        tokens.append(data["tokens"])
+        micro.append(data["micro_conds"])
+        captions += meta["captions"]
+        report.bad += [tuple(b) for b in meta["bad"]]
+        report.converted.update(meta["converted"])
+    finish(report, cfg, len(captions))
+    return torch.cat(tokens), torch.cat(micro), captions, report
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+class TextStore:
+    """Cached (hidden, pooled) of distinct prompts, read lazily from the shards (memory-mapped)."""
+
+    def __init__(self, folder: Path, prompts: list[str]):
+        self.folder = folder
+        self.row = {p: i for i, p in enumerate(prompts)}
+        self._files: dict[int, object] = {}
+
+    def __getstate__(self):  # DataLoader workers open their own handles
+        return {**self.__dict__, "_files": {}}
+
+    def get(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        shard, row = divmod(self.row[prompt], SHARD)
+        if shard not in self._files:
+            self._files[shard] = safe_open(str(self.folder / f"shard-{shard:05d}.safetensors"), "pt")
+        f = self._files[shard]
+        return f.get_slice("hidden")[row : row + 1][0], f.get_slice("pooled")[row : row + 1][0]
+
+
+def text_cache(prompts: list[str], cfg: DataConfig, comps: Components, show_progress: bool) -> TextStore:
+    """Encode the distinct prompts (and the empty one) not cached yet; returns the store."""
+    unique = sorted(set(prompts) | {""})
+    key = digest(CACHE_VERSION, unique, model_digest(comps.text_encoder), tokenizer_digest(comps.tokenizer))
+    folder = cache_root(cfg) / f"text-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(-(-len(unique) // SHARD)) if not (folder / f"shard-{i:05d}.safetensors").is_file()]
+    count = sum(len(unique[i * SHARD : (i + 1) * SHARD]) for i in todo)
+    with tqdm(total=count, desc="cache: text", disable=not show_progress or not todo, dynamic_ncols=True) as bar:
+        for i in todo:
+            chunk = unique[i * SHARD : (i + 1) * SHARD]
+            parts = [encode_prompts(comps.text_encoder, comps.tokenizer, chunk[j : j + ENCODE_BATCH])
+                     for j in range(0, len(chunk), ENCODE_BATCH)]
+            hidden = torch.cat([h for h, _ in parts]).cpu()
+            pooled = torch.cat([p for _, p in parts]).cpu()
+            save_atomic({"hidden": hidden, "pooled": pooled}, {"prompts": chunk},
+                        folder / f"shard-{i:05d}.safetensors")
+            bar.update(len(chunk))
+    return TextStore(folder, unique)
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+class CachedDataset(Dataset):
+    """Items from the cache: one of each sample's V token variants (drawn per access), its prompt and, unless
+    the text encoder trains, its cached text embeddings."""
+
+    def __init__(self, tokens: torch.Tensor, micro: torch.Tensor, prompts: list[str], text: TextStore | None,
+                 seed: int = 0):
+        self.tokens, self.micro, self.prompts, self.text = tokens, micro, prompts, text
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict:
+        v = self.rng.randrange(self.tokens.shape[1])
+        item = {"tokens": self.tokens[index, v].long(), "micro_conds": self.micro[index, v],
+                "prompt": self.prompts[index]}
+        if self.text is not None:
+            item["hidden"], item["pooled"] = self.text.get(item["prompt"])
+        return item
+
+
+def cached_dataset(cfg: DataConfig, resolution: int, comps: Components, train_text: bool = False, seed: int = 0,
+                   show_progress: bool = True) -> tuple[CachedDataset, tuple[torch.Tensor, torch.Tensor], Report]:
+    """The dataset of a resolved data section from the cache (filling it first); returns (dataset, the empty
+    prompt's (hidden [1, 77, D], pooled [1, P]), validation report). With `train_text` only tokens are cached."""
+    source = open_source(cfg)
+    tokens, micro, captions, report = token_cache(source, cfg, resolution, comps, show_progress)
+    prompts = [make_prompt(cfg, c) for c in captions]
+    check_lengths(sorted(set(prompts)), comps.tokenizer, report)
+    if train_text:  # the encoder learns: its embeddings change every step and cannot be cached
+        store, empty = None, encode_prompts(comps.text_encoder, comps.tokenizer, [""])
+    else:
+        store = text_cache(prompts, cfg, comps, show_progress)
+        hidden, pooled = store.get("")
+        empty = (hidden[None], pooled[None])
+    log.info("data: %d samples x %d variants from the cache in %s", len(prompts), tokens.shape[1], cache_root(cfg))
+    return CachedDataset(tokens, micro, prompts, store, seed), empty, report

@@ -1,0 +1,151 @@
+"""The token / text-embedding cache (issue 4): no encoder in a training step, reuse, invalidation, resume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_images
+from diffusers import UVit2DModel, VQModel
+from PIL import Image
+from transformers import CLIPTextModelWithProjection
+
+from amused_tune import cache
+from amused_tune.data import DataError, open_source, preprocess, resolve_config
+from amused_tune.models import build_tiny, encode_images
+from amused_tune.recipe import AdapterConfig, DataConfig, ModelConfig, OutputConfig, Recipe, TrainConfig
+from amused_tune.trainer import train
+
+
+def recipe(tmp_path: Path, folder: Path, name: str, text_encoder: bool = False, **data) -> Recipe:
+    return Recipe(model=ModelConfig(base="tiny"),
+                  data=DataConfig(source="imagefolder", path=str(folder), cache_dir=str(tmp_path / "cache"), **data),
+                  adapter=AdapterConfig(rank=4, alpha=4, text_encoder=text_encoder),
+                  train=TrainConfig(max_steps=2, batch_size=2, precision="fp32", checkpoint_every=100),
+                  output=OutputConfig(dir=str(tmp_path / name), loss_plot=False))
+
+
+def test_training_steps_never_call_the_encoders_and_a_second_run_encodes_nothing(tmp_path, monkeypatch):
+    folder = make_images(tmp_path / "data", n=4)
+    calls = []
+    for cls, name in ((VQModel, "encode"), (CLIPTextModelWithProjection, "forward"), (UVit2DModel, "forward")):
+        original = getattr(cls, name)
+
+        def spy(self, *args, _original=original, _name=f"{cls.__name__}.{name}", **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+    train(recipe(tmp_path, folder, "run1", random_flip=True))
+    first_step = calls.index("UVit2DModel.forward")
+    assert "VQModel.encode" in calls[:first_step] and "CLIPTextModelWithProjection.forward" in calls[:first_step]
+    assert set(calls[first_step:]) == {"UVit2DModel.forward"}  # every training step: the U-ViT only
+
+    def boom(*args, **kwargs):
+        raise AssertionError("an encoder ran although everything is cached")
+
+    monkeypatch.setattr(VQModel, "encode", boom)
+    monkeypatch.setattr(CLIPTextModelWithProjection, "forward", boom)
+    assert train(recipe(tmp_path, folder, "run2", random_flip=True))["step"] == 2
+
+
+def test_encoders_leave_the_accelerator_after_caching(tmp_path):
+    comps = build_tiny()
+    train(recipe(tmp_path, make_images(tmp_path / "data", n=2), "run"), components=comps)
+    assert next(comps.vqvae.parameters()).device.type == "cpu"
+    assert next(comps.text_encoder.parameters()).device.type == "cpu"
+
+
+def cached(tmp_path: Path, folder: Path, comps=None, resolution: int = 32, **data):
+    cfg = resolve_config(DataConfig(source="imagefolder", path=str(folder), cache_dir=str(tmp_path / "cache"), **data))
+    return cache.cached_dataset(cfg, resolution, comps or build_tiny(), show_progress=False)
+
+
+def token_dirs(tmp_path: Path) -> set[str]:
+    return {p.name for p in (tmp_path / "cache").glob("tokens-*")}
+
+
+def test_random_flip_caches_both_variants(tmp_path):
+    folder = make_images(tmp_path / "data", n=2)
+    comps = build_tiny()
+    dataset, empty, _ = cached(tmp_path, folder, comps, random_flip=True)
+    assert dataset.tokens.shape == (2, 2, 8, 8) and empty[0].shape == (1, 77, 32)
+    pixels, micro = preprocess(Image.open(folder / "img0.png").convert("RGB"), 32)
+    assert torch.equal(dataset.tokens[0, 0].long(), encode_images(comps.vqvae, pixels[None])[0])
+    assert torch.equal(dataset.tokens[0, 1].long(), encode_images(comps.vqvae, pixels.flip(-1)[None])[0])
+    seen = {int(torch.equal(dataset[0]["tokens"], dataset.tokens[0, 1].long())) for _ in range(40)}
+    assert seen == {0, 1}  # training draws both
+    item = dataset[1]
+    assert set(item) == {"tokens", "micro_conds", "prompt", "hidden", "pooled"} and item["hidden"].shape == (77, 32)
+
+
+def test_random_crops_are_cached_per_image(tmp_path):
+    folder = make_images(tmp_path / "data", n=1, size=40)
+    Image.new("RGB", (96, 40), (200, 10, 10)).save(folder / "img0.png")  # wide: crops can differ
+    dataset, _, _ = cached(tmp_path, folder, center_crop=False, random_crops=3)
+    lefts = dataset.micro[0, :, 3].tolist()
+    assert dataset.tokens.shape[1] == 3 and len(set(lefts)) > 1 and all(0 <= x <= 77 - 32 for x in lefts)
+    again, _, _ = cached(tmp_path, folder, center_crop=False, random_crops=3)
+    assert again.micro[0, :, 3].tolist() == lefts  # the same crops every run
+
+
+def test_changed_data_model_or_preprocessing_invalidates(tmp_path):
+    folder = make_images(tmp_path / "data", n=2, size=64)
+    cached(tmp_path, folder)
+    cached(tmp_path, folder)
+    assert len(token_dirs(tmp_path)) == 1
+    cached(tmp_path, folder, comps=build_tiny(seed=1))  # another VQ model
+    cached(tmp_path, folder, random_flip=True)  # other preprocessing
+    cached(tmp_path, folder, resolution=64)  # another resolution
+    Image.new("RGB", (64, 64), (1, 1, 1)).save(folder / "img1.png")  # changed image
+    os.utime(folder / "img1.png", ns=(1, 1))
+    cached(tmp_path, folder)
+    assert len(token_dirs(tmp_path)) == 5
+
+
+def test_interrupted_encoding_resumes_at_the_first_missing_shard(tmp_path, monkeypatch):
+    folder = make_images(tmp_path / "data", n=6)
+    monkeypatch.setattr(cache, "SHARD", 2)
+    encoded, real = [], cache.encode_shard
+
+    def crash_on_third(source, records, *args):
+        if len(encoded) == 2:
+            raise KeyboardInterrupt
+        encoded.append(records[0].key)
+        return real(source, records, *args)
+
+    monkeypatch.setattr(cache, "encode_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        cached(tmp_path, folder)
+    (shards,) = [list(p.iterdir()) for p in (tmp_path / "cache").glob("tokens-*")]
+    assert sorted(p.name for p in shards) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    encoded.clear()
+    monkeypatch.setattr(cache, "encode_shard", lambda source, records, *args: (encoded.append(1), real(source, records, *args))[1])
+    dataset, _, _ = cached(tmp_path, folder)
+    assert len(encoded) == 1 and len(dataset) == 6
+    assert dataset.prompts == [f"a picture number {i}" for i in range(6)]
+
+
+def test_text_encoder_training_caches_tokens_only(tmp_path):
+    folder = make_images(tmp_path / "data", n=2)
+    summary = train(recipe(tmp_path, folder, "run", text_encoder=True))
+    assert summary["step"] == 2
+    assert token_dirs(tmp_path) and not list((tmp_path / "cache").glob("text-*"))
+
+
+def test_error_mode_refuses_a_cache_built_with_skip(tmp_path):
+    folder = make_images(tmp_path / "data", n=2)
+    (folder / "broken.png").write_text("no")
+    dataset, _, report = cached(tmp_path, folder)
+    assert len(dataset) == 2 and len(report.bad) == 1
+    with pytest.raises(DataError, match="broken.png: no caption"):
+        cached(tmp_path, folder, on_bad_sample="error")
+
+
+def test_source_lists_without_decoding(tmp_path, monkeypatch):
+    folder = make_images(tmp_path / "data", n=3)
+    monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    source = open_source(resolve_config(DataConfig(source="imagefolder", path=str(folder))))
+    assert len(source.records) == 3
