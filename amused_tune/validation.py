@@ -52,7 +52,10 @@ class Validator:
                 steps=v.steps, guidance=v.guidance,
             )
         transformer.train(was_training)
-        images = decode_tokens(self.comps.vqvae, tokens).float().cpu()
+        vq = self.comps.vqvae
+        home = next(vq.parameters()).device  # training from the cache parks the VQ model on the CPU
+        images = decode_tokens(vq.to(tokens.device), tokens).float().cpu()
+        vq.to(home)
         texts = {"prompts": json.dumps(self.prompts), "seeds": json.dumps(self.seeds), "step": str(step),
                  "steps": str(v.steps), "guidance": str(v.guidance)}
         path = save_grid(images, out / "samples" / f"step-{step}.png", texts, nrow=v.images_per_prompt)
