@@ -60,35 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def quantize_linears(model: torch.nn.Module, bits: int, compute_dtype: torch.dtype, device: torch.device) -> int:
-    """Swap every plain `nn.Linear` of `model` (LoRA weights excepted) for a bitsandbytes Linear8bitLt / Linear4bit
-    (nf4) on `device`; weights quantize as they move there. Returns how many layers were swapped."""
-    import bitsandbytes as bnb
-
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is not torch.nn.Linear or "lora_" in f"{name}.{child_name}":
-                continue
-            weight = child.weight.data.detach().cpu()
-            if bits == 8:
-                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                          has_fp16_weights=False, threshold=6.0)
-                new.weight = bnb.nn.Int8Params(weight.half(), requires_grad=False, has_fp16_weights=False)
-            else:
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                        compute_dtype=compute_dtype, quant_type="nf4")
-                new.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, quant_type="nf4")
-            if child.bias is not None:
-                new.bias = torch.nn.Parameter(child.bias.data.detach().cpu().to(compute_dtype), requires_grad=False)
-            setattr(module, child_name, new.to(device))
-            swapped += 1
-    for module in model.modules():  # the rest follows; quantized params are never moved or cast again
-        if not isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
-            module._apply(lambda t: t.to(device), recurse=False)
-    return swapped
-
-
 def load_adapters(transformer: torch.nn.Module, sources: list[str], scales: list[float] | None = None,
                   merge: bool = True, allow_pickle: bool = False) -> list[str]:
     """Load LoRA adapters (run dirs, adapter dirs, .safetensors files or Hub ids), each at its scale, all active
@@ -167,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         _place(comps.vqvae, device, torch.float32 if getattr(comps.vqvae.config, "force_upcast", False) else dtype)
         _place(comps.transformer, torch.device("cpu") if args.quantize else device, dtype)
         if args.quantize:  # cast first: quantized weights must not be cast again
-            quantize_linears(comps.transformer, 8 if args.quantize == "8bit" else 4, dtype, device)
+            from amused_tune.quantize import quantize_linear_layers
+
+            quantize_linear_layers(comps.transformer, args.quantize, dtype, device, under_lora=True)
+            comps.transformer.to(device)  # the rest (norms, embeddings) follows; quantized layers stay as they are
 
         prompts = [p for p in args.prompt for _ in range(args.num_images)]
         seeds = [args.seed + k for k in range(len(prompts))]
