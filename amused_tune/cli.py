@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,7 +28,9 @@ SUBCOMMANDS = {
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become the --help text
 
     from amused_tune.recipe import Recipe
 
@@ -70,9 +74,43 @@ def parse_recipe(argv: list[str]):
 def _one_line(message: str) -> str:
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     text = " ".join(lines)
-    if "unrecognized arguments" in text or "is not expected" in text or "No action for key" in text:
+    wrong = re.match(r'Parser key "([\w.]+)":\s*Expected an? (.+?)\. Got value: (.*)$', text)
+    if wrong:  # jsonargparse's type error, said in the recipe's words
+        key, expected, value = wrong.groups()
+        names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+        expected = re.sub(r"<class '(\w+)'>", lambda m: names.get(m.group(1), m.group(1)), expected)
+        choices = re.match(r"typing\.Literal\[(.*)\]$", expected)
+        expected = f"one of {choices.group(1)}" if choices else (
+            expected if expected in names.values() else f"a {expected}")
+        return f"{key}={value} is not valid: {key} must be {expected} (see `amused-tune RECIPE.yaml --help`)"
+    unknown = re.match(r"unrecognized arguments: --([\w.]+)", text)
+    group = re.match(r"Group '(\w+)' does not accept option '(\w+)'", text)
+    option = re.match(r"Option '([\w.]+)' is not accepted", text)
+    if unknown or group or option:  # an unknown key: name it, and the keys that exist where it was put
+        key = unknown.group(1) if unknown else option.group(1) if option else ".".join(group.groups())
+        return _unknown_key(key)
+    if "is not expected" in text or "No action for key" in text:
         text += " (see `amused-tune RECIPE.yaml --help` for the valid keys)"
     return text
+
+
+def _unknown_key(key: str) -> str:
+    import difflib
+    from dataclasses import fields
+
+    from amused_tune.recipe import Recipe
+
+    sections = {f.name: f.default_factory() for f in fields(Recipe)}
+    section, _, name = key.partition(".")
+    if section in sections and name:
+        valid = [f.name for f in fields(sections[section])]
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"did you mean {section}.{close[0]}? " if close else ""
+        return (f"{key} is not a recipe key: {hint}{section} takes {', '.join(valid)} "
+                "(`amused-tune RECIPE.yaml --help` explains each)")
+    close = difflib.get_close_matches(section, list(sections), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{key} is not a recipe key: {hint}the sections are {', '.join(sections)} (see `amused-tune RECIPE.yaml --help`)"
 
 
 def train_main(argv: list[str]) -> int:
@@ -105,17 +143,26 @@ def train_main(argv: list[str]) -> int:
     try:
         summary = train(recipe)
     except TrainingStopped as err:
-        print(f"amused-tune: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stops alike: say it once
+            print(f"amused-tune: {'error: ' if err.error else ''}{err}", file=sys.stderr)
         return err.exit_code
     except (RecipeError, DataError, BaseModelError, AdapterError) as err:
         return _fail(err)
+    except KeyboardInterrupt:
+        print(f"amused-tune: interrupted; the last complete checkpoint in {recipe.output.dir}/checkpoints is intact",
+              file=sys.stderr)
+        return 130
     except OSError as err:
-        if err.errno == 28:  # ENOSPC
-            return _fail(f"disk full while writing {err.filename or recipe.output.dir}: free space and rerun "
-                         "the same command to resume from the last complete checkpoint")
-        raise
-    if summary.get("already_done"):
+        where = err.filename or recipe.output.dir
+        if err.errno == errno.ENOSPC:
+            return _fail(f"disk full while writing {where}: free space and rerun the same command to resume from "
+                         "the last complete checkpoint")
+        return _fail(f"{err.strerror or err}: {where} (output.dir={recipe.output.dir}); the last complete "
+                     "checkpoint is intact: fix this and rerun the same command to resume")
+    if summary.get("already_done") or os.environ.get("RANK", "0") != "0":  # (the main process reports)
         return 0
+    if summary.get("push_error"):  # the run is complete and saved; the push's one-line reason is already printed
+        return 2
     print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, outputs in {summary['output_dir']}")
     return 0
 
@@ -128,6 +175,8 @@ def _fail(err) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=os.environ.get("AMUSED_TUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns on import that an optional CPU kernel package is missing; it is not needed here
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if argv and argv[0] in SUBCOMMANDS:
         module = importlib.import_module(SUBCOMMANDS[argv[0]])
         return module.main(argv[1:])
