@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -15,10 +17,15 @@ from amused_tune import adapters
 from amused_tune.recipe import Recipe, RecipeError
 
 # keys that may change between a run and its resumption without making it a different run
+# (the run's length, its logging and outputs, and how it executes; precision and skip_nonfinite are the remedies a
+# stopped run may need to continue)
 RESUMABLE_CHANGES = {
     ("train", "max_steps"), ("train", "resume"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-    ("train", "log_every"), ("train", "device"), ("data", "num_workers"), ("validation", None), ("output", None),
+    ("train", "log_every"), ("train", "device"), ("train", "skip_nonfinite"), ("train", "precision"),
+    ("train", "grad_checkpointing"), ("data", "num_workers"), ("validation", None), ("output", None),
 }
+# what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
+RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "samples", "adapter", "transformer", "loss.png", "logs")
 VERSIONED = ("amused-tune", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
 
@@ -51,28 +58,81 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 def prepare_output_dir(out: Path, recipe: Recipe, main: bool) -> None:
-    """Create the output folder; refuse one that holds another recipe's run unless output.overwrite."""
-    saved = out / "recipe.yaml"
-    if saved.is_file() and recipe.train.resume != "none":
-        previous = _fingerprint_in(saved)
-        if previous and previous != recipe_fingerprint(recipe):
-            if not recipe.output.overwrite:
+    """Create the output folder and write recipe.yaml; refuse a folder that holds another run unless allowed.
+
+    A folder holds a run once it has checkpoints, metrics or final weights. Such a folder is refused when it holds a
+    run of a different recipe (by fingerprint), or when `train.resume=none` would start over on top of it, unless
+    `output.overwrite=true`, which discards that run's outputs first. Only the main process writes.
+    """
+    previous = run_in(out)
+    if previous is not None:
+        fingerprint, last_step = previous
+        other = fingerprint is not None and fingerprint != recipe_fingerprint(recipe)
+        restart = recipe.train.resume == "none"
+        if (other or restart) and not recipe.output.overwrite:
+            at = f" (checkpoint at step {last_step})" if last_step else ""
+            if other:
                 raise RecipeError(
-                    f"output.dir={out} holds a run of a different recipe: pick another output.dir, "
-                    "or pass --output.overwrite=true to discard its checkpoints"
+                    f"output.dir={out} holds a run of a different recipe{at}: pick another output.dir, or pass "
+                    "--output.overwrite=true to discard that run"
                 )
-            if main:
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
-                (out / "metrics.jsonl").unlink(missing_ok=True)
+            raise RecipeError(
+                f"output.dir={out} already holds a run{at} and train.resume=none would start it over: pass "
+                "--train.resume=auto to continue it, pick another output.dir, or pass --output.overwrite=true"
+            )
+        where = recipe.train.resume
+        if (other or restart) and where not in ("auto", "none") and _inside(Path(where), out):
+            raise RecipeError(
+                f"train.resume={where} is inside output.dir={out}, whose run --output.overwrite=true would discard: "
+                "pick another output.dir"
+            )
+        if (other or restart) and main:
+            for name in RUN_ARTIFACTS:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
     if not main:
         return
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".recipe.yaml.tmp"
         tmp.write_text(recipe_yaml(recipe))
-        os.replace(tmp, saved)
+        os.replace(tmp, out / "recipe.yaml")
     except OSError as err:
-        raise RecipeError(f"output.dir={out} is not writable ({err.strerror}): pick another output.dir") from err
+        if err.errno == errno.ENOSPC:
+            raise
+        raise RecipeError(
+            f"output.dir={out} is not writable ({err.strerror or err}): pick another output.dir"
+        ) from err
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def run_in(out: Path) -> tuple[str | None, int] | None:
+    """(fingerprint, newest checkpoint step) of the run held in `out`, or None when it holds none."""
+    from amused_tune import checkpoints
+
+    found = checkpoints.list_checkpoints(out / "checkpoints")
+    metrics = out / "metrics.jsonl"
+    has_outputs = (metrics.is_file() and metrics.stat().st_size > 0) or (out / "adapter").is_dir() or (
+        out / "transformer").is_dir()
+    if not found and not has_outputs:
+        return None
+    fingerprint = _fingerprint_in(out / "recipe.yaml") if (out / "recipe.yaml").is_file() else None
+    if fingerprint is None and found:
+        try:
+            fingerprint = json.loads((found[-1] / "meta.json").read_text()).get("recipe_fingerprint")
+        except (OSError, ValueError):
+            pass
+    return fingerprint, (checkpoints.step_of(found[-1]) if found else 0)
 
 
 def _fingerprint_in(path: Path) -> str | None:
@@ -89,24 +149,42 @@ class MetricsFile:
         self.path, self.enabled = path, enabled
         if not enabled:
             return
-        if path.exists():
+        if path.exists():  # drop the rows of steps that will be trained again; the swap is atomic
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
-            path.write_text("".join(line + "\n" for line in kept))
+                    if line.strip() and _row_step(line) <= resumed_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
+        """Append one row; non-finite numbers are written as null (valid JSON)."""
         if self.enabled:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(clean) + "\n")
 
     def rows(self) -> list[dict]:
         return read_metrics(self.path)
 
 
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):  # a line cut by a kill: dropped
+        return 1 << 62
+
+
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl (a last line cut short by a killed process is ignored)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def write_loss_plot(metrics: Path, png: Path) -> Path | None:
@@ -136,6 +214,13 @@ def write_loss_plot(metrics: Path, png: Path) -> Path | None:
     return png
 
 
+def final_written(out: Path, recipe: Recipe) -> bool:
+    """Whether the run's final weights are in `out` (adapter/ for LoRA, transformer/ for full fine-tuning)."""
+    if recipe.adapter.kind == "lora":
+        return (out / "adapter" / adapters.DIFFUSERS_FILE).is_file() and (out / "adapter" / adapters.PEFT_FILE).is_file()
+    return (out / "transformer" / "config.json").is_file() and any((out / "transformer").glob("*.safetensors"))
+
+
 def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
     """The run's deliverables: the adapter (both formats) or the full U-ViT, and the loss plot."""
     written = {}
@@ -150,4 +235,7 @@ def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
         plot = write_loss_plot(out / "metrics.jsonl", out / "loss.png")
         if plot:
             written["loss_plot"] = str(plot)
+    from amused_tune import hub  # the model card, then output.push_to_hub (a failed push keeps the run: see push_error)
+
+    written.update(hub.finish_run(out, recipe.to_dict()))
     return written

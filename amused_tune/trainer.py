@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import sys
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from amused_tune import adapters, checkpoints, outputs
-from amused_tune.data import build_dataset, collate
+from amused_tune.data import collate, prepare_training_data
 from amused_tune.masking import mask_tokens, masked_cross_entropy
 from amused_tune.models import Components, encode_images, encode_prompts, load_components, text_conditioning
 from amused_tune.recipe import Recipe, RecipeError
@@ -38,11 +39,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingStopped(Exception):
-    """The run stopped early (signal or non-finite loss) after saving; `exit_code` is what the CLI returns."""
+    """The run stopped early: a signal (after saving a checkpoint) or a non-finite loss (`error`: nothing saved, the
+    last checkpoint intact). `exit_code` is what the CLI returns: 128 + the signal, or 1."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, error: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.error = error
 
 
 @dataclass
@@ -101,6 +104,10 @@ def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> lis
     place(comps.text_encoder.requires_grad_(False).eval(), device, frozen_dtype)
     transformer = comps.transformer
     if recipe.adapter.kind == "lora":
+        if recipe.model.quantize:  # before LoRA, so that peft wraps the 8/4-bit layers (CUDA only)
+            from amused_tune.quantize import quantize_linear_layers
+
+            quantize_linear_layers(transformer, recipe.model.quantize, frozen_dtype, device)
         place(transformer, device, frozen_dtype)
         adapters.attach_lora(
             transformer, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.targets, recipe.adapter.dropout
@@ -220,12 +227,29 @@ def peak_memory_gb() -> float:
 
 
 def train(recipe: Recipe, components: Components | None = None) -> dict:
-    """Run one recipe to `train.max_steps`; returns a summary (final step, loss, output paths)."""
+    """Run one recipe to `train.max_steps`; returns a summary (final step, loss, output paths).
+
+    Raises TrainingStopped after SIGINT/SIGTERM (once a checkpoint is written) or a non-finite loss (nothing written).
+    """
+    stop = _StopFlag()
+    try:
+        return _run(recipe, components, stop)
+    except BaseException:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end the progress line, so the error gets its own
+            bar.close()
+        raise
+    finally:
+        stop.restore()
+
+
+def _run(recipe: Recipe, components: Components | None, stop: "_StopFlag") -> dict:
     recipe.validate()
     out = Path(recipe.output.dir)
     accelerator = make_accelerator(recipe)
+    check_distributed(accelerator)
     main = accelerator.is_main_process
     outputs.prepare_output_dir(out, recipe, main)
+    accelerator.wait_for_everyone()  # the main process may have discarded an old run (output.overwrite)
     set_seed(recipe.train.seed)  # the init of the LoRA weights, identical on every process
 
     comps = components or load_components(recipe.model.base)
@@ -234,8 +258,8 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
     trainable = setup_models(recipe, comps, device)
     names = {id(p): n for n, p in list(comps.transformer.named_parameters()) + [
         (f"text_encoder.{n}", p) for n, p in comps.text_encoder.named_parameters()]}
-    dataset = build_dataset(recipe.data, resolution)
-    empty = Conditioning(*(e.to(device) for e in encode_prompts(comps.text_encoder, comps.tokenizer, [""])))
+    dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator)  # validates; may cache and offload
+    empty = Conditioning(*(e.to(device) for e in empty_embeds))
     validator = Validator(recipe, comps, (empty.hidden, empty.pooled))
 
     optimizer = make_optimizer(recipe, trainable)
@@ -251,12 +275,17 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
     samples_per_step = t.batch_size * t.grad_accum
     seed = t.seed * 1_000_003 + accelerator.process_index
     generators = {"mask": torch.Generator().manual_seed(seed), "dropout": torch.Generator().manual_seed(seed + 1)}
-    step = 0
-    if t.resume != "none":
-        step = resume(out, recipe, t.resume, trainable, names, optimizer, lr_scheduler, accelerator, generators)
+    rngs = {**generators, **checkpoints.dataset_rngs(dataset)}  # what checkpoints save, per process
+    resumed = None if t.resume == "none" else checkpoints.resume(
+        out, recipe, trainable, names, optimizer, lr_scheduler, accelerator)
+    step, skipped = (resumed.step, resumed.skipped) if resumed else (0, 0)
     if step >= t.max_steps:
-        accelerator.print(f"{out} already reached train.max_steps={t.max_steps}: nothing to do")
-        return {"step": step, "output_dir": str(out), "already_done": True}
+        accelerator.print(f"{out} already reached train.max_steps={t.max_steps} (checkpoint at step {step}): nothing "
+                          "to do; pass a larger --train.max_steps to train further")
+        summary = {"step": step, "output_dir": str(out), "already_done": True}
+        if main and not outputs.final_written(out, recipe):  # the run was stopped between its last save and here
+            summary.update(outputs.write_final(out, recipe, accelerator.unwrap_model(transformer), comps))
+        return summary
 
     loader = DataLoader(
         dataset, batch_size=t.batch_size, collate_fn=collate, num_workers=recipe.data.num_workers,
@@ -264,14 +293,14 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
                              start=step * samples_per_step),
     )
     batches = iter(loader)
+    checkpoints.restore_rng(resumed, rngs, accelerator, recipe)  # after iter(): creating it draws from torch's RNG
     metrics_file = outputs.MetricsFile(out / "metrics.jsonl", resumed_step=step, enabled=main)
-    stop = _StopFlag()
+    stop.install()
     if main and step == 0 and validator.enabled:
         validator(accelerator.unwrap_model(transformer), 0, out, accelerator)
     progress = tqdm(total=t.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     images_per_step = samples_per_step * accelerator.num_processes
     loss_value = float("nan")
-    skipped = 0
 
     while step < t.max_steps:
         started = time.perf_counter()
@@ -290,19 +319,16 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
                 torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
         loss_value = accelerator.gather(total[None]).mean().item()
         grad_value = float(grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-            optimizer.zero_grad(set_to_none=True)
-            if not t.skip_nonfinite:
-                raise TrainingStopped(
-                    f"non-finite loss ({loss_value}) or gradient norm ({grad_value}) at step {step + 1}: lower "
-                    f"optim.lr or use train.precision=bf16; the last checkpoint in {out / 'checkpoints'} is intact "
-                    "(or set train.skip_nonfinite=true)", 1)
+        # fp16 loss scaling overflows now and then: the scaler skips those steps itself and lowers its scale
+        finite = math.isfinite(loss_value) and (math.isfinite(grad_value) or accelerator.scaler is not None)
+        if not finite and not t.skip_nonfinite:
+            raise TrainingStopped(nonfinite_message(out, step + 1, loss_value, grad_value), 1, error=True)
+        if finite:
+            optimizer.step()
+        else:  # train.skip_nonfinite: the step counts (data, schedule) but changes no weight
             skipped += 1
-            step += 1
-            lr_scheduler.step()
-            metrics_file.write({"step": step, "loss": loss_value, "skipped_nonfinite": skipped})
-            continue
-        optimizer.step()
+            log.warning("step %d: non-finite loss (%s) or gradient norm (%s): skipped (%d so far)",
+                        step + 1, loss_value, grad_value, skipped)
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -320,14 +346,16 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
 
         if main and validator.due(step):
             validator(accelerator.unwrap_model(transformer), step, out, accelerator)
-        if step % t.checkpoint_every == 0 or step == t.max_steps or stop.signum:
-            save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generators)
-        if stop.signum:
+        stopping = stop.agreed(accelerator)  # every process stops after the same step
+        if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
+            checkpoints.save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, rngs,
+                             skipped)
+        if stopping:
             progress.close()
-            code = 128 + stop.signum
-            accelerator.print(f"stopped by signal {stop.signum} after step {step}; resume with:\n  "
-                              f"amused-tune {out / 'recipe.yaml'}")
-            raise TrainingStopped(f"interrupted at step {step}", code)
+            raise TrainingStopped(
+                f"stopped by {signal.Signals(stopping).name} after step {step}; checkpoint written to "
+                f"{out / 'checkpoints' / f'step-{step}'}. Resume with: amused-tune {out / 'recipe.yaml'} "
+                "--train.resume=auto", 128 + stopping)
 
     progress.close()
     stop.restore()
@@ -340,11 +368,19 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
 
 
 class _StopFlag:
-    """Remember SIGINT/SIGTERM so that the loop finishes its optimizer step and checkpoints before exiting."""
+    """SIGINT/SIGTERM during the loop: the first signal lets the loop finish its optimizer step, write a checkpoint
+    and raise TrainingStopped (exit code 128 + signal: 130, 143). A second one is only acknowledged (the checkpoint
+    being written completes); a third aborts at once with KeyboardInterrupt: the partial checkpoint folder is
+    removed and the previous checkpoint is untouched either way. Signals within a second of the previous one count
+    once (`accelerate launch` forwards the Ctrl-C that the processes already got from the terminal)."""
 
     def __init__(self):
         self.signum = 0
+        self.count = 0
+        self._last = 0.0
         self._previous = {}
+
+    def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -352,54 +388,53 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum, frame):
-        if self.signum:  # a second signal while saving: keep saving; the previous checkpoint stays intact
-            print("already stopping: the checkpoint is being written", file=sys.stderr)
+        now = time.monotonic()
+        if self.count and now - self._last < 1.0:  # a launcher forwarding the same Ctrl-C: not a new one
             return
-        self.signum = signum
-        print(f"\nsignal {signum}: finishing this step and writing a checkpoint", file=sys.stderr)
+        self._last = now
+        self.count += 1
+        say = os.environ.get("RANK", "0") == "0"  # launched processes all get the signal: one of them says so
+        if self.count == 1:
+            self.signum = signum
+            if say:
+                print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                      "(interrupt twice more to abort without it)", file=sys.stderr, flush=True)
+        elif self.count == 2:
+            if say:
+                print("already stopping: the checkpoint is being written (the previous one stays intact); "
+                      "interrupt once more to abort", file=sys.stderr, flush=True)
+        else:
+            raise KeyboardInterrupt
 
-    def restore(self):
+    def agreed(self, accelerator) -> int:
+        """The signal that stops the run, the same on every process (0: none)."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            try:
+                signal.signal(sig, handler)
+            except ValueError:
+                pass
+        self._previous.clear()
 
 
-# --------------------------------------------------------------------------------------------- checkpoints
+def check_distributed(accelerator) -> None:
+    """Refuse the sharded launch modes: the loop (clipping, accumulation, checkpoints of the unsharded trainable
+    weights) is written for data parallelism; under FSDP or DeepSpeed it would save stale weights."""
+    kind = accelerator.distributed_type.name
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise RecipeError(f"accelerate launch with {kind} is not supported: launch with --multi_gpu (data parallel, "
+                          "DDP) instead; docs/distributed.md explains why and how")
 
 
-def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generators) -> None:
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    state = {"optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
-             "rng": checkpoints.rng_state(generators)}
-    if accelerator.scaler is not None:
-        state["scaler"] = accelerator.scaler.state_dict()
-    weights = {names[id(p)]: p for p in trainable}
-    meta = {"recipe_fingerprint": outputs.recipe_fingerprint(recipe), "samples_per_process": step * recipe.train.batch_size * recipe.train.grad_accum}
-    checkpoints.save_checkpoint(out / "checkpoints", step, weights, state, meta, recipe.train.keep_checkpoints)
-
-
-def resume(out, recipe, where, trainable, names, optimizer, lr_scheduler, accelerator, generators) -> int:
-    """Restore the newest complete checkpoint (or the one at `where`); returns its step, 0 if none."""
-    if where == "auto":
-        found = checkpoints.load_latest(out / "checkpoints")
-        if found is None:
-            return 0
-        path, weights, state, meta = found
-    else:
-        path = Path(where)
-        weights, state, meta = checkpoints.load_checkpoint(path)
-    by_name = {names[id(p)]: p for p in trainable}
-    if set(weights) != set(by_name):
-        raise RecipeError(f"checkpoint {path} holds other trainable weights than this recipe trains: "
-                          "pass train.resume=none or another output.dir")
-    with torch.no_grad():
-        for name, p in by_name.items():
-            p.copy_(weights[name].to(p.dtype))
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["scheduler"])
-    if "scaler" in state and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    checkpoints.set_rng_state(state["rng"], generators)
-    accelerator.print(f"resumed from {path} (step {meta['step']})")
-    return int(meta["step"])
+def nonfinite_message(out: Path, step: int, loss: float, grad_norm: float) -> str:
+    what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm})"
+    found = checkpoints.list_checkpoints(out / "checkpoints")
+    kept = f"the last good checkpoint, {found[-1]}, is intact" if found else "no checkpoint had been written yet"
+    return (f"non-finite {what} at step {step}: the run stopped and {kept}. Rerun the same command with "
+            "--train.skip_nonfinite=true to skip such steps, or lower optim.lr (a new recipe: use a new output.dir)")
