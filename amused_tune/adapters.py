@@ -135,6 +135,11 @@ def resolve_adapter(source: str | os.PathLike, allow_pickle: bool = False) -> tu
         pickled = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickled and allow_pickle:
             return pickled[0], "diffusers"
+        if pickled:
+            raise AdapterError(
+                f"{path} holds only pickle weights ({pickled[0].name}), which can run code when loaded: convert "
+                "them to .safetensors or pass --allow-pickle if you trust their author"
+            )
         raise AdapterError(f"{path} holds no LoRA adapter ({DIFFUSERS_FILE} or {PEFT_FILE} + {PEFT_CONFIG})")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES and not allow_pickle:

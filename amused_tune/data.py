@@ -378,7 +378,8 @@ def check_lengths(prompts: list[str], tokenizer, report: Report) -> None:
 def finish(report: Report, cfg: DataConfig, used: int) -> None:
     if used == 0:
         why = f": {report.bad[0][0]}: {report.bad[0][1]}" if report.bad else ""
-        raise DataError(f"data: no usable samples in {cfg.path} ({len(report.bad)} bad{why})")
+        raise DataError(f"data: no usable samples in {cfg.path} ({len(report.bad)} bad{why}): point data.path at "
+                        "images with captions (see datasets_cards/ for the layouts)")
 
 
 # --------------------------------------------------------------------------------------------- datasets

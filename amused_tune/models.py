@@ -196,14 +196,22 @@ def build_real_size(resolution: int = 256, seed: int = 0) -> Components:
 
 
 def _load_folder(path: Path, dtype: torch.dtype | None = None) -> Components:
+    """Load a pipeline folder; weights from safetensors only (pickle files can run code when loaded)."""
     kw = {"torch_dtype": dtype} if dtype is not None else {}
-    return Components(
-        transformer=UVit2DModel.from_pretrained(path / "transformer", **kw),
-        vqvae=VQModel.from_pretrained(path / "vqvae", **kw),
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", **kw),
-        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
-        scheduler=AmusedScheduler.from_pretrained(path / "scheduler"),
-    )
+    try:
+        return Components(
+            transformer=UVit2DModel.from_pretrained(path / "transformer", use_safetensors=True, **kw),
+            vqvae=VQModel.from_pretrained(path / "vqvae", use_safetensors=True, **kw),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", use_safetensors=True, **kw),
+            tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+            scheduler=AmusedScheduler.from_pretrained(path / "scheduler"),
+        )
+    except (OSError, EnvironmentError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BaseModelError(
+            f"model.base={path} could not be loaded ({reason}); the kit reads .safetensors weights only: "
+            "convert .bin files with diffusers' save_pretrained(safe_serialization=True)"
+        ) from err
 
 
 def load_components(base: str, dtype: torch.dtype | None = None) -> Components:

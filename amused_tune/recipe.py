@@ -174,7 +174,8 @@ class OutputConfig:
     dir: str = "runs/default"
     """Output folder: recipe.yaml, adapter/ or transformer/, checkpoints/, samples/, metrics.jsonl, README.md."""
     overwrite: bool = False
-    """Allow reusing an output folder that holds a run of a different recipe (its checkpoints are discarded)."""
+    """Start over in an output folder that already holds a run (of a different recipe, or with train.resume=none):
+    its checkpoints, metrics.jsonl, samples, adapter/transformer, loss.png and logs are discarded first."""
     push_to_hub: bool = False
     """Push the adapter, card and samples to the Hub at the end of the run."""
     hub_repo_id: Optional[str] = None

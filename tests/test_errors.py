@@ -330,3 +330,15 @@ def test_sharded_launch_is_refused(capsys, recipe, monkeypatch, kind):
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[kind]))
     fails(capsys, [recipe], f"accelerate launch with {kind} is not supported", "--multi_gpu", "docs/distributed.md")
     assert not (Path(yaml.safe_load(recipe.read_text())["output"]["dir"]) / "recipe.yaml").exists()
+
+
+def test_base_folder_with_only_pickle_weights_is_refused(tmp_path):
+    from amused_tune.models import BaseModelError, build_tiny, load_components
+
+    comps = build_tiny()
+    comps.save_pretrained(tmp_path / "base")
+    (tmp_path / "base/transformer/diffusion_pytorch_model.safetensors").unlink()
+    comps.transformer.save_pretrained(tmp_path / "base/transformer", safe_serialization=False)
+    assert (tmp_path / "base/transformer/diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(BaseModelError, match="safetensors"):
+        load_components(str(tmp_path / "base"))
