@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from amused_tune.cards import DataError, card_path, load_card
+
 CARD = "README.md"
 MARKER = ("<!-- written by amused-tune; `amused-tune push` refreshes this card. "
           "Delete this line to keep your own edits. -->")
@@ -29,7 +31,6 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 BASE_LICENSES = {"amused/amused-256": "openrail++", "amused/amused-512": "openrail++", "tiny": "apache-2.0",
                  "toy": "apache-2.0"}
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-ROOT = Path(__file__).resolve().parent.parent
 MAX_WIDGETS = 4
 
 
@@ -64,14 +65,10 @@ def dataset_card(data: dict) -> dict:
     name = str(data.get("card") or "")
     if not name:
         return {}
-    path = Path(name).expanduser()
-    if not (name.endswith((".yaml", ".yml")) or "/" in name):
-        path = Path(os.environ.get("AMUSED_TUNE_CARDS") or ROOT / "datasets_cards") / f"{name}.yaml"
     try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        loaded = None
-    return {"name": path.stem, **loaded} if isinstance(loaded, dict) else {"name": name}
+        return {"name": card_path(name).stem, **load_card(name)}
+    except (DataError, OSError):
+        return {"name": name}
 
 
 def resolved_data(data: dict) -> dict:

@@ -18,7 +18,6 @@ A dataset item is a dict:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import random
@@ -29,84 +28,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from amused_tune.models import encode_prompts, micro_conditioning
+from amused_tune.cards import KIT_ROOT, DataError, load_card, resolve_config  # noqa: F401 (re-exported)
 from amused_tune.recipe import DataConfig
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-KIT_ROOT = Path(__file__).resolve().parent.parent
-CARD_DEFAULTS = {"split": "train", "image_column": "image", "caption_column": "text", "prompt_prefix": "",
-                 "prompt_template": "{caption}", "center_crop": True, "random_flip": False}
-CARD_INFO_KEYS = {"name", "description", "licence", "license", "homepage", "resolution", "recipes"}
-
-
-class DataError(ValueError):
-    """Data that cannot be trained on; the message names the file or key to fix."""
 
 
 class BadSample(Exception):
     """One sample that cannot be used; the message is the reason."""
-
-
-# --------------------------------------------------------------------------------------------- cards
-
-
-def cards_dir() -> Path:
-    """The folder of dataset cards: $AMUSED_TUNE_CARDS, else datasets_cards/ next to the package."""
-    import os
-
-    folder = Path(os.environ.get("AMUSED_TUNE_CARDS") or KIT_ROOT / "datasets_cards")
-    if not folder.is_dir():
-        raise DataError(f"dataset cards folder {folder} not found: set AMUSED_TUNE_CARDS to the kit's "
-                        "datasets_cards/ folder, or pass data.card=path/to/card.yaml")
-    return folder
-
-
-def load_card(card: str) -> dict:
-    """A card by name (datasets_cards/NAME.yaml) or path; unknown keys are an error naming the valid ones."""
-    path = Path(card).expanduser()
-    if not (card.endswith((".yaml", ".yml")) or "/" in card):
-        path = cards_dir() / f"{card}.yaml"
-        if not path.is_file():
-            names = sorted(p.stem for p in cards_dir().glob("*.yaml"))
-            raise DataError(f"data.card={card}: no such card; available: {', '.join(names)} (or a path to a YAML)")
-    elif not path.is_file():
-        raise DataError(f"data.card={card}: file not found")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DataError(f"data.card={card}: not valid YAML ({err})") from err
-    settable = {f.name for f in dataclasses.fields(DataConfig) if f.default is None and f.name != "card"}
-    unknown = sorted(set(values) - settable - CARD_INFO_KEYS)
-    if unknown:
-        raise DataError(f"data.card={path}: unknown key(s) {', '.join(unknown)}; a card may set "
-                        f"{', '.join(sorted(settable | CARD_INFO_KEYS))}")
-    return values
-
-
-def resolve_config(cfg: DataConfig) -> DataConfig:
-    """The data section with the card's values and the defaults filled in where the recipe left keys unset."""
-    card = load_card(cfg.card) if cfg.card else {}
-    values = {}
-    for f in dataclasses.fields(DataConfig):
-        value = getattr(cfg, f.name)
-        if value is None:
-            value = card.get(f.name, CARD_DEFAULTS.get(f.name))
-        values[f.name] = value
-    out = DataConfig(**values)
-    where = f" (card {cfg.card})" if cfg.card else ""
-    if out.source is None or out.path is None:
-        raise DataError(f"data: set data.card, or data.source and data.path{where}")
-    if out.random_crops < 1:
-        raise DataError(f"data.random_crops must be >= 1, got {out.random_crops}")
-    if out.min_image_size is not None and out.min_image_size < 0:
-        raise DataError(f"data.min_image_size must be >= 0, got {out.min_image_size}")
-    return out
 
 
 def resolve_path(path: str) -> Path:

@@ -1,0 +1,82 @@
+"""Dataset cards: one YAML per dataset in datasets_cards/, merged under a recipe's data section.
+
+A card names where the data lives (source, path or Hub id, split), its columns, the prompt prefix/template and its
+licence; a recipe names a card (`data.card: nouns`) or a path and overrides any of its fields. Torch-free, so the
+model card writer can read cards without loading models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import yaml
+
+from amused_tune.recipe import DataConfig
+
+KIT_ROOT = Path(__file__).resolve().parent.parent
+CARD_DEFAULTS = {"split": "train", "image_column": "image", "caption_column": "text", "prompt_prefix": "",
+                 "prompt_template": "{caption}", "center_crop": True, "random_flip": False}
+CARD_INFO_KEYS = {"name", "description", "licence", "license", "homepage", "resolution", "recipes"}
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message names the file or key to fix."""
+
+
+def cards_dir() -> Path:
+    """The folder of dataset cards: $AMUSED_TUNE_CARDS, else datasets_cards/ next to the package."""
+    folder = Path(os.environ.get("AMUSED_TUNE_CARDS") or KIT_ROOT / "datasets_cards")
+    if not folder.is_dir():
+        raise DataError(f"dataset cards folder {folder} not found: set AMUSED_TUNE_CARDS to the kit's "
+                        "datasets_cards/ folder, or pass data.card=path/to/card.yaml")
+    return folder
+
+
+def card_path(card: str) -> Path:
+    """datasets_cards/NAME.yaml for a bare name, else the path itself."""
+    if card.endswith((".yaml", ".yml")) or "/" in card:
+        return Path(card).expanduser()
+    return cards_dir() / f"{card}.yaml"
+
+
+def load_card(card: str) -> dict:
+    """A card by name (datasets_cards/NAME.yaml) or path; unknown keys are an error naming the valid ones."""
+    path = card_path(card)
+    if not (card.endswith((".yaml", ".yml")) or "/" in card):
+        if not path.is_file():
+            names = sorted(p.stem for p in cards_dir().glob("*.yaml"))
+            raise DataError(f"data.card={card}: no such card; available: {', '.join(names)} (or a path to a YAML)")
+    elif not path.is_file():
+        raise DataError(f"data.card={card}: file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DataError(f"data.card={card}: not valid YAML ({err})") from err
+    settable = {f.name for f in dataclasses.fields(DataConfig) if f.default is None and f.name != "card"}
+    unknown = sorted(set(values) - settable - CARD_INFO_KEYS)
+    if unknown:
+        raise DataError(f"data.card={path}: unknown key(s) {', '.join(unknown)}; a card may set "
+                        f"{', '.join(sorted(settable | CARD_INFO_KEYS))}")
+    return values
+
+
+def resolve_config(cfg: DataConfig) -> DataConfig:
+    """The data section with the card's values and the defaults filled in where the recipe left keys unset."""
+    card = load_card(cfg.card) if cfg.card else {}
+    values = {}
+    for f in dataclasses.fields(DataConfig):
+        value = getattr(cfg, f.name)
+        if value is None:
+            value = card.get(f.name, CARD_DEFAULTS.get(f.name))
+        values[f.name] = value
+    out = DataConfig(**values)
+    where = f" (card {cfg.card})" if cfg.card else ""
+    if out.source is None or out.path is None:
+        raise DataError(f"data: set data.card, or data.source and data.path{where}")
+    if out.random_crops < 1:
+        raise DataError(f"data.random_crops must be >= 1, got {out.random_crops}")
+    if out.min_image_size is not None and out.min_image_size < 0:
+        raise DataError(f"data.min_image_size must be >= 0, got {out.min_image_size}")
+    return out
