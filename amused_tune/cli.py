@@ -126,8 +126,13 @@ def train_main(argv: list[str]) -> int:
             recipe, parser, ns = parse_recipe(argv)
         except RecipeError as err:
             return _fail(err)
+        from amused_tune.cards import DataError, resolve_config
         from amused_tune.outputs import recipe_yaml
 
+        try:  # show what the dataset card fills in, not nulls
+            recipe.data = resolve_config(recipe.data)
+        except DataError as err:
+            return _fail(err)
         print(recipe_yaml(recipe), end="")
         return 0
     try:
