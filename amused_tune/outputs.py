@@ -22,7 +22,7 @@ from amused_tune.recipe import Recipe, RecipeError
 RESUMABLE_CHANGES = {
     ("train", "max_steps"), ("train", "resume"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
     ("train", "log_every"), ("train", "device"), ("train", "skip_nonfinite"), ("train", "precision"),
-    ("train", "grad_checkpointing"), ("data", "num_workers"), ("validation", None), ("output", None),
+    ("train", "grad_checkpointing"), ("data", "num_workers"), ("data", "cache_dir"), ("validation", None), ("output", None),
 }
 # what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "samples", "adapter", "transformer", "loss.png", "logs")
