@@ -7,6 +7,7 @@ wrong type fails before any model is loaded, and `--print_config` prints the res
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
@@ -172,7 +173,8 @@ class ValidationConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
-    """Output folder: recipe.yaml, adapter/ or transformer/, checkpoints/, samples/, metrics.jsonl, README.md."""
+    """Output folder: recipe.yaml, adapter/ or transformer/, checkpoints/, samples/, metrics.jsonl, README.md.
+    `{section.key}` is replaced by that recipe value, e.g. runs/pixel-{adapter.kind}-r{adapter.rank}."""
     overwrite: bool = False
     """Start over in an output folder that already holds a run (of a different recipe, or with train.resume=none):
     its checkpoints, metrics.jsonl, samples, adapter/transformer, loss.png and logs are discarded first."""
@@ -201,7 +203,8 @@ class Recipe:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> "Recipe":
-        """Check values that types alone cannot; raises RecipeError naming the key."""
+        """Check values that types alone cannot, and fill `{section.key}` in output.dir; raises RecipeError."""
+        self.output.dir = self._expand(self.output.dir)
         _positive("optim", lr=self.optim.lr)
         _positive("train", batch_size=self.train.batch_size, grad_accum=self.train.grad_accum,
                   max_steps=self.train.max_steps, checkpoint_every=self.train.checkpoint_every,
@@ -220,6 +223,15 @@ class Recipe:
         if self.output.push_to_hub and not self.output.hub_repo_id:
             raise RecipeError("output.push_to_hub=true needs output.hub_repo_id (e.g. user/my-lora)")
         return self
+
+    def _expand(self, template: str) -> str:
+        def value(match: re.Match) -> str:
+            section, key = match.group(1), match.group(2)
+            if not hasattr(getattr(self, section, None), key):
+                raise RecipeError(f"output.dir={template!r}: {{{section}.{key}}} is not a recipe key")
+            return str(getattr(getattr(self, section), key))
+
+        return re.sub(r"\{(\w+)\.(\w+)\}", value, template)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -342,3 +342,9 @@ def test_validation_does_not_change_training(tmp_path, image_folder):
         weights.append({n: p.detach().clone() for n, p in comps.transformer.named_parameters() if "lora" in n})
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+def test_output_dir_template_fills_recipe_values():
+    recipe, _, _ = parse_recipe([str(REPO / "recipes/quickstart.yaml"), "--adapter.kind=full",
+                                 "--output.dir=runs/x-{adapter.kind}-r{adapter.rank}"])
+    assert recipe.output.dir == "runs/x-full-r8"
