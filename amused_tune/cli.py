@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib
 import logging
@@ -17,6 +18,27 @@ import os
 import re
 import sys
 from pathlib import Path
+
+class UsageError(Exception):
+    """A subcommand's bad arguments; reported as one line."""
+
+
+class SubcommandParser(argparse.ArgumentParser):
+    """argparse for the subcommands: a usage error is one line on stderr and exit code 2, not a usage dump."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+    def parse_or_exit_code(self, argv: list[str]) -> tuple[argparse.Namespace | None, int]:
+        """(args, 0), or (None, exit code) once the error or the --help text is printed."""
+        try:
+            return self.parse_args(argv), 0
+        except UsageError as err:
+            print(f"{self.prog}: error: {err}", file=sys.stderr)
+            return None, 2
+        except SystemExit as exit_:  # --help
+            return None, int(exit_.code or 0)
+
 
 SUBCOMMANDS = {
     "sample": "amused_tune.sample_cli",

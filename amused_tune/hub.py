@@ -21,7 +21,6 @@ This module imports no torch: `amused-tune push` starts in about a second.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import yaml
 
 from amused_tune.card import (CARD, DIFFUSERS_FILE, MARKER, REPO_ID, final_metrics, render_card,  # noqa: F401
                                sample_grids, write_card)
+from amused_tune.cli import SubcommandParser
 
 PEFT_CONFIG = "adapter_config.json"  # amused_tune.adapters' name, repeated: this module imports no torch
 WEIGHT_SUFFIXES = (".safetensors", ".json")
@@ -201,17 +201,8 @@ def _describe(err: Exception, repo_id: str, out: Path) -> str:
 # --------------------------------------------------------------------------------------------- command line
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise _UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="amused-tune push",
+def build_parser() -> SubcommandParser:
+    p = SubcommandParser(prog="amused-tune push",
                 description="Upload a finished run (adapter or transformer/, model card, samples, loss plot, recipe) "
                             "to the Hugging Face Hub in one commit. Never uploads checkpoints or optimizer state.")
     p.add_argument("output_dir", help="the run's output.dir")
@@ -224,13 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as err:
-        print(f"amused-tune push: error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as exit_:  # --help
-        return int(exit_.code or 0)
+    args, code = build_parser().parse_or_exit_code(argv)
+    if args is None:
+        return code
     try:
         result = push(args.output_dir, args.repo_id, private=args.private, token_from_env=args.token_from_env,
                       dry_run=args.dry_run)

@@ -14,13 +14,13 @@ DIR is written aside and renamed into place, so an interrupted merge leaves no h
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 from pathlib import Path
 
 import yaml
+from amused_tune.cli import SubcommandParser
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -108,17 +108,8 @@ def merge_run(run: str | os.PathLike, out: str | os.PathLike, base: str | None =
     return comps
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise _UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="amused-tune merge",
+def build_parser() -> SubcommandParser:
+    p = SubcommandParser(prog="amused-tune merge",
                 description="Fuse a run's LoRA into its base U-ViT; write a pipeline folder AmusedPipeline loads.")
     p.add_argument("run", metavar="OUTPUT_DIR", help="the run's output.dir (or an adapter folder / .safetensors file)")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
@@ -130,13 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as err:
-        print(f"amused-tune merge: error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as exit_:  # --help
-        return int(exit_.code or 0)
+    args, code = build_parser().parse_or_exit_code(argv)
+    if args is None:
+        return code
     from amused_tune.adapters import AdapterError
 
     try:

@@ -14,7 +14,6 @@ A recipe with a `# paper:` line reproduces a row of the report (paper_memory_gb 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -22,6 +21,7 @@ import sys
 from pathlib import Path
 
 import amused_tune
+from amused_tune.cli import SubcommandParser
 
 RECIPES_DIR = Path(amused_tune.__file__).resolve().parent.parent / "recipes"
 PAPER_RE = re.compile(r"^#\s*paper:\s*([0-9]*\.?[0-9]+)\s*GB", re.IGNORECASE)
@@ -183,8 +183,8 @@ def copy(name: str, dest: str, force: bool = False, recipes_dir: Path = RECIPES_
     return target
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> SubcommandParser:
+    parser = SubcommandParser(
         prog="amused-tune recipes", description="The shipped recipes (recipes/ next to the package).",
         epilog="amused-tune recipes cp NAME DEST.yaml copies one out to edit.",
     )
@@ -199,10 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error (2)
-        return int(exit_.code or 0)
+    args, code = build_parser().parse_or_exit_code(argv)
+    if args is None:
+        return code
     if args.command == "cp":
         try:
             target = copy(args.name, args.dest, args.force)

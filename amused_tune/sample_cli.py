@@ -8,28 +8,19 @@ steps, guidance and adapters in its PNG text chunks, and ``OUT/grid.png``. Error
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 from amused_tune.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
+from amused_tune.cli import SubcommandParser
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise _UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="amused-tune sample", description="Generate images with aMUSEd (+ LoRA adapters).")
+def build_parser() -> SubcommandParser:
+    p = SubcommandParser(prog="amused-tune sample", description="Generate images with aMUSEd (+ LoRA adapters).")
     p.add_argument("--base", default="amused/amused-256", help="Hub id, local pipeline folder, 'tiny' or 'toy'")
     p.add_argument("--prompt", action="append", required=True, help="repeatable; each gets --num-images images")
     p.add_argument("--negative-prompt", default=None)
@@ -92,12 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sample"]:
         argv = argv[1:]
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as err:
-        return _fail(str(err))
-    except SystemExit as exit_:  # --help
-        return int(exit_.code or 0)
+    args, code = build_parser().parse_or_exit_code(argv)
+    if args is None:
+        return code
 
     # Everything that can be checked before loading a model.
     if args.mask and not args.image:

@@ -15,7 +15,6 @@ Errors are one line on stderr, exit 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -23,21 +22,13 @@ import sys
 from pathlib import Path
 
 import yaml
+from amused_tune.cli import SubcommandParser
 
 CANDIDATES = "candidates.jsonl"
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise _UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="amused-tune styledrop-round2",
+def build_parser() -> SubcommandParser:
+    p = SubcommandParser(prog="amused-tune styledrop-round2",
                 description="StyleDrop round 2: sample candidates with a round-1 adapter, keep the good ones, "
                             "train on them.")
     p.add_argument("run", help="the round-1 output folder (holds recipe.yaml and adapter/)")
@@ -164,12 +155,9 @@ def finalize(run: Path, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `amused-tune styledrop-round2 ...` (argv without the subcommand). Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as err:
-        return _fail(err)
-    except SystemExit as exit_:  # --help
-        return int(exit_.code or 0)
+    args, code = build_parser().parse_or_exit_code(argv)
+    if args is None:
+        return code
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "round2"
     if args.finalize == bool(args.prompts):

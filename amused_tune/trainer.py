@@ -8,7 +8,6 @@ build data, optimizer and schedule; resume; then for each optimizer step accumul
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -253,7 +252,7 @@ def _run(recipe: Recipe, components: Components | None, stop: "_StopFlag") -> di
     set_seed(recipe.train.seed)  # the init of the LoRA weights, identical on every process
 
     comps = components or load_components(recipe.model.base)
-    resolution = check_resolution(recipe, comps)
+    check_resolution(recipe, comps)
     device = accelerator.device
     trainable = setup_models(recipe, comps, device)
     names = {id(p): n for n, p in list(comps.transformer.named_parameters()) + [

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amused_tune import outputs, recipes_cli, trainer  # noqa: E402
+from amused_tune import checkpoints, outputs, recipes_cli, trainer  # noqa: E402
 from amused_tune.cli import parse_recipe  # noqa: E402
 from amused_tune.models import build_real_size, build_tiny  # noqa: E402
 
@@ -146,13 +146,13 @@ def without_saving(enabled: bool):
     if not enabled:
         yield
         return
-    save, write_final = trainer.save, outputs.write_final
-    trainer.save = lambda *args, **kwargs: None
+    save, write_final = checkpoints.save, outputs.write_final
+    checkpoints.save = lambda *args, **kwargs: None
     outputs.write_final = lambda *args, **kwargs: {}
     try:
         yield
     finally:
-        trainer.save, outputs.write_final = save, write_final
+        checkpoints.save, outputs.write_final = save, write_final
 
 
 @contextlib.contextmanager

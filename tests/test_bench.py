@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from amused_tune import outputs, recipes_cli, trainer
+from amused_tune import checkpoints, outputs, recipes_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # one LoRA bs 1 recipe with two of its levers (one needs CUDA: reported as skipped), one full 8-bit Adam recipe
@@ -28,11 +28,11 @@ def bench():
 
 
 def test_tiny_bench_runs_the_kits_trainer_and_writes_json_and_png(bench, tmp_path, capsys):
-    save, write_final = trainer.save, outputs.write_final
+    save, write_final = checkpoints.save, outputs.write_final
     code = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--images", "4", "--out", str(tmp_path),
                        "--only", ONLY])
     assert code == 0
-    assert (trainer.save, outputs.write_final) == (save, write_final)  # the no-saving patch is undone
+    assert (checkpoints.save, outputs.write_final) == (save, write_final)  # the no-saving patch is undone
     data = json.loads((tmp_path / "train-tiny-cpu.json").read_text())
     assert data["device_type"] == "cpu" and data["steps"] == 1
     rows = {r["config"]: r for r in data["rows"]}
