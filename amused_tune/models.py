@@ -221,7 +221,11 @@ def load_components(base: str, dtype: torch.dtype | None = None) -> Components:
     elif base == "toy":
         from amused_tune.toy import toy_dir
 
-        comps = _load_folder(toy_dir())
+        try:
+            folder = toy_dir()
+        except FileNotFoundError as err:
+            raise BaseModelError(f"model.base=toy: {err}") from err
+        comps = _load_folder(folder)
     else:
         path = Path(base).expanduser()
         if path.is_dir():
