@@ -203,8 +203,8 @@ def _describe(err: Exception, repo_id: str, out: Path) -> str:
 
 def build_parser() -> SubcommandParser:
     p = SubcommandParser(prog="amused-tune push",
-                description="Upload a finished run (adapter or transformer/, model card, samples, loss plot, recipe) "
-                            "to the Hugging Face Hub in one commit. Never uploads checkpoints or optimizer state.")
+                         description="Upload a finished run (adapter or transformer/, model card, samples, loss plot, recipe) "
+                                     "to the Hugging Face Hub in one commit. Never uploads checkpoints or optimizer state.")
     p.add_argument("output_dir", help="the run's output.dir")
     p.add_argument("--repo-id", required=True, help="user/name or org/name; created if it does not exist")
     p.add_argument("--private", action="store_true", help="create the repo as private (an existing repo keeps its visibility)")

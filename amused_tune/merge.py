@@ -110,7 +110,7 @@ def merge_run(run: str | os.PathLike, out: str | os.PathLike, base: str | None =
 
 def build_parser() -> SubcommandParser:
     p = SubcommandParser(prog="amused-tune merge",
-                description="Fuse a run's LoRA into its base U-ViT; write a pipeline folder AmusedPipeline loads.")
+                         description="Fuse a run's LoRA into its base U-ViT; write a pipeline folder AmusedPipeline loads.")
     p.add_argument("run", metavar="OUTPUT_DIR", help="the run's output.dir (or an adapter folder / .safetensors file)")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--base", default=None, help="base model (default: model.base of OUTPUT_DIR/recipe.yaml)")

@@ -29,8 +29,8 @@ CANDIDATES = "candidates.jsonl"
 
 def build_parser() -> SubcommandParser:
     p = SubcommandParser(prog="amused-tune styledrop-round2",
-                description="StyleDrop round 2: sample candidates with a round-1 adapter, keep the good ones, "
-                            "train on them.")
+                         description="StyleDrop round 2: sample candidates with a round-1 adapter, keep the good ones, "
+                                     "train on them.")
     p.add_argument("run", help="the round-1 output folder (holds recipe.yaml and adapter/)")
     p.add_argument("--prompts", help="text file, one prompt per line, e.g. 'A house in [V] style'")
     p.add_argument("--finalize", action="store_true",

@@ -52,3 +52,17 @@ def make_images(folder: Path, n: int = 4, size: int = 40, captions: bool = True)
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_images(tmp_path / "data")
+
+
+def tiny_uvit_inputs() -> dict:
+    """Fixed random inputs for the tiny U-ViT (2 images, 8x8 tokens, 32-wide text), the same every call."""
+    g = torch.Generator().manual_seed(0)
+    return dict(input_ids=torch.randint(0, 64, (2, 8, 8), generator=g),
+                encoder_hidden_states=torch.randn(2, 77, 32, generator=g),
+                pooled_text_emb=torch.randn(2, 32, generator=g),
+                micro_conds=torch.tensor([[32.0, 32.0, 0.0, 0.0, 6.0]] * 2))
+
+
+@torch.no_grad()
+def tiny_uvit_logits(transformer) -> torch.Tensor:
+    return transformer.eval()(**tiny_uvit_inputs())

@@ -23,22 +23,10 @@ from safetensors import safe_open
 
 from amused_tune import adapters
 from amused_tune.models import build_tiny, encode_prompts
+from conftest import tiny_uvit_logits as logits
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 PROMPTS = ["a red circle", "a cat in [v] style"]
-
-
-def inputs():
-    g = torch.Generator().manual_seed(0)
-    return dict(input_ids=torch.randint(0, 64, (2, 8, 8), generator=g),
-                encoder_hidden_states=torch.randn(2, 77, 32, generator=g),
-                pooled_text_emb=torch.randn(2, 32, generator=g),
-                micro_conds=torch.tensor([[32.0, 32.0, 0.0, 0.0, 6.0]] * 2))
-
-
-@torch.no_grad()
-def logits(transformer):
-    return transformer.eval()(**inputs())
 
 
 def randomize_lora(model: torch.nn.Module, seed: int) -> None:

@@ -13,6 +13,7 @@ from conftest import make_images
 from amused_tune import adapters
 from amused_tune.cli import main as cli_main
 from amused_tune.models import encode_prompts, load_components
+from conftest import tiny_uvit_logits as logits
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -52,19 +53,6 @@ def data(tmp_path_factory):
 def lora_run(tmp_path_factory, data):
     """A tiny run with a LoRA on the U-ViT and on the text encoder."""
     return train_run(tmp_path_factory.mktemp("merge") / "lora-run", data, text_encoder=True)
-
-
-def inputs():
-    g = torch.Generator().manual_seed(0)
-    return dict(input_ids=torch.randint(0, 64, (2, 8, 8), generator=g),
-                encoder_hidden_states=torch.randn(2, 77, 32, generator=g),
-                pooled_text_emb=torch.randn(2, 32, generator=g),
-                micro_conds=torch.tensor([[32.0, 32.0, 0.0, 0.0, 6.0]] * 2))
-
-
-@torch.no_grad()
-def logits(transformer):
-    return transformer.eval()(**inputs())
 
 
 def test_merged_pipeline_logits_equal_base_plus_adapter(lora_run, tmp_path):
