@@ -163,9 +163,6 @@ class MetricsFile:
             with open(self.path, "a") as f:
                 f.write(json.dumps(clean) + "\n")
 
-    def rows(self) -> list[dict]:
-        return read_metrics(self.path)
-
 
 def _row_step(line: str) -> int:
     try:

@@ -65,13 +65,6 @@ def match_rate(
     )
 
 
-def guidance_sweep(
-    components: Components, prompts: list[str], seeds=(0, 1), scales=GUIDANCE_SWEEP, steps: int = 12
-) -> dict[float, float]:
-    """Caption-match rate per guidance scale."""
-    return {float(g): match_rate(components, prompts, seeds, steps, g).rate for g in scales}
-
-
 def evaluate(components: Components, n_prompts: int = 50, seeds=(0, 1), steps: int = 12,
              scales=GUIDANCE_SWEEP, print_fn=print) -> dict:
     """The acceptance numbers of the toy base: match rate at guidance 10 and the guidance sweep."""

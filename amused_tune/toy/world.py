@@ -15,7 +15,6 @@ fine-tuning) can be measured: the base cannot draw them before, the fine-tuned m
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,8 +143,3 @@ def write_imagefolder(directory: str | Path, specs: list[ShapeSpec]) -> Path:
             render(spec).save(directory / name)
             f.write(json.dumps({"file_name": name, "text": caption(spec), **asdict(spec)}) + "\n")
     return directory
-
-
-def mask_area_ratio(shape: str) -> float:
-    """Area of the shape over its bounding box: 1 (square), pi/4 (circle), 1/2 (triangle)."""
-    return {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}[shape]
