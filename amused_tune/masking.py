@@ -1,8 +1,8 @@
 """The MaskGIT masking schedule and loss, shared by the trainer and the sampler.
 
-Training (aMUSEd paper, section 3): draw r ~ U(0, 1) per image, mask a fraction cos(r * pi / 2) of its tokens
-(at least one), replace them with the mask id, and take the cross-entropy on the masked positions only.
-Sampling walks the same schedule from t = 0 (all masked) to t = 1 (none masked).
+Training (aMUSEd paper, section 3): draw r ~ U(0, 1) per image, mask a fraction max(cos(r * pi / 2), min_rate) of
+its tokens (at least one), replace them with the mask id, and take the cross-entropy on the masked positions only,
+optionally label-smoothed. Sampling walks the same schedule from t = 0 (all masked) to t = 1 (none masked).
 """
 
 from __future__ import annotations
@@ -25,21 +25,29 @@ def linear_schedule(r: torch.Tensor) -> torch.Tensor:
 SCHEDULES = {"cosine": cosine_schedule, "linear": linear_schedule}
 
 
+def masking_rate(r: torch.Tensor, min_masking_rate: float = 0.0) -> torch.Tensor:
+    """The fraction of an image's tokens masked for a draw r ~ U(0, 1): cos(r pi / 2), raised to at least
+    `min_masking_rate` (diffusers' aMUSEd trainer clips the cosine rate from below the same way, so a share
+    P(cos(r pi / 2) < m) = 1 - 2 acos(m) / pi of the images is masked at exactly m)."""
+    return cosine_schedule(r).clamp(min=min_masking_rate)
+
+
 def mask_tokens(
-    tokens: torch.Tensor, mask_id: int, generator: torch.Generator | None = None
+    tokens: torch.Tensor, mask_id: int, generator: torch.Generator | None = None, min_masking_rate: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask a cos(r*pi/2) fraction of each image's tokens, r ~ U(0, 1); at least one token per image.
+    """Mask a max(cos(r*pi/2), min_masking_rate) fraction of each image's tokens, r ~ U(0, 1); at least one token.
 
     tokens: [B, h, w] VQ ids. Returns (input_ids with mask_id at masked positions, bool mask [B, h, w]).
     Draws come from `generator` on the CPU, image by image, so an image's mask depends only on the generator's
-    state when its turn comes: batch 4 and four batches of 1 draw the same masks.
+    state when its turn comes: batch 4 and four batches of 1 draw the same masks. The minimum rate changes no
+    draw: an image whose cosine rate is already above it gets the same mask as without it.
     """
     b, h, w = tokens.shape
     n = h * w
     masks = []
     for _ in range(b):
         r = torch.rand(1, generator=generator)
-        num_masked = int((cosine_schedule(r) * n).round().clamp(min=1, max=n))
+        num_masked = int((masking_rate(r, min_masking_rate) * n).round().clamp(min=1, max=n))
         scores = torch.rand(n, generator=generator)
         mask = torch.zeros(n, dtype=torch.bool)
         mask[scores.argsort()[:num_masked]] = True
@@ -49,16 +57,21 @@ def mask_tokens(
     return input_ids, mask
 
 
-def masked_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_cross_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy on masked positions: the mean over each image's masked tokens, then the mean over images.
 
     logits: [B, V, h, w] (UVit2DModel output); tokens, mask: [B, h, w]. Averaging per image first makes the loss
     of a batch of B the mean of B per-image losses, so batch B x accumulation 1 and batch 1 x accumulation B give
     the same gradient (a token-level mean would weight images by how many of their tokens were masked).
+    `label_smoothing` e is `F.cross_entropy`'s: each masked token's target is (1 - e) on its code plus e / V on
+    every code, i.e. its loss is (1 - e) * (-log p[code]) + e * mean over the V codes of (-log p).
     """
     v = logits.shape[1]
     per_token = F.cross_entropy(
-        logits.permute(0, 2, 3, 1).reshape(-1, v).float(), tokens.reshape(-1), reduction="none"
+        logits.permute(0, 2, 3, 1).reshape(-1, v).float(), tokens.reshape(-1), reduction="none",
+        label_smoothing=label_smoothing,
     ).reshape(mask.shape)
     m = mask.float()
     per_image = (per_token * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)

@@ -146,6 +146,12 @@ class TrainConfig:
     """auto: continue from the newest complete checkpoint in output.dir; none: start fresh; or a checkpoint path."""
     cond_dropout: float = 0.1
     """Probability of replacing a sample's text conditioning with the empty prompt's (for classifier-free guidance)."""
+    label_smoothing: float = 0.0
+    """Label smoothing e in [0, 1) of the masked-token cross-entropy (as torch's cross_entropy): each target is
+    (1 - e) on its code plus e spread over all codes; keeps the logits of never-right codes calibrated."""
+    min_masking_rate: float = 0.0
+    """Lowest share of an image's tokens masked per training example: the cosine-schedule rate is raised to at
+    least this value (as diffusers' aMUSEd trainer does); 0 keeps the plain schedule."""
     skip_nonfinite: bool = False
     """On a non-finite loss or gradient, skip the step (counted in metrics) instead of stopping the run."""
     log_every: int = 1
@@ -164,6 +170,11 @@ class ValidationConfig:
     """MaskGIT decoding steps."""
     guidance: float = 10.0
     """Classifier-free guidance scale."""
+    guidance_schedule: Optional[Literal["constant", "linear", "cosine", "ramp1"]] = None
+    """How the guidance scale g moves over the steps: constant, linear (0 -> g), cosine (follows the mask
+    schedule up to g), ramp1 (1 -> g). Null: the base's sampling.json, else constant."""
+    temperature: Optional[tuple[float, float]] = None
+    """Gumbel temperature (START, END), linear over the steps (null: the base's sampling.json, else (2.0, 0.0))."""
     seed: int = 0
     """Seed of the first image; image i uses seed + i."""
     images_per_prompt: int = 1
@@ -209,11 +220,17 @@ class Recipe:
         _positive("train", batch_size=self.train.batch_size, grad_accum=self.train.grad_accum,
                   max_steps=self.train.max_steps, checkpoint_every=self.train.checkpoint_every,
                   log_every=self.train.log_every)
-        _positive("validation", every=self.validation.every, steps=self.validation.steps)
+        _positive("validation", every=self.validation.every)
+        if self.validation.steps is not None:
+            _positive("validation", steps=self.validation.steps)
         if self.adapter.kind == "lora":
             _positive("adapter", rank=self.adapter.rank, alpha=self.adapter.alpha)
         if not 0 <= self.train.cond_dropout <= 1:
             raise RecipeError(f"train.cond_dropout must be in [0, 1], got {self.train.cond_dropout}")
+        if not 0 <= self.train.label_smoothing < 1:
+            raise RecipeError(f"train.label_smoothing must be in [0, 1), got {self.train.label_smoothing}")
+        if not 0 <= self.train.min_masking_rate <= 1:
+            raise RecipeError(f"train.min_masking_rate must be in [0, 1], got {self.train.min_masking_rate}")
         if self.train.keep_checkpoints < 1:
             raise RecipeError(f"train.keep_checkpoints must be >= 1, got {self.train.keep_checkpoints}")
         if self.optim.warmup_steps < 0:

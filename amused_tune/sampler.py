@@ -4,7 +4,8 @@ The loop (`sample_tokens`): start from all-masked tokens (or an image's VQ token
 of T steps predict every masked token, sample it, then re-mask the least confident of the newly sampled tokens so
 that a fraction gamma((i + 1) / T) of the starting masked count stays masked (gamma = cos(r * pi / 2), or 1 - r).
 Confidence is log p(sampled token) plus Gumbel noise whose temperature falls linearly over the steps ((2, 0) by
-default). Classifier-free guidance runs cond and uncond in one batch: uncond + g * (cond - uncond).
+default). How a step's logits are made (no guidance, classifier-free guidance with a schedule, StyleDrop) is a
+small strategy from `amused_tune.guidance`.
 
 Randomness: each image has its own CPU `torch.Generator`, and every random number of that image comes from it, in a
 fixed order, so an image depends on its prompt and seed only, not on the rest of the batch. Two ways to draw:
@@ -25,9 +26,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,27 +34,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 
+from amused_tune.guidance import (  # noqa: F401  (StyleDropGuidance, adapters_disabled: part of this API)
+    Embeds,
+    Passes,
+    SampleError,
+    StyleDropGuidance,
+    expand_batch,
+    adapters_disabled,
+    choose_guidance,
+)
 from amused_tune.masking import SCHEDULES
 from amused_tune.models import Components, decode_tokens, encode_images, encode_prompts, micro_conditioning
 
 DRAWS = ("exact", "fast")
-Embeds = tuple[torch.Tensor, torch.Tensor]  # (penultimate hidden states [B, L, D], pooled projection [B, P])
-
-
-class SampleError(ValueError):
-    """Sampling arguments that cannot work together; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class StyleDropGuidance:
-    """StyleDrop's two-model guidance: adapter + lambda_a * (adapter - base) + lambda_b * (base - uncond).
-
-    "adapter" is the conditional logits with the LoRA adapters on, "base" and "uncond" the conditional and
-    unconditional logits of the base model (adapters off). Needs unmerged adapters; replaces `guidance`.
-    """
-
-    lambda_a: float
-    lambda_b: float
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -99,28 +90,7 @@ def make_generators(seeds: Sequence[int | torch.Generator]) -> list[torch.Genera
     return gens
 
 
-# --------------------------------------------------------------------------------------------- adapters
-
-
-@contextmanager
-def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """Run `model` as its base model: every (unmerged) peft adapter layer off, requires_grad left as it was."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    if not layers:
-        raise SampleError("StyleDrop guidance needs LoRA adapters that are loaded and not merged into the model")
-    grads = {p: p.requires_grad for p in model.parameters()}
-    was_disabled = [layer.disable_adapters for layer in layers]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer, off in zip(layers, was_disabled):
-            layer.enable_adapters(not off)
-        for p, g in grads.items():
-            p.requires_grad_(g)
+# --------------------------------------------------------------------------------------------- compile
 
 
 def compiled(transformer: torch.nn.Module) -> torch.nn.Module:
@@ -133,8 +103,79 @@ def compiled(transformer: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------- the loop
 
 
-def _expand(t: torch.Tensor, b: int) -> torch.Tensor:
-    return t.expand(b, *t.shape[1:]) if t.shape[0] == 1 and b > 1 else t
+class _Draws:
+    """Each image's random numbers for the steps, from its own generator (see the module docstring)."""
+
+    def __init__(self, kind: str, gens: list[torch.Generator], steps: int, n: int, device: torch.device):
+        self.kind, self.gens, self.device = kind, gens, device
+        if kind == "fast":  # all uniforms up front: [B, steps, 2, N] (sampling, Gumbel)
+            pre = torch.stack([torch.rand(steps, 2, n, generator=g) for g in gens])
+            self.pre = pre.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else pre.to(device)
+
+    def __call__(self, probs: torch.Tensor, k: int, last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sampled tokens [B, N] from probs [B, N, V], Gumbel uniforms [B, N] or None at the last step)."""
+        b, n, v = probs.shape
+        if self.kind == "fast":
+            cdf = probs.cumsum(-1)
+            u = self.pre[:, k, 0, :, None] * cdf[..., -1:]
+            return torch.searchsorted(cdf, u, right=True)[..., 0].clamp(max=v - 1), self.pre[:, k, 1]
+        q = torch.empty(b, n, v)  # what torch.multinomial(probs, 1, g) draws, then the Gumbel uniforms
+        for j, g in enumerate(self.gens):
+            q[j].exponential_(generator=g)
+        sampled = (probs / q.to(self.device, non_blocking=True)).argmax(-1)
+        if last:
+            return sampled, None
+        noise = torch.empty(b, n)
+        for j, g in enumerate(self.gens):
+            noise[j].uniform_(0, 1, generator=g)
+        return sampled, noise.to(self.device, non_blocking=True)
+
+
+def _start_tokens(
+    init_tokens: torch.Tensor | None, region: torch.Tensor | None, gens: list[torch.Generator], n: int,
+    mask_id: int, device: torch.device, masked_share: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, N] to start from, per image the count of tokens the schedule is relative to [B, 1]).
+
+    Text-to-image: all masked. From `init_tokens`: the `region` (default all) masked at `masked_share` 1.0,
+    else a random floor(count * masked_share) of it, drawn from each image's generator.
+    """
+    b = len(gens)
+    if init_tokens is None:
+        return torch.full((b, n), mask_id, dtype=torch.long, device=device), torch.full((b, 1), float(n), device=device)
+    x = expand_batch(init_tokens.to(device).long().reshape(-1, n), b).clone()
+    region_flat = torch.ones(b, n, dtype=torch.bool, device=device) if region is None else (
+        expand_batch(region.to(device).bool().reshape(-1, n), b)
+    )
+    count = region_flat.sum(-1, keepdim=True).float()
+    if masked_share == 1.0:
+        return torch.where(region_flat, mask_id, x), count
+    if masked_share > 0.0:
+        scores = torch.stack([torch.rand(n, generator=g) for g in gens]).to(device, non_blocking=True)
+        rank = torch.where(region_flat, scores, 2.0).argsort(-1).argsort(-1)
+        x = torch.where(rank < (count * masked_share).floor().long(), mask_id, x)
+    return x, count
+
+
+def _decode_step(x: torch.Tensor, logits: torch.Tensor, draws: _Draws, k: int, last: bool, temperature: float,
+                 keep_share: float, count: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """One MaskGIT step: sample every masked token, then re-mask all but the most confident of them so that
+    floor(count * keep_share) stay masked (at least 1, fewer than were masked); the last step keeps them all."""
+    b, v = logits.shape[:2]
+    n = x.shape[1]
+    probs = logits.reshape(b, v, n).permute(0, 2, 1).softmax(-1)  # [B, N, V], the layout diffusers uses
+    sampled, noise = draws(probs, k, last)
+    unknown = x == mask_id
+    pred = torch.where(unknown, sampled, x)
+    if last:
+        return pred
+    picked = probs.gather(-1, pred[..., None])[..., 0]
+    conf = torch.log(picked.clamp(1e-20)) + temperature * gumbel(noise)
+    conf = torch.where(unknown, conf, math.inf)
+    keep_masked = (count * keep_share).floor().long()
+    keep_masked = torch.minimum(unknown.sum(-1, keepdim=True) - 1, keep_masked).clamp(min=1)
+    cutoff = conf.sort(-1).values.gather(-1, keep_masked.clamp(max=n - 1))
+    return torch.where(conf < cutoff, mask_id, pred)
 
 
 @torch.no_grad()
@@ -147,6 +188,7 @@ def sample_tokens(
     micro_conds: torch.Tensor,
     steps: int = 12,
     guidance: float = 10.0,
+    guidance_schedule: str = "constant",
     schedule: str = "cosine",
     temperature: float | Sequence[float] = (2.0, 0.0),
     init_tokens: torch.Tensor | None = None,
@@ -160,6 +202,7 @@ def sample_tokens(
 
     cond / uncond: (hidden [B or 1, L, D], pooled [B or 1, P]); uncond may be None when guidance <= 1 and no
     StyleDrop. seeds: one per image. micro_conds: [5] or [B, 5] (`models.micro_conditioning`).
+    guidance_schedule: how the guidance scale moves over the steps (`guidance.GUIDANCE_SCHEDULES`).
     init_tokens [B or 1, h, w]: start from these tokens (variation / inpainting) instead of all masked.
     region bool [B or 1, h, w]: the tokens that may be regenerated (default: all); others are returned unchanged.
     strength: run the last round(strength * steps) steps, masking the share of `region` the schedule has masked
@@ -170,111 +213,31 @@ def sample_tokens(
         raise SampleError(f"draws must be one of {DRAWS}, got {draws!r}")
     if region is not None and init_tokens is None:
         raise SampleError("region (an inpainting mask) needs init_tokens to keep outside it")
-    if styledrop is not None and not isinstance(styledrop, StyleDropGuidance):
-        styledrop = StyleDropGuidance(*styledrop)
+    ratios, temps = step_plan(steps, schedule, temperature)
+    strategy = choose_guidance(guidance, steps, guidance_schedule, styledrop)
+    if strategy.needs_uncond and uncond is None:
+        raise SampleError("guidance needs uncond embeddings (encode the negative or empty prompt)")
     base = getattr(transformer, "_orig_mod", transformer)
     mask_id = int(base.config.vocab_size) - 1
     device = next(base.parameters()).device
     gens = make_generators(seeds)
-    b = len(gens)
-    if init_tokens is not None:
-        grid = tuple(init_tokens.shape[-2:])
-    h, w = grid or (int(base.config.sample_size),) * 2
-    n = h * w
-    ratios, temps = step_plan(steps, schedule, temperature)
+    h, w = tuple(init_tokens.shape[-2:]) if init_tokens is not None else grid or (int(base.config.sample_size),) * 2
     first = start_step(steps, strength) if init_tokens is not None else 0
-    use_cfg = styledrop is None and guidance > 1.0
-    if (use_cfg or styledrop is not None) and uncond is None:
-        raise SampleError("guidance needs uncond embeddings (encode the negative or empty prompt)")
-
-    hidden, pooled = (_expand(t.to(device), b) for t in cond)
-    dtype = hidden.dtype
-    micro = _expand(micro_conds.to(device, dtype).reshape(-1, 5), b)
-    if uncond is not None:
-        u_hidden, u_pooled = (_expand(t.to(device, dtype), b) for t in uncond)
-    if use_cfg or styledrop is not None:  # uncond first, as diffusers batches it
-        hidden2, pooled2, micro2 = torch.cat([u_hidden, hidden]), torch.cat([u_pooled, pooled]), micro.repeat(2, 1)
-
-    # Start tokens and the region that may change.
-    if init_tokens is None:
-        x = torch.full((b, n), mask_id, dtype=torch.long, device=device)
-        region_flat = torch.ones(b, n, dtype=torch.bool, device=device)
-    else:
-        x = _expand(init_tokens.to(device).long().reshape(-1, n), b).clone()
-        region_flat = torch.ones(b, n, dtype=torch.bool, device=device) if region is None else (
-            _expand(region.to(device).bool().reshape(-1, n), b)
-        )
-    count = region_flat.sum(-1, keepdim=True).float()  # per image: tokens the schedule is relative to
+    passes = Passes(transformer, cond, uncond, micro_conds, (h, w), len(gens), device)
+    share = 1.0 if first == 0 else 0.0 if first == steps else ratios[first - 1]  # masked at the start
+    x, count = _start_tokens(init_tokens, region, gens, h * w, mask_id, device, share)
     if first == steps:
-        return x.reshape(b, h, w)
-    if first == 0:
-        x = torch.where(region_flat, mask_id, x)
-    else:  # mask a random floor(count * gamma(first / steps)) of the region, drawn from each image's generator
-        scores = torch.stack([torch.rand(n, generator=g) for g in gens]).to(device, non_blocking=True)
-        scores = torch.where(region_flat, scores, 2.0)
-        rank = scores.argsort(-1).argsort(-1)
-        x = torch.where(rank < (count * ratios[first - 1]).floor().long(), mask_id, x)
-
-    if draws == "fast":  # all uniforms up front: [B, steps, 2, N] (sampling, Gumbel)
-        pre = torch.stack([torch.rand(steps - first, 2, n, generator=g) for g in gens])
-        pre = pre.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else pre.to(device)
-
-    def forward(tokens: torch.Tensor, pair: bool) -> torch.Tensor:  # pair: [uncond; cond] in one batch
-        t = tokens.reshape(-1, h, w)
-        if pair:
-            return transformer(t.repeat(2, 1, 1), micro_conds=micro2, pooled_text_emb=pooled2,
-                               encoder_hidden_states=hidden2).float()
-        return transformer(t, micro_conds=micro, pooled_text_emb=pooled, encoder_hidden_states=hidden).float()
-
-    def logits_of(tokens: torch.Tensor) -> torch.Tensor:
-        if styledrop is not None:
-            with adapters_disabled(base):
-                un, bc = forward(tokens, True).chunk(2)
-            a = forward(tokens, False)
-            return a + styledrop.lambda_a * (a - bc) + styledrop.lambda_b * (bc - un)
-        if use_cfg:
-            un, co = forward(tokens, True).chunk(2)
-            return un + guidance * (co - un)
-        return forward(tokens, False)
-
+        return x.reshape(-1, h, w)
+    draw = _Draws(draws, gens, steps - first, h * w, device)
     was_training = base.training
     base.eval()
     try:
         for i in range(first, steps):
-            logits = logits_of(x)
-            v = logits.shape[1]
-            probs = logits.reshape(b, v, n).permute(0, 2, 1).softmax(-1)  # [B, N, V], the layout diffusers uses
-            last = i == steps - 1
-            if draws == "exact":  # what torch.multinomial(probs, 1, g) draws, then the Gumbel uniforms
-                q = torch.empty(b, n, v)
-                for j, g in enumerate(gens):
-                    q[j].exponential_(generator=g)
-                sampled = (probs / q.to(device, non_blocking=True)).argmax(-1)
-                if not last:
-                    noise = torch.empty(b, n)
-                    for j, g in enumerate(gens):
-                        noise[j].uniform_(0, 1, generator=g)
-                    noise = noise.to(device, non_blocking=True)
-            else:
-                cdf = probs.cumsum(-1)
-                u = pre[:, i - first, 0, :, None] * cdf[..., -1:]
-                sampled = torch.searchsorted(cdf, u, right=True)[..., 0].clamp(max=v - 1)
-                noise = pre[:, i - first, 1]
-            unknown = x == mask_id
-            pred = torch.where(unknown, sampled, x)
-            if last:
-                x = pred
-                break
-            picked = probs.gather(-1, pred[..., None])[..., 0]
-            conf = torch.log(picked.clamp(1e-20)) + temps[i] * gumbel(noise)
-            conf = torch.where(unknown, conf, math.inf)
-            keep_masked = (count * ratios[i]).floor().long()
-            keep_masked = torch.minimum(unknown.sum(-1, keepdim=True) - 1, keep_masked).clamp(min=1)
-            cutoff = conf.sort(-1).values.gather(-1, keep_masked.clamp(max=n - 1))
-            x = torch.where(conf < cutoff, mask_id, pred)
+            logits = strategy.logits(passes, x, i)
+            x = _decode_step(x, logits, draw, i - first, i == steps - 1, temps[i], ratios[i], count, mask_id)
     finally:
         base.train(was_training)
-    return x.reshape(b, h, w)
+    return x.reshape(-1, h, w)
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -382,6 +345,7 @@ def generate(
     *,
     steps: int = 12,
     guidance: float = 10.0,
+    guidance_schedule: str = "constant",
     negative_prompt: str | Sequence[str] | None = None,
     schedule: str = "cosine",
     temperature: float | Sequence[float] = (2.0, 0.0),
@@ -398,7 +362,9 @@ def generate(
     """Text-to-image, image variation (`image`, `strength`) or inpainting (`image` + `mask`, white = regenerate).
 
     One image per seed; a single prompt is used for every seed. `prompt_embeds` (hidden, pooled) replaces encoding
-    `prompts`. Returns (tokens [B, h, w], images [B, 3, H, W] in [0, 1]).
+    `prompts`. `guidance_schedule`: constant, linear, cosine or ramp1 (`amused_tune.guidance`). The defaults are
+    diffusers'; `resolve_sampling(base, ...)` gives a base's own (its sampling.json). Returns (tokens [B, h, w],
+    images [B, 3, H, W] in [0, 1]).
     """
     b = len(seeds)
     if prompt_embeds is None:
@@ -410,10 +376,9 @@ def generate(
     if mask is not None and image is None:
         raise SampleError("inpainting needs the image to paint into: pass image= with mask=")
     negatives = [negative_prompt or ""] * b if isinstance(negative_prompt, (str, type(None))) else list(negative_prompt)
-    needs_uncond = styledrop is not None or guidance > 1.0
     cond = prompt_embeds if prompt_embeds is not None else encode_texts(components, prompts)
     uncond = None
-    if needs_uncond:
+    if choose_guidance(guidance, steps, guidance_schedule, styledrop).needs_uncond:
         uncond = empty_prompt_embeds(components) if not any(negatives) else encode_texts(components, negatives)
 
     res = components.resolution
@@ -426,7 +391,8 @@ def generate(
     tokens = sample_tokens(
         transformer, cond, uncond, seeds,
         micro_conds=micro_conditioning(res, res, crop[0], crop[1], aesthetic_score),
-        steps=steps, guidance=guidance, schedule=schedule, temperature=temperature, init_tokens=init,
+        steps=steps, guidance=guidance, guidance_schedule=guidance_schedule, schedule=schedule,
+        temperature=temperature, init_tokens=init,
         region=region, strength=strength, styledrop=styledrop, draws=draws,
     )
     return tokens, decode_tokens(components.vqvae, tokens)
