@@ -41,7 +41,10 @@ def sampling_file(base: str) -> Path | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(base, SAMPLING_FILE)  # a path, None, or a "known missing" marker
+    try:
+        cached = try_to_load_from_cache(base, SAMPLING_FILE)  # a path, None, or a "known missing" marker
+    except ValueError:  # not a valid repository id: the model loader says so
+        return None
     return Path(cached) if isinstance(cached, str) else None
 
 
