@@ -66,3 +66,18 @@ def tiny_uvit_inputs() -> dict:
 @torch.no_grad()
 def tiny_uvit_logits(transformer) -> torch.Tensor:
     return transformer.eval()(**tiny_uvit_inputs())
+
+
+def tiny_with_random_lora(seed: int = 0):
+    """The tiny model with a rank-4 LoRA whose B matrices are random (so the adapter changes the logits)."""
+    from amused_tune.adapters import attach_lora
+    from amused_tune.models import build_tiny
+
+    comps = build_tiny()
+    attach_lora(comps.transformer, rank=4, alpha=8)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in comps.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return comps

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_with_random_lora
 
 from amused_tune.guidance import (
     ClassifierFree,
@@ -104,15 +105,7 @@ def test_classifier_free_combines_with_each_steps_scale():
 
 @pytest.fixture(scope="module")
 def styled():
-    from amused_tune.adapters import attach_lora
-
-    comps = build_tiny()
-    attach_lora(comps.transformer, rank=4, alpha=8)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in comps.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    comps = tiny_with_random_lora(seed=1)
     comps.transformer.eval()
     return comps
 
