@@ -23,11 +23,10 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from amused_tune.common import DIFFUSERS_FILE, PEFT_CONFIG, PEFT_FILE  # noqa: F401 (the adapter files)
+
 log = logging.getLogger(__name__)
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-PEFT_FILE = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
 METADATA_KEY = "lora_adapter_metadata"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

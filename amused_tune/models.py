@@ -21,6 +21,8 @@ import torch
 from diffusers import AmusedScheduler, UVit2DModel, VQModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from amused_tune.common import TOY_WEIGHTS_DIR
+
 AESTHETIC_SCORE = 6.0
 SUBFOLDERS = ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler")
 
@@ -219,13 +221,10 @@ def load_components(base: str, dtype: torch.dtype | None = None) -> Components:
     if base == "tiny":
         comps = build_tiny()
     elif base == "toy":
-        from amused_tune.toy import toy_dir
-
-        try:
-            folder = toy_dir()
-        except FileNotFoundError as err:
-            raise BaseModelError(f"model.base=toy: {err}") from err
-        comps = _load_folder(folder)
+        if not (TOY_WEIGHTS_DIR / "transformer").is_dir():
+            raise BaseModelError(f"model.base=toy: the toy weights are missing from {TOY_WEIGHTS_DIR}: rebuild them "
+                                 "with `python -m amused_tune.toy build`")
+        comps = _load_folder(TOY_WEIGHTS_DIR)
     else:
         path = Path(base).expanduser()
         if path.is_dir():

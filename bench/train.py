@@ -6,7 +6,7 @@
     python bench/train.py --update-recipes bench/results/train-<gpu>.json   # write `# measured:` headers
 
 Every recipe with a `# paper:` header (the report's tables and StyleDrop) runs through
-`amused_tune.trainer.train(recipe, components=...)`, as `amused-tune RECIPE.yaml` would, for --warmup + --steps
+`amused_tune.train.loop.train(recipe, components=...)`, as `amused-tune RECIPE.yaml` would, for --warmup + --steps
 optimizer steps on synthetic images (random pictures written to a temporary imagefolder that replaces the recipe's
 data card). The report's bs 1 LoRA recipes also run once per low-VRAM lever (LEVERS). Each base is built once
 (`build_real_size`, no download; weights do not change memory or speed) and shared by the configs through a
@@ -43,8 +43,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amused_tune import checkpoints, outputs, recipes_cli, trainer  # noqa: E402
-from amused_tune.cli import parse_recipe  # noqa: E402
+from amused_tune.cli import recipes as recipes_cli  # noqa: E402
+from amused_tune.cli.args import parse_recipe  # noqa: E402
+from amused_tune.train import checkpoints, outputs  # noqa: E402
+from amused_tune.train import loop as trainer  # noqa: E402
 from amused_tune.models import build_real_size, build_tiny  # noqa: E402
 
 # The reference to beat (shared/spec/reference-h100.yaml): diffusers' examples/amused/train_amused.py on one

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from amused_tune import checkpoints, outputs, recipes_cli
+from amused_tune.cli import recipes as recipes_cli
+from amused_tune.train import checkpoints, outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 # one LoRA bs 1 recipe with two of its levers (one needs CUDA: reported as skipped), one full 8-bit Adam recipe

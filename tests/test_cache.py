@@ -12,11 +12,13 @@ from diffusers import UVit2DModel, VQModel
 from PIL import Image
 from transformers import CLIPTextModelWithProjection
 
-from amused_tune import cache
-from amused_tune.data import DataError, open_source, preprocess, resolve_config
+from amused_tune.data import cache
+from amused_tune.data.cards import DataError, resolve_config
+from amused_tune.data.preprocess import preprocess
+from amused_tune.data.sources import open_source
 from amused_tune.models import build_tiny, encode_images
 from amused_tune.recipe import AdapterConfig, DataConfig, ModelConfig, OutputConfig, Recipe, TrainConfig
-from amused_tune.trainer import train
+from amused_tune.train.loop import train
 
 
 def recipe(tmp_path: Path, folder: Path, name: str, text_encoder: bool = False, **data) -> Recipe:

@@ -14,11 +14,14 @@ from conftest import make_images
 from PIL import Image
 
 from amused_tune.cli import main as cli_main
-from amused_tune.cli import parse_recipe
-from amused_tune.data import (DataError, load_card, open_source, preprocess, resolve_config, to_rgb,
-                              validated_dataset)
+from amused_tune.cli.args import parse_recipe
+from amused_tune.data.cards import DataError, load_card, resolve_config
+from amused_tune.data.checks import to_rgb
+from amused_tune.data.datasets import validated_dataset
+from amused_tune.data.preprocess import preprocess
+from amused_tune.data.sources import open_source
 from amused_tune.recipe import DataConfig, ModelConfig, OutputConfig, Recipe, TrainConfig
-from amused_tune.trainer import train
+from amused_tune.train.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 

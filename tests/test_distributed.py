@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from amused_tune import checkpoints, outputs
+from amused_tune.train import checkpoints, outputs
 from conftest import make_images
 
 REPO = Path(__file__).resolve().parent.parent

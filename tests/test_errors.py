@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from amused_tune import checkpoints, outputs, trainer
+from amused_tune.train import checkpoints, outputs
+from amused_tune.train import loop as trainer
 from amused_tune.cli import main as cli_main
 from conftest import make_images
 

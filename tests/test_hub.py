@@ -32,7 +32,7 @@ def train_run(out: Path, data: Path, **overrides):
     validation grids in the folder."""
     from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
                                     TrainConfig, ValidationConfig)
-    from amused_tune.trainer import train
+    from amused_tune.train.loop import train
 
     recipe = Recipe(
         model=ModelConfig(base="tiny"),
@@ -129,7 +129,7 @@ def test_card_usage_code_runs_with_diffusers_and_peft(run_dir, tmp_path, monkeyp
     import torch
 
     from amused_tune import adapters
-    from amused_tune.hub import read_recipe, render_card
+    from amused_tune.share.hub import read_recipe, render_card
     from amused_tune.models import build_tiny, encode_prompts, load_components
 
     base = tmp_path / "tiny-pipeline"
@@ -164,7 +164,7 @@ def test_card_usage_code_runs_with_diffusers_and_peft(run_dir, tmp_path, monkeyp
 def test_card_of_a_dataset_card_run_and_of_a_full_run(run_dir):
     from huggingface_hub import ModelCard
 
-    from amused_tune.hub import read_recipe, render_card
+    from amused_tune.share.hub import read_recipe, render_card
 
     recipe = read_recipe(run_dir)
     recipe["data"] = {"card": "nouns"}  # a Hub dataset, through its card
@@ -185,7 +185,7 @@ def test_card_of_a_dataset_card_run_and_of_a_full_run(run_dir):
 
 
 def test_card_keeps_hand_edits(run_copy):
-    from amused_tune.hub import read_recipe, write_card
+    from amused_tune.share.hub import read_recipe, write_card
 
     card = run_copy / "README.md"
     card.write_text(card.read_text().split("\n", 1)[0] + "\nmy own card\n")  # the marker line is gone

@@ -133,7 +133,7 @@ def test_diffusers_style_file_loads_in_the_kit_with_alpha_equal_to_rank(diffuser
 
 def test_sample_command_loads_a_diffusers_style_file(diffusers_file, tmp_path):
     """`amused-tune sample --adapter FILE` (the kit's CLI path: sample_cli.load_adapters -> adapters.load_lora)."""
-    pytest.importorskip("amused_tune.sample_cli")
+    pytest.importorskip("amused_tune.cli.sample")
     from amused_tune.cli import main as cli_main
 
     out = tmp_path / "samples"

@@ -29,7 +29,7 @@ def _reset_accelerate():
 def train_run(out, data, kind="lora", text_encoder=False):
     from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
                                     TrainConfig)
-    from amused_tune.trainer import train
+    from amused_tune.train.loop import train
 
     recipe = Recipe(
         model=ModelConfig(base="tiny"),

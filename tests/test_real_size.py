@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from amused_tune.cli import parse_recipe
+from amused_tune.cli.args import parse_recipe
 from amused_tune.models import build_real_size
-from amused_tune.trainer import train
+from amused_tune.train.loop import train
 from conftest import make_images
 
 REPO = Path(__file__).resolve().parent.parent

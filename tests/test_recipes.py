@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from amused_tune import recipes_cli
-from amused_tune.cli import parse_recipe
+from amused_tune.cli import recipes as recipes_cli
+from amused_tune.cli.args import parse_recipe
 
 PAPER = yaml.safe_load((Path(__file__).parent / "data" / "paper-tables.yaml").read_text())
 TABLES = {"finetune_256": ("amused/amused-256", 256, "nouns"), "finetune_512": ("amused/amused-512", 512, "minecraft")}
@@ -96,7 +96,7 @@ def test_each_paper_recipe_header_says_what_it_trains_its_memory_card_and_comman
 
 
 def test_recipes_use_existing_dataset_cards():
-    from amused_tune.data import load_card
+    from amused_tune.data.cards import load_card
 
     for path in recipes_cli.recipe_files():
         recipe, _, _ = parse_recipe([str(path)])
@@ -163,7 +163,7 @@ def test_cp_copies_a_recipe_to_edit(tmp_path):
 
 @pytest.mark.parametrize("path", recipes_cli.recipe_files(), ids=lambda p: p.stem)
 def test_recipe_trains_two_steps_on_the_tiny_model(path, image_folder, tmp_path, monkeypatch):
-    from amused_tune.trainer import train
+    from amused_tune.train.loop import train
 
     monkeypatch.setenv("AMUSED_TUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -198,7 +198,7 @@ def _quantize_recipe(bits: str):
 def test_quantize_on_a_cpu_is_a_clear_recipe_error(bits):
     from amused_tune.models import build_tiny
     from amused_tune.recipe import RecipeError
-    from amused_tune.trainer import setup_models
+    from amused_tune.train.loop import setup_models
 
     with pytest.raises(RecipeError, match="model.quantize needs a CUDA GPU"):
         setup_models(_quantize_recipe(bits), build_tiny(), torch.device("cpu"))
@@ -213,7 +213,7 @@ def test_quantized_base_is_wrapped_by_lora_and_trains(bits):
     from amused_tune import adapters
     from amused_tune.models import build_tiny
     from amused_tune.quantize import quantize_linear_layers
-    from amused_tune.trainer import place
+    from amused_tune.train.loop import place
 
     transformer = build_tiny().transformer
     linears = sum(type(m) is torch.nn.Linear for m in transformer.modules())

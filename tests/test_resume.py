@@ -19,12 +19,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from amused_tune import checkpoints, outputs, trainer
+from amused_tune.train import checkpoints, outputs
+from amused_tune.train import loop as trainer
 from amused_tune.cli import main as cli_main
-from amused_tune.cli import parse_recipe
+from amused_tune.cli.args import parse_recipe
 from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
                                 TrainConfig)
-from amused_tune.trainer import TrainingStopped, train
+from amused_tune.train.loop import TrainingStopped, train
 from conftest import make_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -293,7 +294,8 @@ import os, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from amused_tune import checkpoints, trainer
+from amused_tune.train import checkpoints
+from amused_tune.train import loop as trainer
 
 delay = float(os.environ.get("RUNNER_STEP_DELAY", "0"))
 if delay:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from amused_tune import sample_cli
+from amused_tune.cli import sample as sample_cli
 from amused_tune.models import build_tiny, decode_tokens, encode_images
 from amused_tune.sampler import (
     StyleDropGuidance,

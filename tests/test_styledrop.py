@@ -10,8 +10,8 @@ import yaml
 from PIL import Image
 
 from amused_tune.cli import main as cli_main
-from amused_tune.cli import parse_recipe
-from amused_tune.styledrop import main as round2_main
+from amused_tune.cli.args import parse_recipe
+from amused_tune.cli.styledrop_round2 import main as round2_main
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -33,7 +33,7 @@ def test_world_is_deterministic_and_captions_round_trip():
 
 
 def test_imagefolder_is_what_the_kit_reads(tmp_path):
-    from amused_tune.data import build_dataset
+    from amused_tune.data.datasets import build_dataset
     from amused_tune.recipe import DataConfig
 
     specs = world.sample_specs(1, seed=0)[:5]

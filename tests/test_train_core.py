@@ -10,12 +10,12 @@ import torch
 
 from amused_tune import adapters
 from amused_tune.cli import main as cli_main
-from amused_tune.cli import parse_recipe
+from amused_tune.cli.args import parse_recipe
 from amused_tune.masking import mask_tokens, masked_cross_entropy
 from amused_tune.models import build_tiny, encode_images, encode_prompts, micro_conditioning
 from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
                                 TrainConfig)
-from amused_tune.trainer import (Conditioning, batch_conditioning, draw_dropout, enable_grad_checkpointing,
+from amused_tune.train.loop import (Conditioning, batch_conditioning, draw_dropout, enable_grad_checkpointing,
                                  train)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,7 +164,7 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path, image_folder):
                 losses.append(masked_cross_entropy(logits, batch_tokens, mask).item())
         return sum(losses) / len(losses)
 
-    from amused_tune.data import build_dataset
+    from amused_tune.data.datasets import build_dataset
 
     recipe = tiny_recipe(tmp_path, image_folder, adapter={"kind": "full"}, optim={"lr": 2e-3},
                          train={"batch_size": 1, "max_steps": 40, "cond_dropout": 0.0},
@@ -214,7 +214,7 @@ def test_batch4_accum1_equals_batch1_accum4(tmp_path, image_folder):
                              optim={"max_grad_norm": 0.0},
                              train={"batch_size": bs, "grad_accum": ga, "max_steps": 3, "cond_dropout": 0.5})
         train(recipe, components=comps)
-        rows = [r["loss"] for r in __import__("amused_tune.outputs", fromlist=["x"]).read_metrics(
+        rows = [r["loss"] for r in __import__("amused_tune.train.outputs", fromlist=["x"]).read_metrics(
             Path(recipe.output.dir) / "metrics.jsonl")]
         results.append((rows, {n: p.detach().clone() for n, p in comps.transformer.named_parameters()}))
     (loss_a, w_a), (loss_b, w_b) = results
@@ -262,7 +262,7 @@ def test_run_writes_the_documented_files(tmp_path, image_folder):
         assert (out / name).is_file(), name
     text = (out / "recipe.yaml").read_text()
     assert "# torch==" in text and "# diffusers==" in text and "base: tiny" in text
-    rows = __import__("amused_tune.outputs", fromlist=["x"]).read_metrics(out / "metrics.jsonl")
+    rows = __import__("amused_tune.train.outputs", fromlist=["x"]).read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert {"loss", "lr", "grad_norm", "images_per_s", "peak_mem_gb"} <= rows[0].keys()
 

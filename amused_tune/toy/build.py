@@ -10,7 +10,7 @@ Four stages, each deterministic (fixed seeds, fixed thread count) and small enou
 3. the text encoder: a random, frozen 2-layer CLIP over the kit's character-level tokenizer (seeded); the U-ViT
    learns to read it;
 4. the U-ViT: pretrained on the world's captions and VQ tokens with the kit's own full fine-tuning
-   (`amused_tune.trainer.train`, MaskGIT objective).
+   (`amused_tune.train.loop.train`, MaskGIT objective).
 
 The result is written with `Components.save_pretrained` to `amused_tune/toy/weights/` (or ``--out``).
 """
@@ -173,7 +173,7 @@ def pretrain_uvit(
     """Pretrain `comps.transformer` on the world in `data_dir` with the kit's own full fine-tuning (trainer.train)."""
     from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
                                     TrainConfig)
-    from amused_tune.trainer import train
+    from amused_tune.train.loop import train
 
     recipe = Recipe(
         model=ModelConfig(base="toy"),

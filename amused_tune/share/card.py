@@ -21,13 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.cards import DataError, card_path, load_card
+from amused_tune.common import DIFFUSERS_FILE
+from amused_tune.data.cards import DataError, card_path, load_card
 
 CARD = "README.md"
 MARKER = ("<!-- written by amused-tune; `amused-tune push` refreshes this card. "
           "Delete this line to keep your own edits. -->")
-# amused_tune.adapters' file name, repeated so that this module does not import torch
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 BASE_LICENSES = {"amused/amused-256": "openrail++", "amused/amused-512": "openrail++", "tiny": "apache-2.0",
                  "toy": "apache-2.0"}
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

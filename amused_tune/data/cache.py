@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from amused_tune.data import (BadSample, Record, Report, Source, bad_sample, check_caption, check_lengths,
-                              finish, load_image, make_prompt, open_source, preprocess)
+from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
+from amused_tune.data.preprocess import make_prompt, preprocess
+from amused_tune.data.sources import Record, Source, open_source
 from amused_tune.models import Components, encode_images, encode_prompts
 from amused_tune.recipe import DataConfig
 

@@ -35,8 +35,8 @@ import torch
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
-from amused_tune import outputs
 from amused_tune.recipe import Recipe, RecipeError
+from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerat
             state["scaler"] = accelerator.scaler.state_dict()
         weights = {names[id(p)]: p for p in trainable}
         meta = {
-            "recipe_fingerprint": outputs.recipe_fingerprint(recipe),
+            "recipe_fingerprint": recipe_fingerprint(recipe),
             "samples_per_process": step * t.batch_size * t.grad_accum,
             "num_processes": accelerator.num_processes,
             "effective_batch": t.batch_size * t.grad_accum * accelerator.num_processes,
@@ -270,7 +270,7 @@ def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerat
             "recipe": recipe.to_dict(),
         }
         save_checkpoint(out / "checkpoints", step, weights, state, meta, t.keep_checkpoints,
-                                    recipe_text=outputs.recipe_yaml(recipe))
+                                    recipe_text=recipe_yaml(recipe))
     accelerator.wait_for_everyone()
 
 
@@ -293,7 +293,7 @@ def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator) 
     path, weights, state, meta = found
     by_name = {names[id(p)]: p for p in trainable}
     _check_weights(path, weights, by_name)
-    if meta.get("recipe_fingerprint") != outputs.recipe_fingerprint(recipe):
+    if meta.get("recipe_fingerprint") != recipe_fingerprint(recipe):
         log.warning("checkpoint %s was written by a different recipe: continuing from its weights and optimizer "
                     "state with this recipe's settings", path)
     with torch.no_grad():

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.card import (CARD, DIFFUSERS_FILE, MARKER, REPO_ID, final_metrics, render_card,  # noqa: F401
-                               sample_grids, write_card)
-from amused_tune.cli import SubcommandParser
+from amused_tune.common import PEFT_CONFIG
+from amused_tune.share.card import (CARD, DIFFUSERS_FILE, MARKER, REPO_ID, final_metrics, render_card,  # noqa: F401
+                                    sample_grids, write_card)
 
-PEFT_CONFIG = "adapter_config.json"  # amused_tune.adapters' name, repeated: this module imports no torch
 WEIGHT_SUFFIXES = (".safetensors", ".json")
 
 
@@ -196,37 +195,3 @@ def _describe(err: Exception, repo_id: str, out: Path) -> str:
                 f"HF_ENDPOINT and rerun `amused-tune push` ({unchanged})")
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"push to {repo_id} failed: {type(err).__name__}: {first} ({unchanged})"
-
-
-# --------------------------------------------------------------------------------------------- command line
-
-
-def build_parser() -> SubcommandParser:
-    p = SubcommandParser(prog="amused-tune push",
-                         description="Upload a finished run (adapter or transformer/, model card, samples, loss plot, recipe) "
-                                     "to the Hugging Face Hub in one commit. Never uploads checkpoints or optimizer state.")
-    p.add_argument("output_dir", help="the run's output.dir")
-    p.add_argument("--repo-id", required=True, help="user/name or org/name; created if it does not exist")
-    p.add_argument("--private", action="store_true", help="create the repo as private (an existing repo keeps its visibility)")
-    p.add_argument("--token-from-env", action="store_true",
-                   help="use the HF_TOKEN environment variable (default: HF_TOKEN or the token saved by `hf auth login`)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, contact nothing")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args, code = build_parser().parse_or_exit_code(argv)
-    if args is None:
-        return code
-    try:
-        result = push(args.output_dir, args.repo_id, private=args.private, token_from_env=args.token_from_env,
-                      dry_run=args.dry_run)
-    except HubError as err:
-        print(f"amused-tune: error: {err}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        print(f"would upload {len(result['files'])} files to {args.repo_id}:")
-        print("".join(f"  {f}\n" for f in result["files"]), end="")
-    else:
-        print(f"pushed {len(result['files'])} files to {result['url']}")
-    return 0

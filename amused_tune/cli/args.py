@@ -1,23 +1,15 @@
-"""Command line: `amused-tune RECIPE.yaml [--section.key=value ...]` trains; subcommands do the rest.
-
-  amused-tune RECIPE.yaml [--train.max_steps=10] [--print_config]   train one recipe
-  amused-tune sample ...                                            text-to-image, variation, inpainting
-  amused-tune recipes [--json] | recipes cp NAME DEST.yaml          the shipped recipes
-  amused-tune push OUTPUT_DIR --repo-id user/name                   upload an adapter with its model card
-  amused-tune merge OUTPUT_DIR --out DIR                            fuse a LoRA into a full pipeline folder
-  amused-tune styledrop-round2 RUN --prompts prompts.txt            StyleDrop round 2 candidates
-"""
+"""Argument helpers shared by the commands: the recipe parser (recipe YAML + `--section.key=value` overrides, with
+one-line errors naming the valid keys), the subcommands' argparse with one-line usage errors, and `fail`."""
 
 from __future__ import annotations
 
 import argparse
-import errno
-import importlib
-import logging
-import os
 import re
 import sys
 from pathlib import Path
+
+from amused_tune.common import kit_path
+
 
 class UsageError(Exception):
     """A subcommand's bad arguments; reported as one line."""
@@ -38,15 +30,6 @@ class SubcommandParser(argparse.ArgumentParser):
             return None, 2
         except SystemExit as exit_:  # --help
             return None, int(exit_.code or 0)
-
-
-SUBCOMMANDS = {
-    "sample": "amused_tune.sample_cli",
-    "recipes": "amused_tune.recipes_cli",
-    "push": "amused_tune.hub",
-    "merge": "amused_tune.merge",
-    "styledrop-round2": "amused_tune.styledrop",
-}
 
 
 def build_parser():
@@ -77,7 +60,7 @@ def parse_recipe(argv: list[str]):
     if args and not args[0].startswith("-"):
         path = Path(args[0])
         if not path.is_file():
-            recipes_dir = Path(__file__).resolve().parent.parent / "recipes"
+            recipes_dir = kit_path("recipes")
             alt = recipes_dir / (args[0] if args[0].endswith(".yaml") else args[0] + ".yaml")
             if not alt.is_file():
                 raise RecipeError(f"recipe {args[0]} not found: pass a YAML file (see `amused-tune recipes`)")
@@ -135,80 +118,7 @@ def _unknown_key(key: str) -> str:
     return f"{key} is not a recipe key: {hint}the sections are {', '.join(sections)} (see `amused-tune RECIPE.yaml --help`)"
 
 
-def train_main(argv: list[str]) -> int:
-    from amused_tune.recipe import RecipeError
-
-    if not argv or argv[0] in ("-h", "--help"):
-        build_parser().print_help()
-        print(__doc__)
-        return 0
-    if "--print_config" in argv:
-        argv = [a for a in argv if a != "--print_config"]
-        try:
-            recipe, parser, ns = parse_recipe(argv)
-        except RecipeError as err:
-            return _fail(err)
-        from amused_tune.cards import DataError, resolve_config
-        from amused_tune.outputs import recipe_yaml
-
-        try:  # show what the dataset card fills in, not nulls
-            recipe.data = resolve_config(recipe.data)
-        except DataError as err:
-            return _fail(err)
-        print(recipe_yaml(recipe), end="")
-        return 0
-    try:
-        recipe, _, _ = parse_recipe(argv)
-    except RecipeError as err:
-        return _fail(err)
-
-    from amused_tune.data import DataError
-    from amused_tune.models import BaseModelError
-    from amused_tune.adapters import AdapterError
-    from amused_tune.trainer import TrainingStopped, train
-
-    try:
-        summary = train(recipe)
-    except TrainingStopped as err:
-        if os.environ.get("RANK", "0") == "0":  # every process stops alike: say it once
-            print(f"amused-tune: {'error: ' if err.error else ''}{err}", file=sys.stderr)
-        return err.exit_code
-    except (RecipeError, DataError, BaseModelError, AdapterError) as err:
-        return _fail(err)
-    except KeyboardInterrupt:
-        print(f"amused-tune: interrupted; the last complete checkpoint in {recipe.output.dir}/checkpoints is intact",
-              file=sys.stderr)
-        return 130
-    except OSError as err:
-        where = err.filename or recipe.output.dir
-        if err.errno == errno.ENOSPC:
-            return _fail(f"disk full while writing {where}: free space and rerun the same command to resume from "
-                         "the last complete checkpoint")
-        return _fail(f"{err.strerror or err}: {where} (output.dir={recipe.output.dir}); the last complete "
-                     "checkpoint is intact: fix this and rerun the same command to resume")
-    if summary.get("already_done") or os.environ.get("RANK", "0") != "0":  # (the main process reports)
-        return 0
-    if summary.get("push_error"):  # the run is complete and saved; the push's one-line reason is already printed
-        return 2
-    print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, outputs in {summary['output_dir']}")
-    return 0
-
-
-def _fail(err) -> int:
-    print(f"amused-tune: error: {err}", file=sys.stderr)
+def fail(err, prog: str = "amused-tune") -> int:
+    """Print a user's mistake as one line on stderr; returns exit code 2."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
     return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=os.environ.get("AMUSED_TUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes warns on import that an optional CPU kernel package is missing; it is not needed here
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    if argv and argv[0] in SUBCOMMANDS:
-        module = importlib.import_module(SUBCOMMANDS[argv[0]])
-        return module.main(argv[1:])
-    return train_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,10 +14,8 @@ from pathlib import Path
 import torch
 
 from amused_tune.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
-from amused_tune.cli import SubcommandParser
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from amused_tune.cli.args import SubcommandParser
+from amused_tune.common import DTYPE_NAMES, place, torch_dtype
 
 def build_parser() -> SubcommandParser:
     p = SubcommandParser(prog="amused-tune sample", description="Generate images with aMUSEd (+ LoRA adapters).")
@@ -43,7 +41,7 @@ def build_parser() -> SubcommandParser:
                    help="StyleDrop two-model guidance instead of --guidance (keeps adapters unmerged)")
     p.add_argument("--quantize", choices=["8bit", "4bit"], default=None, help="bitsandbytes U-ViT linears (CUDA only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (results do not depend on it)")
     p.add_argument("--draws", choices=DRAWS, default="exact",
                    help="exact: diffusers' random draws (bit-identical tokens); fast: one uniform per token")
@@ -64,13 +62,6 @@ def load_adapters(transformer: torch.nn.Module, sources: list[str], scales: list
         if merge:
             merge_adapters(transformer)
     return names
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move, and cast only when the dtype differs (diffusers warns on every `.to(dtype)`)."""
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype)
-    module.to(device)
 
 
 def _fail(message: str) -> int:
@@ -113,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--quantize {args.quantize} needs a CUDA GPU (bitsandbytes' int8/nf4 matmul); "
                      "pass --device cuda or drop --quantize")
     scales = args.adapter_scale or [1.0] * len(args.adapter)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(args.dtype) if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
 
     from amused_tune.adapters import AdapterError
     from amused_tune.models import BaseModelError, load_components
@@ -122,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         comps = load_components(args.base)
         load_adapters(comps.transformer, args.adapter, scales, merge=not args.styledrop_guidance,
                       allow_pickle=args.allow_pickle)
-        _place(comps.text_encoder, device, dtype)
-        _place(comps.vqvae, device, torch.float32 if getattr(comps.vqvae.config, "force_upcast", False) else dtype)
-        _place(comps.transformer, torch.device("cpu") if args.quantize else device, dtype)
+        place(comps.text_encoder, device, dtype)
+        place(comps.vqvae, device, torch.float32 if getattr(comps.vqvae.config, "force_upcast", False) else dtype)
+        place(comps.transformer, torch.device("cpu") if args.quantize else device, dtype)
         if args.quantize:  # cast first: quantized weights must not be cast again
             from amused_tune.quantize import quantize_linear_layers
 

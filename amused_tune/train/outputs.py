@@ -3,58 +3,20 @@
 from __future__ import annotations
 
 import errno
-import hashlib
-import importlib.metadata
 import json
 import math
 import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from amused_tune import adapters
 from amused_tune.recipe import Recipe, RecipeError
+from amused_tune.share import hub
+from amused_tune.train import checkpoints
+from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
 
-# keys that may change between a run and its resumption without making it a different run
-# (the run's length, its logging and outputs, and how it executes; precision and skip_nonfinite are the remedies a
-# stopped run may need to continue)
-RESUMABLE_CHANGES = {
-    ("train", "max_steps"), ("train", "resume"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-    ("train", "log_every"), ("train", "device"), ("train", "skip_nonfinite"), ("train", "precision"),
-    ("train", "grad_checkpointing"), ("data", "num_workers"), ("data", "cache_dir"), ("validation", None), ("output", None),
-}
 # what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "samples", "adapter", "transformer", "loss.png", "logs")
-VERSIONED = ("amused-tune", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
-
-
-def recipe_fingerprint(recipe: Recipe) -> str:
-    """Hash of everything that defines the run (not its length, logging or outputs)."""
-    d = recipe.to_dict()
-    for section, key in RESUMABLE_CHANGES:
-        if key is None:
-            d.pop(section, None)
-        else:
-            d[section].pop(key, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def recipe_yaml(recipe: Recipe) -> str:
-    header = "# resolved recipe written by amused-tune; resume or rerun with: amused-tune THIS_FILE\n"
-    header += "".join(f"# {k}=={v}\n" for k, v in package_versions().items())
-    header += f"# fingerprint: {recipe_fingerprint(recipe)}\n"
-    return header + yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False)
 
 
 def prepare_output_dir(out: Path, recipe: Recipe, main: bool) -> None:
@@ -118,8 +80,6 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def run_in(out: Path) -> tuple[str | None, int] | None:
     """(fingerprint, newest checkpoint step) of the run held in `out`, or None when it holds none."""
-    from amused_tune import checkpoints
-
     found = checkpoints.list_checkpoints(out / "checkpoints")
     metrics = out / "metrics.jsonl"
     has_outputs = (metrics.is_file() and metrics.stat().st_size > 0) or (out / "adapter").is_dir() or (
@@ -232,7 +192,6 @@ def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
         plot = write_loss_plot(out / "metrics.jsonl", out / "loss.png")
         if plot:
             written["loss_plot"] = str(plot)
-    from amused_tune import hub  # the model card, then output.push_to_hub (a failed push keeps the run: see push_error)
-
+    # the model card, then output.push_to_hub (a failed push keeps the run: see push_error)
     written.update(hub.finish_run(out, recipe.to_dict()))
     return written

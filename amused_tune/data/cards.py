@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from amused_tune.common import kit_path
 from amused_tune.recipe import DataConfig
 
-KIT_ROOT = Path(__file__).resolve().parent.parent
 CARD_DEFAULTS = {"split": "train", "image_column": "image", "caption_column": "text", "prompt_prefix": "",
                  "prompt_template": "{caption}", "center_crop": True, "random_flip": False}
 CARD_INFO_KEYS = {"name", "description", "licence", "license", "homepage", "resolution", "recipes"}
@@ -26,8 +26,8 @@ class DataError(ValueError):
 
 
 def cards_dir() -> Path:
-    """The folder of dataset cards: $AMUSED_TUNE_CARDS, else datasets_cards/ next to the package."""
-    folder = Path(os.environ.get("AMUSED_TUNE_CARDS") or KIT_ROOT / "datasets_cards")
+    """The folder of dataset cards: $AMUSED_TUNE_CARDS, else the kit's datasets_cards/."""
+    folder = Path(os.environ.get("AMUSED_TUNE_CARDS") or kit_path("datasets_cards"))
     if not folder.is_dir():
         raise DataError(f"dataset cards folder {folder} not found: set AMUSED_TUNE_CARDS to the kit's "
                         "datasets_cards/ folder, or pass data.card=path/to/card.yaml")

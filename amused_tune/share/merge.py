@@ -1,4 +1,4 @@
-"""`amused-tune merge`: fuse a run's LoRA into its base U-ViT and save a full aMUSEd pipeline folder.
+"""Merge (the library part of `amused-tune merge`): fuse a run's LoRA into its base U-ViT and save a full aMUSEd pipeline folder.
 
   amused-tune merge OUTPUT_DIR --out DIR [--base BASE] [--scale 1.0] [--dtype fp32|fp16|bf16] [--overwrite]
 
@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
-from amused_tune.cli import SubcommandParser
 
-DTYPES = ("fp32", "fp16", "bf16")
 
 
 class MergeError(ValueError):
@@ -106,31 +103,3 @@ def merge_run(run: str | os.PathLike, out: str | os.PathLike, base: str | None =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return comps
-
-
-def build_parser() -> SubcommandParser:
-    p = SubcommandParser(prog="amused-tune merge",
-                         description="Fuse a run's LoRA into its base U-ViT; write a pipeline folder AmusedPipeline loads.")
-    p.add_argument("run", metavar="OUTPUT_DIR", help="the run's output.dir (or an adapter folder / .safetensors file)")
-    p.add_argument("--out", required=True, help="the pipeline folder to write")
-    p.add_argument("--base", default=None, help="base model (default: model.base of OUTPUT_DIR/recipe.yaml)")
-    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength (1.0: as trained)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the saved weights")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args, code = build_parser().parse_or_exit_code(argv)
-    if args is None:
-        return code
-    from amused_tune.adapters import AdapterError
-
-    try:
-        merge_run(args.run, args.out, base=args.base, scale=args.scale, dtype=args.dtype, overwrite=args.overwrite)
-    except (MergeError, AdapterError) as err:
-        print(f"amused-tune: error: {err}", file=sys.stderr)
-        return 2
-    print(f"merged {args.run} into {args.out}: load it with AmusedPipeline.from_pretrained({str(args.out)!r}) "
-          f"or amused-tune sample --base {args.out}")
-    return 0

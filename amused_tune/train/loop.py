@@ -25,17 +25,16 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from amused_tune import adapters, checkpoints, outputs
-from amused_tune.data import collate, prepare_training_data
+from amused_tune import adapters
+from amused_tune.common import place, torch_dtype
+from amused_tune.data.datasets import collate, prepare_training_data
 from amused_tune.masking import mask_tokens, masked_cross_entropy
 from amused_tune.models import Components, encode_images, encode_prompts, load_components, text_conditioning
 from amused_tune.recipe import Recipe, RecipeError
-from amused_tune.validation import Validator
+from amused_tune.train import checkpoints, outputs
+from amused_tune.train.validation import Validator
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class TrainingStopped(Exception):
     """The run stopped early: a signal (after saving a checkpoint) or a non-finite loss (`error`: nothing saved, the
@@ -88,17 +87,9 @@ def enable_grad_checkpointing(transformer: torch.nn.Module) -> None:
         block.forward = forward
 
 
-def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a module; cast only when its dtype differs (diffusers warns on every cast)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype)
-    return module
-
-
 def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> list[torch.nn.Parameter]:
     """Freeze what is frozen, attach adapters, place weights; returns the trainable parameters."""
-    frozen_dtype = DTYPES[recipe.model.dtype]
+    frozen_dtype = torch_dtype(recipe.model.dtype)
     place(comps.vqvae.requires_grad_(False).eval(), device, frozen_dtype)
     place(comps.text_encoder.requires_grad_(False).eval(), device, frozen_dtype)
     transformer = comps.transformer

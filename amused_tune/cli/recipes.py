@@ -20,10 +20,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import amused_tune
-from amused_tune.cli import SubcommandParser
+from amused_tune.cli.args import SubcommandParser
+from amused_tune.common import kit_path
 
-RECIPES_DIR = Path(amused_tune.__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = kit_path("recipes")
 PAPER_RE = re.compile(r"^#\s*paper:\s*([0-9]*\.?[0-9]+)\s*GB", re.IGNORECASE)
 MEASURED_RE = re.compile(r"^#\s*measured:\s*(.*?)\s*$", re.IGNORECASE)
 GB_RE = re.compile(r"^([0-9]*\.?[0-9]+)\s*GB\b\s*(?:\((.*)\))?", re.IGNORECASE)
@@ -58,7 +58,7 @@ def memory_from_header(lines: list[str]) -> dict:
 
 def describe(path: Path) -> dict:
     """One recipe as a flat dict (the JSON row); the values are the resolved recipe's, defaults filled in."""
-    from amused_tune.cli import parse_recipe
+    from amused_tune.cli.args import parse_recipe
 
     recipe, _, _ = parse_recipe([str(path)])
     lora = recipe.adapter.kind == "lora"

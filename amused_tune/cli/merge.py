@@ -1,0 +1,35 @@
+"""`amused-tune merge OUTPUT_DIR --out DIR`: fuse a run's LoRA into its base and save a full pipeline folder
+(amused_tune.share.merge does the work)."""
+
+from __future__ import annotations
+
+from amused_tune.cli.args import SubcommandParser, fail
+from amused_tune.common import DTYPE_NAMES
+
+
+def build_parser() -> SubcommandParser:
+    p = SubcommandParser(prog="amused-tune merge",
+                         description="Fuse a run's LoRA into its base U-ViT; write a pipeline folder AmusedPipeline loads.")
+    p.add_argument("run", metavar="OUTPUT_DIR", help="the run's output.dir (or an adapter folder / .safetensors file)")
+    p.add_argument("--out", required=True, help="the pipeline folder to write")
+    p.add_argument("--base", default=None, help="base model (default: model.base of OUTPUT_DIR/recipe.yaml)")
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength (1.0: as trained)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="precision of the saved weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args, code = build_parser().parse_or_exit_code(argv)
+    if args is None:
+        return code
+    from amused_tune.adapters import AdapterError
+    from amused_tune.share.merge import MergeError, merge_run
+
+    try:
+        merge_run(args.run, args.out, base=args.base, scale=args.scale, dtype=args.dtype, overwrite=args.overwrite)
+    except (MergeError, AdapterError) as err:
+        return fail(err)
+    print(f"merged {args.run} into {args.out}: load it with AmusedPipeline.from_pretrained({str(args.out)!r}) "
+          f"or amused-tune sample --base {args.out}")
+    return 0

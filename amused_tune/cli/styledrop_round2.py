@@ -1,0 +1,101 @@
+"""`amused-tune styledrop-round2`: StyleDrop's second round, training on human-picked samples of round 1.
+
+    amused-tune styledrop-round2 RUN --prompts prompts.txt [--per-prompt 4]    1. generate candidates
+    (delete the images you do not want from RUN/round2/)                        2. pick
+    amused-tune styledrop-round2 RUN --finalize                                 3. dataset + recipe
+    amused-tune RUN/round2/round2.yaml                                          4. train round 2
+
+Step 1 loads the round-1 run (RUN/recipe.yaml and its adapter in RUN/adapter), samples `--per-prompt` images for
+every line of prompts.txt (blank lines and lines starting with # are skipped) into RUN/round2/, with the prompt
+and seed in each PNG's text chunks and in RUN/round2/candidates.jsonl, and copies round 1's reference image
+there too. Step 3 writes RUN/round2/metadata.jsonl for the images still there (an imagefolder dataset) and
+RUN/round2/round2.yaml: round 1's recipe training a fresh adapter on that folder into RUN-round2/.
+Errors are one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from amused_tune.cli.args import SubcommandParser, parse_recipe
+from amused_tune.common import RECIPE_FILE
+
+
+def build_parser() -> SubcommandParser:
+    p = SubcommandParser(prog="amused-tune styledrop-round2",
+                         description="StyleDrop round 2: sample candidates with a round-1 adapter, keep the good ones, "
+                                     "train on them.")
+    p.add_argument("run", help="the round-1 output folder (holds recipe.yaml and adapter/)")
+    p.add_argument("--prompts", help="text file, one prompt per line, e.g. 'A house in [V] style'")
+    p.add_argument("--finalize", action="store_true",
+                   help="after deleting the bad candidates: write metadata.jsonl and round2.yaml")
+    p.add_argument("--out", default=None, help="candidate folder (default RUN/round2)")
+    p.add_argument("--per-prompt", type=int, default=4, help="candidates per prompt")
+    p.add_argument("--seed", type=int, default=0, help="candidate k gets seed + k")
+    p.add_argument("--steps", type=int, default=None, help="MaskGIT steps (default: the recipe's validation.steps)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the recipe's validation.guidance)")
+    p.add_argument("--styledrop-guidance", type=float, nargs=2, default=None, metavar=("LAMBDA_A", "LAMBDA_B"),
+                   help="StyleDrop's adapter-vs-base guidance instead of --guidance")
+    p.add_argument("--no-reference", action="store_true", help="do not add round 1's reference image")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
+    return p
+
+
+def _fail(message) -> int:
+    print(f"amused-tune styledrop-round2: error: {message}", file=sys.stderr)
+    return 2
+
+
+def read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--prompts {path}: no such file")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts in it (one per line)")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `amused-tune styledrop-round2 ...` (argv without the subcommand). Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, code = build_parser().parse_or_exit_code(argv)
+    if args is None:
+        return code
+    run = Path(args.run)
+    out = Path(args.out) if args.out else run / "round2"
+    if args.finalize == bool(args.prompts):
+        return _fail("pass --prompts prompts.txt (generate candidates) or --finalize (after picking), not both")
+    if args.per_prompt < 1:
+        return _fail("--per-prompt must be >= 1")
+
+    from amused_tune.adapters import AdapterError
+    from amused_tune.data.cards import DataError
+    from amused_tune.models import BaseModelError
+    from amused_tune.sampler import SampleError
+    from amused_tune.train.styledrop import CANDIDATES, CandidateOptions, check_run, finalize, generate_candidates
+
+    try:
+        check_run(run)
+        recipe, _, _ = parse_recipe([str(run / RECIPE_FILE)])
+        if args.finalize:
+            path = finalize(recipe, run, out)
+            print(f"round-2 dataset: {out} ({out / 'metadata.jsonl'})\ntrain round 2 with:\n  amused-tune {path}")
+            return 0
+        if (out / CANDIDATES).is_file():
+            return _fail(f"{out} already holds candidates: finalize them with --finalize, or pass --out DIR")
+        options = CandidateOptions(per_prompt=args.per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                   styledrop_guidance=args.styledrop_guidance, reference=not args.no_reference,
+                                   device=args.device)
+        rows = generate_candidates(recipe, run, out, read_prompts(args.prompts), options)
+    except (ValueError, DataError, BaseModelError, AdapterError, SampleError) as err:
+        return _fail(err)
+    print(f"{len(rows)} candidates in {out}\ndelete the ones that miss the style, then run:\n"
+          f"  amused-tune styledrop-round2 {run} --finalize")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""`amused-tune RECIPE.yaml [--section.key=value ...] [--print_config]`: train one recipe."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+from amused_tune.cli.args import build_parser, fail, parse_recipe
+
+
+def train_main(argv: list[str]) -> int:
+    from amused_tune.recipe import RecipeError
+
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        from amused_tune import cli
+
+        print(cli.__doc__)
+        return 0
+    if "--print_config" in argv:
+        argv = [a for a in argv if a != "--print_config"]
+        try:
+            recipe, parser, ns = parse_recipe(argv)
+        except RecipeError as err:
+            return fail(err)
+        from amused_tune.data.cards import DataError, resolve_config
+        from amused_tune.train.identity import recipe_yaml
+
+        try:  # show what the dataset card fills in, not nulls
+            recipe.data = resolve_config(recipe.data)
+        except DataError as err:
+            return fail(err)
+        print(recipe_yaml(recipe), end="")
+        return 0
+    try:
+        recipe, _, _ = parse_recipe(argv)
+    except RecipeError as err:
+        return fail(err)
+
+    from amused_tune.adapters import AdapterError
+    from amused_tune.data.cards import DataError
+    from amused_tune.models import BaseModelError
+    from amused_tune.train.loop import TrainingStopped, train
+
+    try:
+        summary = train(recipe)
+    except TrainingStopped as err:
+        if os.environ.get("RANK", "0") == "0":  # every process stops alike: say it once
+            print(f"amused-tune: {'error: ' if err.error else ''}{err}", file=sys.stderr)
+        return err.exit_code
+    except (RecipeError, DataError, BaseModelError, AdapterError) as err:
+        return fail(err)
+    except KeyboardInterrupt:
+        print(f"amused-tune: interrupted; the last complete checkpoint in {recipe.output.dir}/checkpoints is intact",
+              file=sys.stderr)
+        return 130
+    except OSError as err:
+        where = err.filename or recipe.output.dir
+        if err.errno == errno.ENOSPC:
+            return fail(f"disk full while writing {where}: free space and rerun the same command to resume from "
+                         "the last complete checkpoint")
+        return fail(f"{err.strerror or err}: {where} (output.dir={recipe.output.dir}); the last complete "
+                     "checkpoint is intact: fix this and rerun the same command to resume")
+    if summary.get("already_done") or os.environ.get("RANK", "0") != "0":  # (the main process reports)
+        return 0
+    if summary.get("push_error"):  # the run is complete and saved; the push's one-line reason is already printed
+        return 2
+    print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, outputs in {summary['output_dir']}")
+    return 0

@@ -1,0 +1,59 @@
+"""Values shared across the kit: where its files are, file names, dtypes and device placement.
+
+Torch-free at import (the push command starts without torch); `torch_dtype` and `place` import it when called.
+
+The kit's data folders (recipes/, datasets_cards/, assets/) live at the top of a source checkout. A built wheel
+carries copies of them inside the package (amused_tune/kit/), so an installed kit finds them either way:
+`kit_path("recipes")` is the checkout's folder when the package runs from a checkout, else the packaged copy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CHECKOUT_ROOT = PACKAGE_DIR.parent  # the source checkout's top level (when running from one)
+PACKAGED_KIT = PACKAGE_DIR / "kit"  # recipes/, datasets_cards/, assets/ copied into a built wheel
+KIT_FOLDERS = ("recipes", "datasets_cards", "assets")
+TOY_WEIGHTS_DIR = PACKAGE_DIR / "toy" / "weights"  # the shipped toy base (package data)
+
+# adapter files, in diffusers' and peft's formats
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+PEFT_FILE = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe a run writes into its output folder
+METRICS_FILE = "metrics.jsonl"
+
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+def kit_roots() -> list[Path]:
+    """Folders that may hold the kit's data folders, in the order they are tried: the checkout, the packaged copy."""
+    roots = [CHECKOUT_ROOT] if any((CHECKOUT_ROOT / name).is_dir() for name in KIT_FOLDERS) else []
+    return roots + [PACKAGED_KIT]
+
+
+def kit_path(relative: str | os.PathLike) -> Path:
+    """The kit's file or folder `relative` (e.g. "recipes", "assets/x.png"): the first root that has it, else the
+    first root's (missing) path, for the error message."""
+    roots = kit_roots()
+    for root in roots:
+        if (root / relative).exists():
+            return root / relative
+    return roots[0] / relative
+
+
+def torch_dtype(name: str):
+    """fp32 | fp16 | bf16 -> the torch dtype."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def place(module, device, dtype):
+    """Move a module to `device`; cast it to `dtype` only when it differs (diffusers warns on every cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+    return module

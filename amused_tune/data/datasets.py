@@ -1,0 +1,120 @@
+"""Training datasets: what the trainer trains on, every sample validated before the first step.
+
+Top to bottom: `resolve_config` merges the recipe's data section over its dataset card; `open_source` lists the
+samples of one of four sources (hub, imagefolder, captionfolder, single_image) without decoding them;
+`load_image` decodes and validates one sample (converting grayscale, palette, RGBA, CMYK and 16-bit images
+to RGB, refusing unreadable, truncated, non-image and too-small files); `preprocess` resizes, crops and flips;
+`prepare_training_data` is what the trainer calls: it validates every sample before training and returns
+either a dataset of pixels (`data.cache: false`) or one of cached VQ tokens and text embeddings
+(amused_tune.data.cache).
+
+A dataset item is a dict:
+  pixels       float [3, R, R] in [0, 1]  (R = the model's resolution)          (cache off)
+  tokens       long [h, w] VQ token ids; hidden [77, D], pooled [P]           (cache on; hidden/pooled absent
+                                                                                when the text encoder trains)
+  prompt       str
+  micro_conds  float [5]: [orig_width, orig_height, crop_top, crop_left, aesthetic score 6]
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from amused_tune.data import cache
+from amused_tune.data.cards import resolve_config
+from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
+from amused_tune.data.preprocess import make_prompt, preprocess
+from amused_tune.data.sources import Record, Source, open_source
+from amused_tune.models import encode_prompts
+from amused_tune.recipe import DataConfig
+
+
+class PixelDataset(Dataset):
+    """Validated samples, decoded and preprocessed on access (random crop and flip drawn per access)."""
+
+    def __init__(self, source: Source, samples: list[tuple[Record, str]], resolution: int, cfg: DataConfig,
+                 seed: int = 0):
+        self.source, self.samples, self.resolution, self.cfg = source, samples, resolution, cfg
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        record, prompt = self.samples[index]
+        image, _ = load_image(self.source, record, 0)
+        rng = None if self.cfg.center_crop else self.rng
+        flip = bool(self.cfg.random_flip) and self.rng.random() < 0.5
+        pixels, micro = preprocess(image, self.resolution, rng, flip)
+        return {"pixels": pixels, "prompt": prompt, "micro_conds": micro}
+
+
+def validated_dataset(cfg: DataConfig, resolution: int, tokenizer=None, seed: int = 0) -> tuple[PixelDataset, Report]:
+    """Decode and check every sample now (cache off), so that no bad sample is met mid-run."""
+    source = open_source(cfg)
+    report = Report(total=len(source.records))
+    min_size = resolution if cfg.min_image_size is None else cfg.min_image_size
+    samples = []
+    for record in source.records:
+        try:
+            caption = check_caption(record, cfg)
+            _, converted = load_image(source, record, min_size)
+        except BadSample as bad:
+            bad_sample(report, cfg, record.key, str(bad))
+            continue
+        if converted:
+            report.converted[converted] += 1
+        samples.append((record, make_prompt(cfg, caption)))
+    finish(report, cfg, len(samples))
+    check_lengths(sorted({p for _, p in samples}), tokenizer, report)
+    return PixelDataset(source, samples, resolution, cfg, seed), report
+
+
+def build_dataset(cfg: DataConfig, resolution: int) -> Dataset:
+    """The pixel dataset described by a data section (its card resolved), every sample validated first."""
+    dataset, report = validated_dataset(resolve_config(cfg), resolution)
+    report.log()
+    return dataset
+
+
+def prepare_training_data(recipe, comps, accelerator) -> tuple[Dataset, tuple[torch.Tensor, torch.Tensor]]:
+    """What the trainer trains on, and the empty prompt's (hidden [1, 77, D], pooled [1, P]) on the device.
+
+    Every sample is validated here, before the first step. With `data.cache` the images are encoded to VQ tokens
+    and the captions to embeddings (resuming an interrupted encoding), then the VQ model, and the text encoder
+    unless it trains, are moved to the CPU. Writes OUTPUT_DIR/data_report.json.
+    """
+    cfg = resolve_config(recipe.data)
+    resolution = comps.resolution
+    if cfg.cache:
+        with accelerator.main_process_first():
+            dataset, empty, report = cache.cached_dataset(
+                cfg, resolution, comps, train_text=recipe.adapter.text_encoder, seed=recipe.train.seed,
+                show_progress=accelerator.is_main_process)
+        comps.vqvae.to("cpu")
+        if not recipe.adapter.text_encoder:
+            comps.text_encoder.to("cpu")
+        empty = tuple(t.to(accelerator.device) for t in empty)
+    else:
+        dataset, report = validated_dataset(cfg, resolution, comps.tokenizer, recipe.train.seed)
+        empty = encode_prompts(comps.text_encoder, comps.tokenizer, [""])
+    path = Path(recipe.output.dir) / "data_report.json"
+    if accelerator.is_main_process:
+        report.log(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    return dataset, empty
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack tensors, keep strings as lists."""
+    out = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out

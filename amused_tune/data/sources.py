@@ -1,0 +1,146 @@
+"""Data sources: list the samples of a data section without decoding them.
+
+Four sources: `hub` (a Hub dataset or one saved with `save_to_disk`), `imagefolder` (images + metadata.jsonl),
+`captionfolder` (images + same-named .txt captions) and `single_image` (one file and `data.prompt`). A source's
+`identity` names its content (file names, sizes and mtimes, or the Hub dataset's fingerprint) for the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amused_tune.common import kit_roots
+from amused_tune.data.cards import DataError
+from amused_tune.recipe import DataConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path is tried from the working directory, then from the kit's folders (where cards point)."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    for root in kit_roots():
+        if (root / p).exists():
+            return root / p
+    return p
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Record:
+    """One sample before decoding: `key` names it in messages, `ref` is its file (or Hub row), caption or None."""
+
+    key: str
+    ref: Any
+    caption: str | None
+    problem: str | None = None  # known bad before decoding (e.g. a corrupt metadata line)
+
+
+@dataclass
+class Source:
+    """The listed samples of a data source and what identifies its content (for the cache's fingerprint)."""
+
+    kind: str
+    records: list[Record]
+    identity: list = field(default_factory=list)
+    hub: Any = None  # datasets.Dataset for kind=hub (image column not decoded)
+    image_column: str = "image"
+
+
+def _stat(path: Path, root: Path) -> list:
+    st = path.stat()
+    return [str(path.relative_to(root)), st.st_size, st.st_mtime_ns]
+
+
+def _images_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _imagefolder(root: Path, cfg: DataConfig) -> Source:
+    meta = root / "metadata.jsonl"
+    if not meta.is_file():
+        raise DataError(f"data.path={cfg.path}: no metadata.jsonl in this folder (or use data.source=captionfolder)")
+    records, listed = [], set()
+    for line_no, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            records.append(Record(f"{meta}:{line_no}", None, None, "not a JSON object with a file_name key"))
+            continue
+        caption = row.get(cfg.caption_column)
+        listed.add(str(Path(name)))
+        records.append(Record(str(root / name), root / name, None if caption is None else str(caption)))
+    images = _images_under(root)
+    for path in images:  # images the metadata forgot: they have no caption
+        if str(path.relative_to(root)) not in listed:
+            records.append(Record(str(path), path, None))
+    return Source("imagefolder", records, [_stat(meta, root)] + [_stat(p, root) for p in images])
+
+
+def _captionfolder(root: Path, cfg: DataConfig) -> Source:
+    records, identity = [], []
+    for path in _images_under(root):
+        txt = path.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
+        records.append(Record(str(path), path, caption))
+        identity += [_stat(path, root)] + ([_stat(txt, root)] if txt.is_file() else [])
+    return Source("captionfolder", records, identity)
+
+
+def _hub(cfg: DataConfig) -> Source:
+    import datasets
+
+    local = resolve_path(cfg.path)
+    try:
+        if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise DataError(f"data.split={cfg.split}: {cfg.path} has splits {', '.join(ds)}")
+                ds = ds[cfg.split]
+        else:
+            ds = datasets.load_dataset(str(local) if local.exists() else cfg.path, split=cfg.split)
+    except DataError:
+        raise
+    except Exception as err:  # offline and not cached, no such dataset or split, gated...
+        raise DataError(f"data.path={cfg.path}: could not load the dataset ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    for key in ("image_column", "caption_column"):
+        if getattr(cfg, key) not in ds.column_names and not (key == "caption_column" and cfg.prompt):
+            raise DataError(f"data.{key}={getattr(cfg, key)}: {cfg.path} has columns {', '.join(ds.column_names)}")
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))  # decode ourselves: bad images survive
+    captions = ds[cfg.caption_column] if cfg.caption_column in ds.column_names else [None] * len(ds)
+    records = [Record(f"{cfg.path}[{cfg.split}][{i}]", i, None if c is None else str(c))
+               for i, c in enumerate(captions)]
+    identity = [ds._fingerprint, cfg.split, cfg.image_column, cfg.caption_column, len(ds)]
+    for f in ds.cache_files:
+        p = Path(f["filename"])
+        identity.append([p.name, p.stat().st_size, p.stat().st_mtime_ns] if p.exists() else p.name)
+    return Source("hub", records, identity, hub=ds, image_column=cfg.image_column)
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """List the samples of the (resolved) data section; nothing is decoded yet."""
+    if cfg.source == "hub":
+        return _hub(cfg)
+    path = resolve_path(cfg.path)
+    if not path.exists():
+        raise DataError(f"data.path={cfg.path} does not exist")
+    if cfg.source == "single_image":
+        if not cfg.prompt:
+            raise DataError("data.source=single_image needs data.prompt, e.g. 'A mushroom in [V] style'")
+        return Source("single_image", [Record(str(path), path, cfg.prompt)], [_stat(path, path.parent)])
+    if not path.is_dir():
+        raise DataError(f"data.path={cfg.path}: data.source={cfg.source} needs a folder")
+    return _imagefolder(path, cfg) if cfg.source == "imagefolder" else _captionfolder(path, cfg)

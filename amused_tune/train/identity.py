@@ -1,0 +1,52 @@
+"""A run's identity: the fingerprint of what defines it, and the resolved recipe.yaml that records it.
+
+A run resumed with a changed recipe is refused unless only keys in `RESUMABLE_CHANGES` differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+
+import yaml
+
+from amused_tune.recipe import Recipe
+
+# keys that may change between a run and its resumption without making it a different run
+# (the run's length, its logging and outputs, and how it executes; precision and skip_nonfinite are the remedies a
+# stopped run may need to continue)
+RESUMABLE_CHANGES = {
+    ("train", "max_steps"), ("train", "resume"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
+    ("train", "log_every"), ("train", "device"), ("train", "skip_nonfinite"), ("train", "precision"),
+    ("train", "grad_checkpointing"), ("data", "num_workers"), ("data", "cache_dir"), ("validation", None), ("output", None),
+}
+VERSIONED = ("amused-tune", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """Hash of everything that defines the run (not its length, logging or outputs)."""
+    d = recipe.to_dict()
+    for section, key in RESUMABLE_CHANGES:
+        if key is None:
+            d.pop(section, None)
+        else:
+            d[section].pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    header = "# resolved recipe written by amused-tune; resume or rerun with: amused-tune THIS_FILE\n"
+    header += "".join(f"# {k}=={v}\n" for k, v in package_versions().items())
+    header += f"# fingerprint: {recipe_fingerprint(recipe)}\n"
+    return header + yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False)

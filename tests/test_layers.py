@@ -1,0 +1,124 @@
+"""The package's layers (docs/layout.md): a module imports only its own layer and the layers below it, and no
+module imports itself back through others. Imports are read with `ast` (lazy imports inside functions included),
+so nothing is executed."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "amused_tune"
+# bottom to top; a module's layer is its sub-package, the top-level modules are the core
+LAYERS = ("core", "data", "share", "train", "toy", "cli")
+
+
+def module_name(path: Path) -> str:
+    parts = ("amused_tune",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return parts[1]
+    return "core"
+
+
+def imports_of(path: Path, modules: set[str], name: str | None = None) -> set[str]:
+    """The kit's modules `path` (module `name`) imports (`from pkg import sub` counts as importing pkg.sub)."""
+    name = name or module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    return {m for m in found if m in modules and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imports_of(p, modules) for p in paths}
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'a -> b' for every import of a higher layer."""
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+    return sorted(f"{a} ({layer_of(a)}) -> {b} ({layer_of(b)})" for a, targets in graph.items() for b in targets
+                  if rank[layer_of(b)] > rank[layer_of(a)])
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_every_module_imports_only_its_layer_and_below():
+    graph = import_graph()
+    assert len(graph) > 30 and "amused_tune.cli" in graph and "amused_tune.train.loop" in graph
+    assert upward_imports(graph) == []
+
+
+def test_the_package_has_no_import_cycle():
+    assert find_cycle(import_graph()) is None
+
+
+def test_core_does_not_reach_the_toy_or_the_commands():
+    graph = import_graph()
+    core = [m for m in graph if layer_of(m) == "core"]
+    assert "amused_tune.models" in core and "amused_tune.sampler" in core
+    assert not {t for m in core for t in graph[m] if layer_of(t) != "core"}
+
+
+@pytest.mark.parametrize("bad", [
+    {"amused_tune.models": {"amused_tune.toy"}},
+    {"amused_tune.data.cache": {"amused_tune.train.loop"}},
+    {"amused_tune.share.hub": {"amused_tune.cli.args"}},
+    {"amused_tune.train.outputs": {"amused_tune.cli"}},
+])
+def test_an_upward_import_is_caught(bad):
+    graph = {**import_graph(), **{k: import_graph()[k] | v for k, v in bad.items()}}
+    assert len(upward_imports(graph)) == 1
+
+
+def test_a_cycle_inside_one_layer_is_caught():
+    graph = import_graph()
+    graph["amused_tune.train.identity"] = graph["amused_tune.train.identity"] | {"amused_tune.train.checkpoints"}
+    cycle = find_cycle(graph)
+    assert cycle is not None and cycle[0] == cycle[-1] and "amused_tune.train.identity" in cycle
+
+
+def test_the_import_reader_sees_lazy_and_from_imports(tmp_path):
+    modules = {"amused_tune.cli.args", "amused_tune.data", "amused_tune.data.cache", "amused_tune.models"}
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from amused_tune.cli.args import parse_recipe\n"
+                     "from amused_tune.data import cache\nfrom . import models\n")
+    got = imports_of(probe, modules, name="amused_tune.quantize")
+    assert got == {"amused_tune.cli.args", "amused_tune.data.cache", "amused_tune.models"}
