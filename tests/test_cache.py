@@ -151,3 +151,50 @@ def test_source_lists_without_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
     source = open_source(resolve_config(DataConfig(source="imagefolder", path=str(folder))))
     assert len(source.records) == 3
+
+
+def two_column_images(folder: Path, n: int = 4) -> Path:
+    """n wide images (48x32: random crops differ) whose metadata has two caption columns, `text` and `alt`."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        img = Image.new("RGB", (48, 32), (40 * i, 200 - 40 * i, 90))
+        for x in range(4 + 6 * i, 14 + 6 * i):
+            for y in range(8, 24):
+                img.putpixel((x, y), (255, 255, 255))
+        img.save(folder / f"img{i}.png")
+        rows.append({"file_name": f"img{i}.png", "text": f"a square number {i}", "alt": f"a block at {i}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+# (the earlier run's value, the later run's value) of each data key that changes captions or pixels
+CHANGED_KEYS = {
+    "prompt": ("a photo in sks style", "a drawing in sks style"),
+    "caption_column": ("text", "alt"),
+    "prompt_template": ("{caption}", "a painting of {caption}"),
+    "prompt_prefix": ("", "sks, "),
+    "center_crop": (False, True),
+    "random_flip": (True, False),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CHANGED_KEYS))
+def test_a_run_sharing_the_cache_with_another_recipe_trains_as_without_cache(tmp_path, key):
+    from amused_tune.train.outputs import read_metrics
+
+    folder = two_column_images(tmp_path / "data")
+    earlier, later = CHANGED_KEYS[key]
+
+    def run(name: str, value, use_cache: bool) -> list[float]:
+        r = recipe(tmp_path, folder, name, **{key: value, "cache": use_cache})
+        r.train.max_steps, r.train.log_every = 3, 1
+        train(r)
+        return [row["loss"] for row in read_metrics(tmp_path / name / "metrics.jsonl")]
+
+    run("earlier", earlier, True)  # fills the shared cache with the other recipe's captions / pixels
+    shared = run("later", later, True)
+    uncached = run("later-uncached", later, False)
+    assert len(shared) == 3 and shared == pytest.approx(uncached, rel=1e-6, abs=0)  # (float noise of batching)

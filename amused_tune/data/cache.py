@@ -8,9 +8,11 @@ Layout, under `data.cache_dir` (default $AMUSED_TUNE_CACHE, else $XDG_CACHE_HOME
   text-<fingerprint>/shard-00000.safetensors ...     hidden [m, 77, D] + pooled [m, P] of 256 distinct prompts each
                                                      (the empty prompt included)
 
-The tokens' fingerprint covers the data (file names, sizes and mtimes, or the Hub dataset's fingerprint and
-files), the preprocessing (resolution, crops, flips, minimum size) and the VQ model (class, config and a sample
-of every weight, in the dtype it runs in); the text's covers the prompts, the text encoder and the tokenizer.
+Every key covers exactly what its folder holds. The tokens' covers the data (file names, sizes and mtimes, or the
+Hub dataset's fingerprint and files), the captions stored with them (`data.prompt`, else `data.caption_column`),
+the preprocessing (resolution, crops, flips, minimum size) and the VQ model (class, config and a sample of every
+weight, in the dtype it runs in); the text's covers the finished prompts (prefix and template applied), the text
+encoder and the tokenizer.
 Anything else changed means a new folder, never a stale cache. Each shard is written aside and renamed, so an
 interrupted encoding resumes at the first missing shard.
 
@@ -42,7 +44,7 @@ from amused_tune.recipe import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when what a shard holds changes
+CACHE_VERSION = 2  # bump when what a shard holds, or what its key covers, changes
 SHARD = 256
 ENCODE_BATCH = 16
 
@@ -134,12 +136,19 @@ def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolut
     return tensors, meta
 
 
+def caption_key(cfg: DataConfig) -> list:
+    """What decides the captions a token shard stores (and so which samples have one): `data.prompt`, which
+    replaces every caption, else the column they are read from. Prefix and template are applied after the cache
+    and are covered by the text cache's key (the finished prompts)."""
+    return ["prompt", cfg.prompt] if cfg.prompt is not None else ["column", cfg.caption_column]
+
+
 def token_cache(source: Source, cfg: DataConfig, resolution: int, comps: Components,
                 show_progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[str], Report]:
     """Tokens [N, V, h, w], micro_conds [N, V, 5] and captions of the usable samples, encoding missing shards."""
     min_size = resolution if cfg.min_image_size is None else cfg.min_image_size
     key = digest(CACHE_VERSION, source.kind, source.identity, resolution, min_size, cfg.center_crop,
-                 None if cfg.center_crop else cfg.random_crops, cfg.random_flip, cfg.prompt is not None,
+                 None if cfg.center_crop else cfg.random_crops, cfg.random_flip, caption_key(cfg),
                  model_digest(comps.vqvae))
     folder = cache_root(cfg) / f"tokens-{key}"
     folder.mkdir(parents=True, exist_ok=True)
