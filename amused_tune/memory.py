@@ -1,0 +1,401 @@
+"""Will it fit? The peak GPU memory of a recipe, predicted from the recipe alone (no GPU, no weights, no download).
+
+`estimate(recipe)` counts what the GPU holds during training, from the real-size architectures built on the meta
+device (docs/memory.md):
+
+- weights: the U-ViT (frozen in `model.dtype`, or 8/4-bit with `model.quantize`, or fp32 when fully fine-tuned),
+  the LoRA weights (fp32), the text encoder and the VQ model (or nothing, when `data.cache` moves them off the GPU);
+- gradients (fp32, one per trainable weight) and the optimizer state: AdamW keeps two fp32 moments per weight;
+  bitsandbytes' 8-bit AdamW one byte per element per moment plus an fp32 scale per 256-element block, except for
+  tensors under `min_8bit_size` (4096) elements, which keep fp32 moments;
+- activations and transient buffers, measured by running one micro-step on meta tensors (`memory_trace`) at
+  batch 1 and 2 and scaling linearly to the recipe's batch;
+- the optimizer step's temporary (torch's AdamW builds one fp32 copy of the trainable weights).
+
+The peak is the largest of three moments: encoding a batch (VQ and text encoder, when not cached), the
+forward/backward of a micro-step, and the optimizer step. `trainer="reference"` sets the same estimator to what
+diffusers' train_amused.py keeps (fp32 U-ViT under fp16 autocast, fp16 text encoder and fp32 VQ model resident
+and run every step): `tests/test_memory.py` checks it against that trainer's measured peaks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+GB = 10**9  # decimal gigabytes, the unit of the reference measurements (docs/memory.md)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep fp32 state for smaller tensors
+ADAM8_BLOCK = 256  # one fp32 absmax per 256 elements per 8-bit state
+NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # 4-bit: one 8-bit absmax per 64 weights, one fp32 per 256 of those
+CODEBOOK = 8192  # the U-ViT's output classes
+CUDA_WORKSPACE = 32 * 2**20  # cuBLAS' workspace on recent GPUs, allocated through torch's caching allocator
+CUDA_CONTEXT_GB = 0.5  # what the CUDA context and kernels take outside torch's count (kept free by --max-memory)
+
+
+class EstimateError(ValueError):
+    """A recipe the estimator cannot size; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a trainer keeps on the GPU for one recipe: the estimator's whole input."""
+
+    resolution: int
+    full: bool
+    frozen_dtype: str  # the frozen U-ViT (LoRA)
+    text_dtype: str
+    vq_dtype: str
+    cache: bool  # VQ model and text encoder off the GPU, batches arrive encoded
+    text_lora: bool
+    quantize: str | None
+    adam_8bit: bool
+    batch_size: int
+    grad_accum: int
+    autocast: str
+    grad_checkpointing: bool
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v")
+    loss: str = "kit"
+
+    def step_setup(self):
+        from amused_tune.memory_trace import StepSetup
+
+        frozen = self.frozen_dtype if not self.quantize else (self.autocast if self.autocast != "fp32" else "bf16")
+        return StepSetup(self.resolution, self.autocast, frozen, self.full, self.lora_rank, self.lora_targets,
+                         self.grad_checkpointing, self.loss)
+
+
+@dataclass
+class Row:
+    what: str
+    detail: str
+    bytes: int
+
+    @property
+    def gb(self) -> float:
+        return self.bytes / GB
+
+
+@dataclass
+class Estimate:
+    """What the GPU holds at each moment of a training step, and the peak (GB: 10^9 bytes)."""
+
+    plan: Plan
+    rows: list[Row] = field(default_factory=list)  # held for the whole run (weights, gradients, optimizer)
+    moments: dict[str, tuple[int, str]] = field(default_factory=dict)  # moment -> (bytes on top, what)
+    resident: dict[str, int] = field(default_factory=dict)  # moment -> bytes of `rows` held then
+    before: tuple[int, str] | None = None  # encoding the cache before training (first run on the data only)
+
+    def at(self, moment: str) -> int:
+        return self.resident[moment] + self.moments[moment][0]
+
+    @property
+    def peak_moment(self) -> str:
+        return max(self.moments, key=self.at)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.at(self.peak_moment)
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / GB
+
+    def table(self) -> str:
+        lines = [f"{'held on the GPU':<34} {'':<40} {'GB':>6}"]
+        lines += [f"{r.what:<34} {r.detail:<40} {r.gb:6.2f}" for r in self.rows]
+        lines.append("at each moment of a step (held + transient):")
+        for moment, (extra, what) in self.moments.items():
+            lines.append(f"  {moment:<32} {what:<40} {self.at(moment) / GB:6.2f}")
+        lines.append(f"{'predicted peak':<34} {'(' + self.peak_moment + ')':<40} {self.peak_gb:6.2f}")
+        if self.before:
+            note = "  (above the training peak)" if self.before[0] > self.peak_bytes else ""
+            lines.append(f"{'once, before training:':<34} {self.before[1]:<40} {self.before[0] / GB:6.2f}{note}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- the plans
+
+
+def resolution_of(recipe) -> int:
+    """256 or 512: the real-size aMUSEd a recipe trains; EstimateError for the tiny and toy models."""
+    base = recipe.model.base
+    res = recipe.model.resolution
+    if res is None:
+        folder = Path(base).expanduser() / "transformer" / "config.json"
+        if folder.is_file():
+            res = int(json.loads(folder.read_text()).get("sample_size", 0)) * 16
+        elif base.startswith("amused/amused-"):
+            res = int(base.rsplit("-", 1)[1]) if base.rsplit("-", 1)[1].isdigit() else None
+    if res not in (256, 512) or base in ("tiny", "toy"):
+        raise EstimateError(f"model.base={base}: the memory estimate covers the real-size aMUSEd bases "
+                            "(amused/amused-256, amused/amused-512 or a copy of them), not the CPU-sized models")
+    return res
+
+
+def plan_of(recipe) -> Plan:
+    """What the kit's trainer keeps on the GPU for `recipe`."""
+    a, t = recipe.adapter, recipe.train
+    return Plan(
+        resolution=resolution_of(recipe), full=a.kind == "full", frozen_dtype=recipe.model.dtype,
+        text_dtype=recipe.model.dtype, vq_dtype=recipe.model.dtype, cache=recipe.data.cache,
+        text_lora=a.kind == "lora" and a.text_encoder, quantize=recipe.model.quantize if a.kind == "lora" else None,
+        adam_8bit=recipe.optim.adam_8bit, batch_size=t.batch_size, grad_accum=t.grad_accum, autocast=t.precision,
+        grad_checkpointing=t.grad_checkpointing, lora_rank=a.rank, lora_targets=tuple(a.targets))
+
+
+def reference_plan(resolution: int, full: bool, adam_8bit: bool, batch_size: int, grad_accum: int) -> Plan:
+    """What diffusers' train_amused.py keeps on the GPU (fp16 mixed precision, rank-16 QKV LoRA or full)."""
+    return Plan(resolution=resolution, full=full, frozen_dtype="fp32", text_dtype="fp16", vq_dtype="fp32",
+                cache=False, text_lora=False, quantize=None, adam_8bit=adam_8bit, batch_size=batch_size,
+                grad_accum=grad_accum, autocast="fp16", grad_checkpointing=False, loss="reference")
+
+
+# --------------------------------------------------------------------------------------------- counting
+
+
+@functools.lru_cache(maxsize=8)
+def parameter_counts(resolution: int, rank: int, targets: tuple[str, ...]) -> dict:
+    """Element counts of the real-size parts, from a meta-device build: U-ViT linear weights (what 8/4-bit
+    quantization replaces, with their output rows and biases) and the rest, LoRA tensors, text encoder, VQ."""
+    import torch
+
+    from amused_tune.adapters import attach_lora
+    from amused_tune.memory_trace import _meta_components
+
+    comps = _meta_components(resolution)
+    uvit = comps.transformer
+    linears = [m for m in uvit.modules() if type(m) is torch.nn.Linear]
+    linear_w = sum(m.weight.numel() for m in linears)
+    counts = {
+        "uvit": sum(p.numel() for p in uvit.parameters()),
+        "uvit_linear_weight": linear_w,
+        "uvit_linear_rows": sum(m.out_features for m in linears),
+        "uvit_linear_bias": sum(m.bias.numel() for m in linears if m.bias is not None),
+        "uvit_sizes": [p.numel() for p in uvit.parameters()],
+        "text": sum(p.numel() for p in comps.text_encoder.parameters()),
+        "text_buffers": sum(b.numel() for b in comps.text_encoder.buffers()),
+        "vq": sum(p.numel() for p in comps.vqvae.parameters()),
+    }
+    attach_lora(uvit, rank, 2.0 * rank, list(targets))
+    counts["lora_sizes"] = [p.numel() for n, p in uvit.named_parameters() if "lora_" in n]
+    return counts
+
+
+def adam_state_bytes(sizes: list[int], eight_bit: bool) -> int:
+    """Optimizer state of AdamW (two fp32 moments) or bitsandbytes' AdamW8bit, for tensors of these sizes."""
+    if not eight_bit:
+        return sum(2 * 4 * n for n in sizes)
+    total = 2 * 256 * 4  # the two 256-entry quantization maps
+    for n in sizes:
+        total += 2 * 4 * n if n < MIN_8BIT_SIZE else 2 * (n + 4 * math.ceil(n / ADAM8_BLOCK))
+    return total
+
+
+def quantized_uvit_bytes(counts: dict, bits: int, compute_bytes: int) -> int:
+    """The frozen U-ViT with its linear layers in bitsandbytes 8-bit (int8 + an fp32 scale per row) or 4-bit
+    (NF4 with double-quantized block scales); biases in the compute dtype; everything else in the compute dtype."""
+    w = counts["uvit_linear_weight"]
+    if bits == 8:
+        linear = w + 4 * counts["uvit_linear_rows"]
+    else:
+        blocks = math.ceil(w / NF4_BLOCK)
+        linear = w // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK)
+    rest = counts["uvit"] - w - counts["uvit_linear_bias"]
+    return linear + compute_bytes * (counts["uvit_linear_bias"] + rest)
+
+
+def linear_in_batch(trace, batch: int, attr: str) -> int:
+    """A traced quantity at batch 1 and 2, extended to `batch` (every activation scales with the batch; weight
+    copies made by autocast do not); timelines are extended moment by moment and their peak taken."""
+    from amused_tune.memory_trace import TRACED_BATCHES, peak_at
+
+    low, high = TRACED_BATCHES
+    first, second = getattr(trace(low), attr), getattr(trace(high), attr)
+    if isinstance(first, tuple):
+        return peak_at(first, second, batch)
+    return max(0, first + (second - first) * (batch - low) // (high - low))
+
+
+def weight_rows(plan: Plan, counts: dict) -> list[Row]:
+    frozen_b = DTYPE_BYTES[plan.frozen_dtype]
+    lora = sum(counts["lora_sizes"])
+    rows = []
+    if plan.full:
+        rows.append(Row("U-ViT weights (trainable)", f"{counts['uvit'] / 1e6:.0f}M x fp32", 4 * counts["uvit"]))
+    else:
+        if plan.quantize:
+            bits = 8 if plan.quantize == "8bit" else 4
+            size = quantized_uvit_bytes(counts, bits, 2 if plan.frozen_dtype == "fp32" else frozen_b)
+            detail = f"{counts['uvit'] / 1e6:.0f}M, linears in {plan.quantize}"
+        else:
+            size, detail = frozen_b * counts["uvit"], f"{counts['uvit'] / 1e6:.0f}M x {plan.frozen_dtype}"
+        rows.append(Row("U-ViT weights (frozen)", detail, size))
+        rows.append(Row("LoRA weights (trainable)", f"{lora / 1e6:.2f}M x fp32, rank {plan.lora_rank}", 4 * lora))
+    if plan.cache and not plan.text_lora:
+        rows.append(Row("text encoder", "off the GPU (data.cache)", 0))
+    else:
+        n = counts["text"] + counts["text_buffers"]
+        rows.append(Row("text encoder", f"{counts['text'] / 1e6:.0f}M x {plan.text_dtype}", DTYPE_BYTES[plan.text_dtype] * n))
+    if plan.cache:
+        rows.append(Row("VQ model", "off the GPU (data.cache)", 0))
+    else:
+        rows.append(Row("VQ model", f"{counts['vq'] / 1e6:.0f}M x {plan.vq_dtype}", DTYPE_BYTES[plan.vq_dtype] * counts["vq"]))
+    return rows
+
+
+def trainable_sizes(plan: Plan, counts: dict) -> list[int]:
+    return list(counts["uvit_sizes"]) if plan.full else list(counts["lora_sizes"])
+
+
+def estimate_plan(plan: Plan) -> Estimate:
+    """The estimate for what a trainer keeps on the GPU (see `plan_of`, `reference_plan`)."""
+    from amused_tune.memory_trace import TRACED_BATCHES, peak_at, trace_encode, trace_step
+
+    counts = parameter_counts(plan.resolution, plan.lora_rank, plan.lora_targets)
+    sizes = trainable_sizes(plan, counts)
+    est = Estimate(plan, weight_rows(plan, counts))
+    grads = 4 * sum(sizes)
+    state = adam_state_bytes(sizes, plan.adam_8bit)
+    kind = "8-bit AdamW: 1 B/element/moment + block scales" if plan.adam_8bit else "AdamW: 2 x fp32 moments"
+    est.rows.append(Row("gradients", f"{sum(sizes) / 1e6:.2f}M x fp32", grads))
+    est.rows.append(Row("optimizer state", kind, state))
+    est.rows.append(Row("CUDA workspace", "cuBLAS", CUDA_WORKSPACE))
+    weights = sum(r.bytes for r in est.rows) - grads
+    accumulating = plan.grad_accum > 1  # gradients stay between the micro-steps of an optimizer step
+
+    setup, b = plan.step_setup(), plan.batch_size
+    trace = functools.partial(trace_step, setup)
+    step = linear_in_batch(trace, b, "timeline_accumulating" if accumulating else "timeline")
+    saved = linear_in_batch(trace, b, "saved")
+    ckpt = ", checkpointed" if plan.grad_checkpointing else ""
+    est.rows.append(Row("activations saved for backward", f"batch {b}, {plan.autocast} autocast{ckpt}", saved))
+    est.resident = {}
+    est.moments["forward/backward"] = (step, f"activations + logits/loss + backward buffers")
+    est.resident["forward/backward"] = weights + (grads if accumulating else 0)
+    if not plan.cache or plan.text_lora:
+        cast = plan.autocast if plan.loss == "kit" else "fp32"  # the reference encodes outside autocast
+        (vq1, text1), (vq2, text2) = (trace_encode(plan.resolution, n, plan.vq_dtype, plan.text_dtype, cast)
+                                      for n in TRACED_BATCHES)
+        if not plan.cache:
+            est.moments["VQ encode (not cached)"] = (peak_at(vq1, vq2, b), f"batch {b} at {plan.resolution} px")
+            est.resident["VQ encode (not cached)"] = est.resident["forward/backward"]
+        est.moments["text encoder forward"] = (peak_at(text1, text2, b), f"batch {b}, 77 tokens")
+        est.resident["text encoder forward"] = est.resident["forward/backward"]
+    if plan.loss == "reference":  # its loop's `logits` (fp32) outlives the step, into the next batch's encoding
+        held = 4 * b * (plan.resolution // 16) ** 2 * CODEBOOK
+        for moment in ("VQ encode (not cached)", "text encoder forward"):
+            est.resident[moment] += held
+    temp = 0 if plan.adam_8bit else grads  # torch's foreach AdamW: sqrt of the second moments, one fp32 copy
+    est.moments["optimizer step"] = (temp, "AdamW's fp32 temporary" if temp else "8-bit AdamW updates in place")
+    est.resident["optimizer step"] = weights + grads
+    return est
+
+
+def cache_encoding(plan: Plan, batch: int) -> tuple[int, str]:
+    """What encoding the cache holds: every weight on the GPU (the VQ model and text encoder leave it only
+    afterwards) and the VQ encoder's buffers at the cache's encoding batch, without autocast."""
+    from amused_tune.memory_trace import TRACED_BATCHES, peak_at, trace_encode
+
+    counts = parameter_counts(plan.resolution, plan.lora_rank, plan.lora_targets)
+    weights = sum(r.bytes for r in weight_rows(replace(plan, cache=False), counts)) + CUDA_WORKSPACE
+    (vq1, text1), (vq2, text2) = (trace_encode(plan.resolution, n, plan.vq_dtype, plan.text_dtype, "fp32")
+                                  for n in TRACED_BATCHES)
+    work = max(peak_at(vq1, vq2, batch), peak_at(text1, text2, batch))
+    return weights + work, f"encoding the cache, {batch} images at a time"
+
+
+def estimate(recipe, trainer: str = "amused-tune", cache_batch: int | None = None) -> Estimate:
+    """Predict the peak GPU memory of training `recipe` with the kit (or, `trainer="reference"`, with diffusers'
+    train_amused.py at the recipe's resolution, mode, batch and accumulation). `cache_batch`: also size the
+    one-off cache encoding (data.cache), which encodes that many images at a time."""
+    plan = plan_of(recipe)
+    if trainer == "reference":
+        plan = reference_plan(plan.resolution, plan.full, plan.adam_8bit, plan.batch_size, plan.grad_accum)
+    est = estimate_plan(plan)
+    if plan.cache and cache_batch:
+        est.before = cache_encoding(plan, cache_batch)
+    return est
+
+
+# --------------------------------------------------------------------------------------------- --max-memory
+
+
+def parse_size(text: str) -> int:
+    """'6GB', '6', '6.5G', '800MB', '6GiB' -> bytes (GB = 10^9 bytes, GiB = 2^30); EstimateError otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m)?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise EstimateError(f"--max-memory {text!r}: pass a size such as 6GB, 7.5GB or 800MB")
+    unit = {"gib": 2**30, "mib": 2**20, "mb": 10**6, "m": 10**6}.get(m.group(2) or "gb", GB)
+    return int(float(m.group(1)) * unit)
+
+
+def _levers(recipe) -> list[tuple[str, object, bool]]:
+    """The kit's memory levers in the order --max-memory tries them: (key, value, already on)."""
+    lora = recipe.adapter.kind == "lora"
+    return [
+        ("model.dtype", "bf16", recipe.model.dtype != "fp32"),
+        ("data.cache", True, recipe.data.cache),
+        ("train.grad_checkpointing", True, recipe.train.grad_checkpointing),
+        ("optim.adam_8bit", True, recipe.optim.adam_8bit),
+        ("model.quantize", "8bit", not lora or recipe.model.quantize is not None),
+        ("model.quantize", "4bit", not lora or recipe.model.quantize == "4bit"),
+    ]
+
+
+def _set(recipe, key: str, value):
+    import copy
+
+    section, name = key.split(".")
+    out = copy.deepcopy(recipe)
+    setattr(getattr(out, section), name, value)
+    return out
+
+
+def _smaller_batches(recipe):
+    """The recipe at each smaller micro-batch that divides its batch, accumulation raised to keep the product."""
+    b, a = recipe.train.batch_size, recipe.train.grad_accum
+    for d in range(b - 1, 0, -1):
+        if b % d == 0:
+            out = _set(recipe, "train.batch_size", d)
+            out.train.grad_accum = a * (b // d)
+            yield out
+
+
+def fit(recipe, budget: int, say=print):
+    """The recipe with the kit's levers turned on, in order, until the predicted peak plus the CUDA context fits
+    in `budget` bytes; `say` gets one line per change. Never changes the effective batch, the lr or the data.
+    Raises EstimateError when nothing fits."""
+    usable = budget - int(CUDA_CONTEXT_GB * GB)
+    peak = estimate(recipe).peak_bytes
+    if peak <= usable:
+        return recipe
+    for key, value, already in _levers(recipe):
+        if already or peak <= usable:
+            continue
+        changed = _set(recipe, key, value)
+        new = estimate(changed).peak_bytes
+        if new >= peak:  # this lever saves nothing here (e.g. bf16 frozen weights that the cache already moved)
+            continue
+        old_value = getattr(getattr(recipe, key.split(".")[0]), key.split(".")[1])
+        say(f"--max-memory: {key}: {old_value} -> {value} (predicted peak {peak / GB:.2f} -> {new / GB:.2f} GB)")
+        recipe, peak = changed, new
+    for smaller in _smaller_batches(recipe) if peak > usable else ():
+        new = estimate(smaller).peak_bytes
+        if new <= usable or smaller.train.batch_size == 1:
+            t0, t1 = recipe.train, smaller.train
+            say(f"--max-memory: train.batch_size x train.grad_accum: {t0.batch_size} x {t0.grad_accum} -> "
+                f"{t1.batch_size} x {t1.grad_accum} (predicted peak {peak / GB:.2f} -> {new / GB:.2f} GB)")
+            recipe, peak = smaller, new
+            break
+    if peak > usable:
+        raise EstimateError(
+            f"nothing fits in {budget / GB:.1f} GB: with every memory lever on the predicted peak is {peak / GB:.2f} GB "
+            f"(+ {CUDA_CONTEXT_GB} GB for the CUDA context); use a larger GPU or LoRA instead of full fine-tuning")
+    return recipe
