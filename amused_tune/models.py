@@ -241,10 +241,22 @@ def load_components(base: str, dtype: torch.dtype | None = None) -> Components:
             )
         else:
             comps = _load_hub(base)
+    check_mask_id(comps, base)
     if dtype is not None:
         for name in ("transformer", "vqvae", "text_encoder"):
             getattr(comps, name).to(dtype)
     return comps
+
+
+def check_mask_id(comps: Components, base: str) -> None:
+    """Training masks with the scheduler's `mask_token_id`, the sampler with the U-ViT's `vocab_size - 1`: a base
+    where the two differ would train and sample with different mask tokens, so it is refused at load."""
+    scheduler_id, vocab_id = comps.mask_id, int(comps.transformer.config.vocab_size) - 1
+    if scheduler_id != vocab_id:
+        raise BaseModelError(
+            f"model.base={base}: scheduler mask_token_id={scheduler_id} but the transformer's mask token is "
+            f"vocab_size - 1 = {vocab_id}: fix scheduler/scheduler_config.json (mask_token_id: {vocab_id})"
+        )
 
 
 def _load_hub(repo_id: str) -> Components:

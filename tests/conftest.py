@@ -18,15 +18,20 @@ if "AMUSED_TUNE_CACHE" not in os.environ:  # tests never write into the user's ~
 torch.set_num_threads(1)  # the CI machine has 2 cores; one thread per test process is the fastest overall
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    """accelerate keeps global state between Accelerator objects: start every test from scratch."""
+def reset_accelerate() -> None:
+    """Forget accelerate's global state (it keeps one between Accelerator objects): call between two runs in a test."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    """Every test starts from a clean accelerate state."""
+    yield
+    reset_accelerate()
 
 
 def make_images(folder: Path, n: int = 4, size: int = 40, captions: bool = True) -> Path:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_images
+from conftest import make_images, reset_accelerate
 from fake_hub import FakeHub, Repo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,11 +52,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hub")
     out = root / "pixel-run"
     train_run(out, make_images(root / "data", n=1))
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
     return out
 
 
@@ -321,11 +317,7 @@ def test_output_push_to_hub_pushes_at_the_end_of_training(tmp_path, fake_hub, mo
     assert '"alice/auto"' in (tmp_path / "ok" / "README.md").read_text()
     assert TOKEN not in (tmp_path / "ok" / "recipe.yaml").read_text()
 
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
     summary = train_run(tmp_path / "denied", data, push_to_hub=True, hub_repo_id="bob/taken")
     assert "no write access to bob/taken" in summary["push_error"]
     assert "amused-tune push" in summary["push_error"]

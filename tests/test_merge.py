@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_images
+from conftest import make_images, reset_accelerate
 
 from amused_tune import adapters
 from amused_tune.cli import main as cli_main
@@ -16,14 +16,6 @@ from amused_tune.models import encode_prompts, load_components
 from conftest import tiny_uvit_logits as logits
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def train_run(out, data, kind="lora", text_encoder=False):
@@ -40,7 +32,7 @@ def train_run(out, data, kind="lora", text_encoder=False):
         output=OutputConfig(dir=str(out), loss_plot=False),
     )
     train(recipe)
-    _reset_accelerate()
+    reset_accelerate()
     return out
 
 
@@ -77,18 +69,34 @@ def test_merged_pipeline_logits_equal_base_plus_adapter(lora_run, tmp_path):
     assert not [n for n, _ in pipe.transformer.named_parameters() if "lora_" in n]  # a plain U-ViT
 
 
-def test_merge_base_override_scale_and_dtype(lora_run, tmp_path):
-    out = tmp_path / "half"
-    assert cli_main(["merge", str(lora_run / "adapter"), "--out", str(out), "--base", "tiny", "--scale", "0.5",
-                     "--dtype", "bf16"]) == 0
+def test_merged_weights_are_base_plus_scale_times_alpha_over_rank_times_BA(lora_run, tmp_path):
+    """Checked against the adapter file itself, not the kit's loader: W' = W + scale * alpha / rank * B @ A, with
+    rank 4 and alpha 8 (a lost alpha, or the scale applied twice or not at all, is off by 2x or more)."""
     from safetensors.torch import load_file
 
+    out = tmp_path / "half"
+    assert cli_main(["merge", str(lora_run / "adapter"), "--out", str(out), "--base", "tiny", "--scale", "0.5"]) == 0
+    lora = load_file(lora_run / "adapter" / "pytorch_lora_weights.safetensors")
+    base = load_components("tiny").transformer.state_dict()
+    merged = load_components(str(out)).transformer.state_dict()
+    pairs = [k[len("transformer."):-len(".lora_A.weight")] for k in lora if k.startswith("transformer.")
+             and k.endswith(".lora_A.weight")]
+    assert len(pairs) == 24  # to_q, to_k, to_v of the tiny U-ViT's attentions
+    for name in pairs:
+        delta = lora[f"transformer.{name}.lora_B.weight"] @ lora[f"transformer.{name}.lora_A.weight"]
+        assert delta.abs().max() > 1e-3, name  # the trained adapter is not zero
+        torch.testing.assert_close(merged[f"{name}.weight"], base[f"{name}.weight"] + 0.5 * 8 / 4 * delta, **TOL)
+    untouched = [k for k in base if not any(k == f"{n}.weight" for n in pairs)]
+    assert all(torch.equal(merged[k], base[k]) for k in untouched)
+
+
+def test_merge_dtype_writes_that_precision(lora_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    assert cli_main(["merge", str(lora_run), "--out", str(out), "--dtype", "bf16"]) == 0
     assert {v.dtype for v in load_file(out / "transformer" / "diffusion_pytorch_model.safetensors").values()} == {
         torch.bfloat16}
-    merged = load_components(str(out))
-    reference = load_components("tiny")
-    adapters.load_lora(reference.transformer, lora_run, scale=0.5)
-    torch.testing.assert_close(logits(merged.transformer.float()), logits(reference.transformer), atol=0.1, rtol=0.05)
 
 
 def test_merge_full_run_swaps_in_its_transformer(data, tmp_path):
@@ -103,6 +111,21 @@ def test_merge_full_run_swaps_in_its_transformer(data, tmp_path):
 
     tuned.transformer = UVit2DModel.from_pretrained(run / "transformer")
     torch.testing.assert_close(logits(pipe.transformer), logits(tuned.transformer), atol=0, rtol=0)
+
+
+def test_merge_refuses_pickled_weights(data, tmp_path, capsys):
+    run = train_run(tmp_path / "full-run", data, kind="full")
+    from diffusers import UVit2DModel
+
+    tuned = UVit2DModel.from_pretrained(run / "transformer")
+    for f in (run / "transformer").glob("*.safetensors"):
+        f.unlink()
+    tuned.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    (tmp_path / "pickled" / "diffusion_pytorch_model.bin").rename(run / "transformer" / "diffusion_pytorch_model.bin")
+    capsys.readouterr()  # (the training run's progress bar)
+    assert cli_main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no .safetensors weights" in err[0] and not (tmp_path / "merged").exists()
 
 
 def test_merge_errors_are_one_line(lora_run, tmp_path, capsys):

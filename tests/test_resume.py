@@ -26,7 +26,7 @@ from amused_tune.cli.args import parse_recipe
 from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
                                 TrainConfig)
 from amused_tune.train.loop import TrainingStopped, train
-from conftest import make_images
+from conftest import make_images, reset_accelerate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,14 +67,6 @@ def assert_same_run(a: Path, b: Path) -> None:
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
     assert losses(a) == losses(b)
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")

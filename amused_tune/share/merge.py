@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from amused_tune.common import place, torch_dtype
+
 
 
 class MergeError(ValueError):
@@ -48,12 +50,20 @@ def text_encoder_source(source: Path):
     return folder if (folder / PEFT_FILE).is_file() else None
 
 
+def load_full_transformer(folder: Path):
+    """A full fine-tuning run's U-ViT, from .safetensors only (like every loader of the kit: no pickle)."""
+    from diffusers import UVit2DModel
+
+    try:
+        return UVit2DModel.from_pretrained(folder, use_safetensors=True)
+    except (OSError, EnvironmentError, ValueError) as err:
+        raise MergeError(f"{folder} holds no .safetensors weights (the kit loads no pickle files): re-save it with "
+                         "save_pretrained(safe_serialization=True)") from err
+
+
 def merge_run(run: str | os.PathLike, out: str | os.PathLike, base: str | None = None, scale: float = 1.0,
               dtype: str = "fp32", overwrite: bool = False):
     """Build the merged pipeline and write it to `out`; returns the merged `Components`."""
-    import torch
-    from diffusers import UVit2DModel
-
     from amused_tune import adapters
     from amused_tune.models import BaseModelError, load_components
 
@@ -75,7 +85,7 @@ def merge_run(run: str | os.PathLike, out: str | os.PathLike, base: str | None =
         raise MergeError(f"{err}{hint}") from err
 
     if (run / "transformer" / "config.json").is_file() and not (run / "adapter").is_dir():
-        comps.transformer = UVit2DModel.from_pretrained(run / "transformer")
+        comps.transformer = load_full_transformer(run / "transformer")
     else:
         adapters.load_lora(comps.transformer, run, scale=scale, adapter_name="merged")
         adapters.merge_adapters(comps.transformer)
@@ -83,10 +93,8 @@ def merge_run(run: str | os.PathLike, out: str | os.PathLike, base: str | None =
         if te is not None:
             adapters.load_lora(comps.text_encoder, te, scale=scale, adapter_name="merged", part="text_encoder")
             adapters.merge_adapters(comps.text_encoder)
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     for name in ("transformer", "vqvae", "text_encoder"):
-        if getattr(comps, name).dtype != torch_dtype:
-            getattr(comps, name).to(torch_dtype)
+        place(getattr(comps, name), "cpu", torch_dtype(dtype))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
