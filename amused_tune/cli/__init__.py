@@ -1,6 +1,7 @@
 """Command line: `amused-tune RECIPE.yaml [--section.key=value ...]` trains; subcommands do the rest.
 
   amused-tune RECIPE.yaml [--train.max_steps=10] [--print_config]   train one recipe
+  amused-tune RECIPE.yaml --estimate [--max-memory 6GB]             its peak GPU memory (--max-memory: make it fit)
   amused-tune sample ...                                            text-to-image, variation, inpainting
   amused-tune recipes [--json] | recipes cp NAME DEST.yaml          the shipped recipes
   amused-tune push OUTPUT_DIR --repo-id user/name                   upload an adapter with its model card

@@ -18,6 +18,9 @@ def train_main(argv: list[str]) -> int:
 
         print(cli.__doc__)
         return 0
+    from amused_tune.cli.estimate import apply as apply_memory_options, split_memory_args
+
+    argv, memory_options = split_memory_args(argv)  # --estimate, --max-memory SIZE (docs/memory.md)
     if "--print_config" in argv:
         argv = [a for a in argv if a != "--print_config"]
         try:
@@ -37,6 +40,9 @@ def train_main(argv: list[str]) -> int:
         recipe, _, _ = parse_recipe(argv)
     except RecipeError as err:
         return fail(err)
+    recipe, code = apply_memory_options(recipe, memory_options)
+    if code is not None:
+        return code
 
     from amused_tune.adapters import AdapterError
     from amused_tune.data.cards import DataError

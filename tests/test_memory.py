@@ -1,0 +1,108 @@
+"""The memory estimator: traced byte counts, the reference trainer's measured peaks, the shipped recipes' goals,
+and --max-memory's levers. Everything runs on meta tensors: no weights, no GPU, no download."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from amused_tune import memory
+from amused_tune.memory_trace import BLOCK, GpuAutocast, LiveBytes, storage_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = yaml.safe_load((ROOT / "bench" / "reference_h100.yaml").read_text())["trainer"]
+ROWS = [(base, key, row) for base, rows in REFERENCE.items() for key, row in rows.items()]
+
+
+def recipe(name: str, *overrides: str):
+    from amused_tune.cli.args import parse_recipe
+
+    return parse_recipe([str(ROOT / "recipes" / f"{name}.yaml"), *overrides])[0]
+
+
+def test_live_bytes_counts_autocast_copies_and_saved_activations_of_a_linear_layer():
+    with torch.device("meta"):
+        layer = torch.nn.Linear(1024, 512)
+    tracker = LiveBytes(storage_keys(layer.parameters()))
+    with tracker, GpuAutocast(torch.float16):
+        x = torch.empty(8, 1024, device="meta", requires_grad=True)  # 32 KiB fp32
+        y = layer(x)
+        assert y.dtype == torch.float16
+        saved = tracker.now  # x, its fp16 copy (16 KiB), the weight's fp16 copy, the output (8 KiB); not the bias's
+        y.float().sum().backward()
+    assert saved == 32768 + 16384 + 1024 * 512 * 2 + 8192
+    assert tracker.max >= saved
+    assert all(size % BLOCK == 0 for _, size in tracker.events if size > 0)
+
+
+def test_attention_keeps_no_token_by_token_matrix():
+    q = torch.empty(2, 16, 1024, 64, device="meta", dtype=torch.float16, requires_grad=True)
+    tracker = LiveBytes()
+    with tracker, GpuAutocast(torch.float16):
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert out.shape == q.shape
+    assert tracker.max < 2 * 16 * 1024 * 1024 * 2  # the 1024 x 1024 scores (64 MiB in fp16) never exist
+
+
+def test_eight_bit_adam_state_is_a_byte_per_element_plus_block_scales_and_fp32_below_4096():
+    assert memory.adam_state_bytes([10**6], eight_bit=False) == 8 * 10**6
+    eight = memory.adam_state_bytes([10**6, 1000], eight_bit=True) - 2 * 256 * 4
+    assert eight == 2 * (10**6 + 4 * 3907) + 8 * 1000
+
+
+@pytest.mark.parametrize("base,key,row", ROWS, ids=[f"{b}-{k}" for b, k, _ in ROWS])
+def test_reference_trainer_peaks_predicted_within_15_percent(base, key, row):
+    mode, batch, accum = re.fullmatch(r"(\w+?)_bs(\d+)_ga(\d+)", key).groups()
+    plan = memory.reference_plan(int(base.split("-")[1]), full=mode != "lora", adam_8bit=mode == "full8bit",
+                                 batch_size=int(batch), grad_accum=int(accum))
+    predicted = memory.estimate_plan(plan).peak_gb
+    assert predicted == pytest.approx(row["peak_gb"], rel=0.15), f"{base} {key}: {predicted:.2f} GB predicted"
+
+
+@pytest.mark.parametrize("name", ["styledrop_256", "styledrop_512", "nouns_256_lora_bs1x16",
+                                  "minecraft_512_lora_bs1x8"])
+def test_batch_one_lora_recipes_predicted_at_3_gb_or_less(name):
+    est = memory.estimate(recipe(name))
+    assert est.peak_gb <= 3.0
+    assert [r.bytes for r in est.rows if r.what in ("VQ model", "text encoder")] == [0, 0]  # the cache is on
+
+
+def test_reference_setup_holds_what_train_amused_keeps():
+    est = memory.estimate(recipe("nouns_256_lora_bs1x16"), trainer="reference")
+    held = {r.what: r for r in est.rows}
+    assert held["U-ViT weights (frozen)"].bytes == 4 * 603_537_664
+    assert held["VQ model"].bytes == 4 * 146_244_675
+    assert held["text encoder"].detail.endswith("fp16")
+    assert "VQ encode (not cached)" in est.moments
+
+
+def test_max_memory_turns_levers_on_keeping_the_effective_batch_lr_and_data():
+    original = recipe("nouns_256_lora_bs16x1")
+    said = []
+    fitted = memory.fit(original, memory.parse_size("4GB"), say=said.append)
+    assert memory.estimate(fitted).peak_bytes <= 4 * memory.GB - memory.CUDA_CONTEXT_GB * memory.GB
+    assert said and said[0].startswith("--max-memory: train.grad_checkpointing: False -> True")
+    assert fitted.train.batch_size * fitted.train.grad_accum == 16
+    assert fitted.optim.lr == original.optim.lr and fitted.data == original.data
+
+
+def test_max_memory_that_nothing_fits_is_an_estimate_error():
+    with pytest.raises(memory.EstimateError, match="nothing fits in 2.0 GB"):
+        memory.fit(recipe("nouns_256_full_bs1x8"), memory.parse_size("2GB"), say=lambda line: None)
+
+
+@pytest.mark.parametrize("text,expected", [("6GB", 6 * 10**9), ("7.5", 7.5e9), ("800MB", 8 * 10**8),
+                                           ("6GiB", 6 * 2**30)])
+def test_max_memory_sizes(text, expected):
+    assert memory.parse_size(text) == int(expected)
+
+
+def test_a_bad_size_or_a_cpu_sized_base_is_an_estimate_error():
+    with pytest.raises(memory.EstimateError, match="pass a size such as 6GB"):
+        memory.parse_size("six")
+    with pytest.raises(memory.EstimateError, match="real-size aMUSEd"):
+        memory.estimate(recipe("quickstart"))
