@@ -259,17 +259,42 @@ def check_mask_id(comps: Components, base: str) -> None:
         )
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """The Hub endpoint when a quick connection to it (or to the proxy in HTTPS_PROXY) fails, else None. None too
+    when HF_HUB_OFFLINE is set: then nothing is asked of the network anyway. Lets a lookup fail in seconds with
+    one line instead of huggingface_hub's ~30 s of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)),
+                 None)
+    url = urlparse(proxy or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return constants.ENDPOINT
+    return None
+
+
 def _load_hub(repo_id: str) -> Components:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
-        local = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+    unreachable = hub_unreachable()
+    try:  # an unreachable Hub: the cache alone answers, at once
+        local = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+                                  local_files_only=bool(unreachable))
     except LocalEntryNotFoundError as err:
+        why = (f"the Hub at {unreachable} cannot be reached" if unreachable else
+               "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the Hub at {constants.ENDPOINT} cannot be reached")
         raise BaseModelError(
-            f"model.base={repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached "
-            f"(offline): download it once with `huggingface-cli download {repo_id} --local-dir DIR` "
-            "and pass model.base=DIR"
+            f"model.base={repo_id!r} is not in the Hugging Face cache and {why}: download it once with "
+            f"`hf download {repo_id} --local-dir DIR` and pass model.base=DIR"
         ) from err
     except Exception as err:  # repository not found, gated, network errors
         raise BaseModelError(f"model.base={repo_id!r} could not be loaded from the Hub: {err}") from err

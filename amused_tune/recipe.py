@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -44,10 +44,12 @@ class DataConfig:
     card: Optional[str] = None
     """A dataset card: a name from datasets_cards/ (nouns, minecraft, styledrop, local_imagefolder,
     local_captionfolder) or a path to a card YAML. Every key below that the recipe sets overrides the card's."""
-    source: Optional[Literal["imagefolder", "captionfolder", "hub", "single_image"]] = None
-    """imagefolder: a folder with metadata.jsonl ({"file_name", caption column} per line); captionfolder: image
+    source: Optional[Literal["folder", "imagefolder", "captionfolder", "hub", "single_image"]] = None
+    """folder: your folder of images, captioned by its metadata.jsonl when it has one, else by a same-named .txt per
+    image; imagefolder: a folder with metadata.jsonl ({"file_name", caption column} per line); captionfolder: image
     files each with a same-named .txt caption; hub: a Hub dataset id or a local save_to_disk folder; single_image:
-    one image file with `prompt`."""
+    one image file with `prompt`. Given on the command line (or data.card is), it replaces the recipe's source:
+    the recipe's path, prompt, columns and prompt prefix/template are dropped unless given there too."""
     path: Optional[str] = None
     """Folder (imagefolder, captionfolder), image file (single_image), or Hub dataset id / save_to_disk folder
     (hub). Relative paths are tried from the working directory, then from the kit's folder."""
@@ -162,14 +164,14 @@ class TrainConfig:
 
 @dataclass
 class ValidationConfig:
-    prompts: list[str] = field(default_factory=list)
-    """Prompts of the sample grid written to samples/step-N.png (none: no validation)."""
+    prompts: Union[list[str], str] = field(default_factory=list)
+    """Prompts of the sample grid written to samples/step-N.png: a list, or one prompt (none: no validation)."""
     every: int = 250
     """Write a sample grid every N optimizer steps (and before step 0 and at the end)."""
-    steps: int = 12
-    """MaskGIT decoding steps."""
-    guidance: float = 10.0
-    """Classifier-free guidance scale."""
+    steps: Optional[int] = None
+    """MaskGIT decoding steps (null: the base's sampling.json, else 12)."""
+    guidance: Optional[float] = None
+    """Classifier-free guidance scale (null: the base's sampling.json, else 10.0)."""
     guidance_schedule: Optional[Literal["constant", "linear", "cosine", "ramp1"]] = None
     """How the guidance scale g moves over the steps: constant, linear (0 -> g), cosine (follows the mask
     schedule up to g), ramp1 (1 -> g). Null: the base's sampling.json, else constant."""
@@ -216,6 +218,8 @@ class Recipe:
     def validate(self) -> "Recipe":
         """Check values that types alone cannot, and fill `{section.key}` in output.dir; raises RecipeError."""
         self.output.dir = self._expand(self.output.dir)
+        if isinstance(self.validation.prompts, str):  # one prompt
+            self.validation.prompts = [self.validation.prompts]
         _positive("optim", lr=self.optim.lr)
         _positive("train", batch_size=self.train.batch_size, grad_accum=self.train.grad_accum,
                   max_steps=self.train.max_steps, checkpoint_every=self.train.checkpoint_every,

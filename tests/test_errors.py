@@ -139,7 +139,7 @@ def test_base_folder_that_is_not_a_pipeline(capsys, recipe, tmp_path):
 def test_hub_id_offline(capsys, recipe, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (also set for the whole suite by conftest)
     fails(capsys, [recipe, "--model.base=amused-tune-tests/not-cached"], "model.base='amused-tune-tests/not-cached'",
-          "not in the Hugging Face cache", "huggingface-cli download")
+          "not in the Hugging Face cache", "hf download amused-tune-tests/not-cached --local-dir")
 
 
 def test_resolution_not_matching_the_base_model(capsys, recipe):

@@ -1,12 +1,17 @@
-"""Command line: `amused-tune RECIPE.yaml [--section.key=value ...]` trains; subcommands do the rest.
+"""amused-tune: fine-tune aMUSEd from a YAML recipe, then sample from, share and merge what it learned.
 
-  amused-tune RECIPE.yaml [--train.max_steps=10] [--print_config]   train one recipe
-  amused-tune RECIPE.yaml --estimate [--max-memory 6GB]             its peak GPU memory (--max-memory: make it fit)
-  amused-tune sample ...                                            text-to-image, variation, inpainting
-  amused-tune recipes [--json] | recipes cp NAME DEST.yaml          the shipped recipes
-  amused-tune push OUTPUT_DIR --repo-id user/name                   upload an adapter with its model card
-  amused-tune merge OUTPUT_DIR --out DIR                            fuse a LoRA into a full pipeline folder
-  amused-tune styledrop-round2 RUN --prompts prompts.txt            StyleDrop round 2 candidates
+commands:
+  amused-tune RECIPE.yaml        train one recipe (`amused-tune RECIPE.yaml --help`: its keys, with its values)
+  amused-tune RECIPE.yaml --estimate [--max-memory 6GB]   its peak GPU memory; --max-memory: make it fit
+  amused-tune sample             images from a base model and adapters: text-to-image, variation, inpainting
+  amused-tune recipes            the shipped recipes; `amused-tune recipes cp NAME my.yaml` copies one to edit
+  amused-tune push               upload a finished run, with its model card, to the Hugging Face Hub
+  amused-tune merge              fuse a run's LoRA into its base model: a full pipeline folder
+  amused-tune styledrop-round2   StyleDrop round 2: sample candidates, keep the good ones, train on them
+
+try it:     amused-tune recipes/quickstart.yaml               (a tiny model on the CPU, about a minute)
+your data:  amused-tune recipes cp my_folder my.yaml          (set data.path), then: amused-tune my.yaml
+options:    amused-tune COMMAND --help
 """
 
 from __future__ import annotations
@@ -16,13 +21,7 @@ import logging
 import os
 import sys
 
-SUBCOMMANDS = {
-    "sample": "amused_tune.cli.sample",
-    "recipes": "amused_tune.cli.recipes",
-    "push": "amused_tune.cli.push",
-    "merge": "amused_tune.cli.merge",
-    "styledrop-round2": "amused_tune.cli.styledrop_round2",
-}
+from amused_tune.cli.args import SUBCOMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,19 +4,49 @@ one-line errors naming the valid keys), the subcommands' argparse with one-line 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
 
+from amused_tune.cli.checks import did_you_mean, read_yaml
 from amused_tune.common import kit_path
+from amused_tune.data.cards import command_line_source
+
+
+SUBCOMMANDS = {
+    "sample": "amused_tune.cli.sample",
+    "recipes": "amused_tune.cli.recipes",
+    "push": "amused_tune.cli.push",
+    "merge": "amused_tune.cli.merge",
+    "styledrop-round2": "amused_tune.cli.styledrop_round2",
+}
 
 
 class UsageError(Exception):
     """A subcommand's bad arguments; reported as one line."""
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option's line with its default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        empty = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if empty or "default" in text or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".strip()
+
+
 class SubcommandParser(argparse.ArgumentParser):
-    """argparse for the subcommands: a usage error is one line on stderr and exit code 2, not a usage dump."""
+    """argparse for the subcommands: a usage error is one line on stderr and exit code 2, not a usage dump; --help
+    shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         raise UsageError(message)
@@ -63,8 +93,15 @@ def parse_recipe(argv: list[str]):
             recipes_dir = kit_path("recipes")
             alt = recipes_dir / (args[0] if args[0].endswith(".yaml") else args[0] + ".yaml")
             if not alt.is_file():
-                raise RecipeError(f"recipe {args[0]} not found: pass a YAML file (see `amused-tune recipes`)")
+                known = list(SUBCOMMANDS) + sorted(p.stem for p in recipes_dir.glob("*.yaml"))
+                hint = did_you_mean(args[0], known)
+                raise RecipeError(f"recipe {args[0]} not found:{hint or ''} pass a YAML file or a command "
+                                  f"({', '.join(SUBCOMMANDS)}; see `amused-tune --help` and `amused-tune recipes`)")
             path = alt
+        try:
+            read_yaml(path, "recipe")
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
         args = ["--config", str(path)] + args[1:]
     parser = build_parser()
     try:
@@ -73,7 +110,18 @@ def parse_recipe(argv: list[str]):
         raise RecipeError(_one_line(str(err))) from err
     init = parser.instantiate(ns)
     fields = {name: getattr(init, name) for name in Recipe.__dataclass_fields__}
+    command_line_source(fields["data"], given_keys(args[2:] if args[:1] == ["--config"] else args, "data"))
     return Recipe(**fields).validate(), parser, ns
+
+
+def given_keys(overrides: list[str], section: str) -> set[str]:
+    """The keys of `section` that command-line overrides set (`--data.path=X` or `--data.path X`)."""
+    found = set()
+    for arg in overrides:
+        match = re.match(rf"--{section}\.(\w+)(=|$)", arg)
+        if match:
+            found.add(match.group(1))
+    return found
 
 
 def _one_line(message: str) -> str:
@@ -122,3 +170,16 @@ def fail(err, prog: str = "amused-tune") -> int:
     """Print a user's mistake as one line on stderr; returns exit code 2."""
     print(f"{prog}: error: {err}", file=sys.stderr)
     return 2
+
+
+def quiet_libraries() -> None:
+    """Silence what the libraries print that a user cannot act on: transformers' per-model "Loading weights" bars
+    and both libraries' info/warning chatter (e.g. diffusers' "modules that should be kept in float32" on every
+    cast). Their errors still show; AMUSED_TUNE_LOG=INFO brings the chatter back."""
+    import diffusers
+    import transformers
+
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

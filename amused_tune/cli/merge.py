@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from amused_tune.cli.args import SubcommandParser, fail
+from pathlib import Path
+
+from amused_tune.cli.args import SubcommandParser, fail, quiet_libraries
+from amused_tune.cli.checks import adapter_problem, folder_problem, read_yaml
 from amused_tune.common import DTYPE_NAMES
 
 
@@ -23,9 +26,13 @@ def main(argv: list[str]) -> int:
     args, code = build_parser().parse_or_exit_code(argv)
     if args is None:
         return code
+    problem = inputs_problem(Path(args.run).expanduser(), args.out)
+    if problem:
+        return fail(problem)
     from amused_tune.adapters import AdapterError
     from amused_tune.share.merge import MergeError, merge_run
 
+    quiet_libraries()
     try:
         merge_run(args.run, args.out, base=args.base, scale=args.scale, dtype=args.dtype, overwrite=args.overwrite)
     except (MergeError, AdapterError) as err:
@@ -33,3 +40,15 @@ def main(argv: list[str]) -> int:
     print(f"merged {args.run} into {args.out}: load it with AmusedPipeline.from_pretrained({str(args.out)!r}) "
           f"or amused-tune sample --base {args.out}")
     return 0
+
+
+def inputs_problem(run: Path, out: str) -> str | None:
+    """What is wrong with the run (its recipe.yaml, its adapter file) or --out, checked before any model loads."""
+    recipe = run / "recipe.yaml"
+    if recipe.is_file():
+        try:
+            read_yaml(recipe)
+        except ValueError as err:
+            return str(err)
+    full_run = (run / "transformer" / "config.json").is_file() and not (run / "adapter").is_dir()
+    return folder_problem("--out", out) or (None if full_run else adapter_problem(str(run)))

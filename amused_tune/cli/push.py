@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from amused_tune.cli.args import SubcommandParser, fail
+from amused_tune.cli.checks import read_yaml
 
 
 def build_parser() -> SubcommandParser:
@@ -23,6 +26,12 @@ def main(argv: list[str]) -> int:
     args, code = build_parser().parse_or_exit_code(argv)
     if args is None:
         return code
+    recipe = Path(args.output_dir) / "recipe.yaml"
+    if recipe.is_file():
+        try:
+            read_yaml(recipe)
+        except ValueError as err:
+            return fail(f"{err} (it is uploaded with the run)")
     from amused_tune.share.hub import HubError, push
 
     try:

@@ -173,6 +173,9 @@ def copy(name: str, dest: str, force: bool = False, recipes_dir: Path = RECIPES_
         target = target / src.name
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists: pick another destination or pass --force to overwrite it")
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise FileExistsError(f"cannot write {target}: {blocking} is a file, not a folder; pick another destination")
     text = src.read_text()
     text = re.sub(r"^(#\s*command:\s*amused-tune\s+)\S+", lambda m: m.group(1) + str(target), text, count=1,
                   flags=re.MULTILINE)

@@ -14,22 +14,29 @@ from pathlib import Path
 import torch
 
 from amused_tune.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
-from amused_tune.cli.args import SubcommandParser
+from amused_tune.cli.args import SubcommandParser, quiet_libraries
+from amused_tune.cli.checks import adapter_problem, folder_problem, image_problem
 from amused_tune.common import DTYPE_NAMES, place, torch_dtype
+from amused_tune.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsError, describe_taken, resolve_sampling
 
 def build_parser() -> SubcommandParser:
     p = SubcommandParser(prog="amused-tune sample", description="Generate images with aMUSEd (+ LoRA adapters).")
     p.add_argument("--base", default="amused/amused-256", help="Hub id, local pipeline folder, 'tiny' or 'toy'")
     p.add_argument("--prompt", action="append", required=True, help="repeatable; each gets --num-images images")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None, help="what the images should not show")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image k gets seed + k")
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--guidance", type=float, default=10.0, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--steps", type=int, default=None, help="MaskGIT steps (default: the base's sampling.json, else 12)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, <= 1: off (default: the base's sampling.json, else 10)")
+    p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default=None,
+                   help="guidance over the steps: constant, linear 0->g, cosine, ramp1 1->g (default: the base's, "
+                        "else constant)")
     p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
-    p.add_argument("--temperature", type=float, nargs="+", default=[2.0, 0.0], metavar="T",
-                   help="Gumbel temperature: START END (linear over the steps), or one value (START, 0.01)")
+    p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
+                   help="Gumbel temperature: START END (linear over the steps), or one value (START, 0.01) "
+                        "(default: the base's sampling.json, else 2 0)")
     p.add_argument("--image", default=None, help="input image for variation / inpainting")
     p.add_argument("--strength", type=float, default=None,
                    help="0..1, share of the schedule to rerun (default 0.6 with --image, 1.0 with --mask)")
@@ -69,6 +76,18 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _sampling_settings(args) -> dict:
+    """steps, guidance, guidance_schedule, temperature: the flags given, else the base's sampling.json (said on
+    stderr), else diffusers' defaults."""
+    t = args.temperature
+    given = dict(steps=args.steps, guidance=args.guidance, guidance_schedule=args.guidance_schedule,
+                 temperature=None if t is None else tuple(t) if len(t) == 2 else t[0])
+    values, taken = resolve_sampling(args.base, **given)
+    if taken:
+        print(describe_taken(args.base, taken), file=sys.stderr)
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `amused-tune sample ...` (argv without the word "sample"). Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -81,17 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     # Everything that can be checked before loading a model.
     if args.mask and not args.image:
         return _fail("--mask needs --image (the picture to paint into)")
-    for flag, path in (("--image", args.image), ("--mask", args.mask)):
-        if path and not Path(path).is_file():
-            return _fail(f"{flag} {path}: no such file")
+    problems = [image_problem(flag, path) for flag, path in (("--image", args.image), ("--mask", args.mask)) if path]
+    problems += [adapter_problem(a, args.allow_pickle) for a in args.adapter] + [folder_problem("--out", args.out)]
+    if any(problems):
+        return _fail(next(p for p in problems if p))
     if args.adapter_scale and len(args.adapter_scale) != len(args.adapter):
         return _fail(f"{len(args.adapter_scale)} --adapter-scale for {len(args.adapter)} --adapter: "
                      "give one per adapter, or none")
     if args.styledrop_guidance and not args.adapter:
         return _fail("--styledrop-guidance needs at least one --adapter (it contrasts adapter and base model)")
-    if len(args.temperature) > 2:
+    if args.temperature and len(args.temperature) > 2:
         return _fail("--temperature takes one value or two (START END)")
-    if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
+    if args.num_images < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         return _fail("--num-images, --batch-size and --steps must be >= 1")
     strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.6 if args.image else 1.0)
     if not 0.0 <= strength <= 1.0:
@@ -109,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     from amused_tune.adapters import AdapterError
     from amused_tune.models import BaseModelError, load_components
 
+    quiet_libraries()
     try:
+        sampling = _sampling_settings(args)
+        print(f"loading base model {args.base} ...", flush=True)
         comps = load_components(args.base)
         load_adapters(comps.transformer, args.adapter, scales, merge=not args.styledrop_guidance,
                       allow_pickle=args.allow_pickle)
@@ -125,23 +148,23 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [p for p in args.prompt for _ in range(args.num_images)]
         seeds = [args.seed + k for k in range(len(prompts))]
         styledrop = StyleDropGuidance(*args.styledrop_guidance) if args.styledrop_guidance else None
-        temperature = tuple(args.temperature) if len(args.temperature) == 2 else args.temperature[0]
         images = []
+        print(f"sampling {len(prompts)} image{'' if len(prompts) == 1 else 's'} ({sampling.get('steps')} steps "
+              f"each, {device.type}) ...", flush=True)
         for start in range(0, len(prompts), args.batch_size):
             chunk = slice(start, start + args.batch_size)
             _, imgs = generate(
-                comps, prompts[chunk], seeds[chunk], steps=args.steps, guidance=args.guidance,
-                negative_prompt=args.negative_prompt, schedule=args.schedule, temperature=temperature,
+                comps, prompts[chunk], seeds[chunk], **sampling,
+                negative_prompt=args.negative_prompt, schedule=args.schedule,
                 image=args.image, strength=strength, mask=args.mask, styledrop=styledrop, draws=args.draws,
                 torch_compile=args.compile,
             )
             images.extend(to_pil(imgs))
-    except (SampleError, BaseModelError, AdapterError, FileNotFoundError) as err:
+    except (SampleError, BaseModelError, AdapterError, FileNotFoundError, SamplingDefaultsError) as err:
         return _fail(str(err))
 
     common = {
-        "base": args.base, "steps": args.steps, "guidance": args.guidance, "schedule": args.schedule,
-        "temperature": list(args.temperature), "negative_prompt": args.negative_prompt or "",
+        "base": args.base, **sampling, "schedule": args.schedule, "negative_prompt": args.negative_prompt or "",
         "adapter": [{"source": a, "scale": s} for a, s in zip(args.adapter, scales)],
         "styledrop_guidance": args.styledrop_guidance, "draws": args.draws, "quantize": args.quantize,
         "dtype": str(dtype).removeprefix("torch."), "sampler": "amused-tune",

@@ -18,7 +18,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from amused_tune.cli.args import SubcommandParser, parse_recipe
+from amused_tune.cli.args import SubcommandParser, parse_recipe, quiet_libraries
+from amused_tune.cli.checks import adapter_problem, folder_problem
 from amused_tune.common import RECIPE_FILE
 
 
@@ -49,6 +50,8 @@ def _fail(message) -> int:
 
 def read_prompts(path: str) -> list[str]:
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--prompts {path} is a folder: pass a text file, one prompt per line")
     if not file.is_file():
         raise ValueError(f"--prompts {path}: no such file")
     prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
@@ -70,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("pass --prompts prompts.txt (generate candidates) or --finalize (after picking), not both")
     if args.per_prompt < 1:
         return _fail("--per-prompt must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        return _fail(f"--steps must be >= 1, got {args.steps}")
+    problem = folder_problem("--out", out) or (None if args.finalize else adapter_problem(str(run / "adapter")))
+    if problem:
+        return _fail(problem)
 
     from amused_tune.adapters import AdapterError
     from amused_tune.data.cards import DataError
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from amused_tune.sampler import SampleError
     from amused_tune.train.styledrop import CANDIDATES, CandidateOptions, check_run, finalize, generate_candidates
 
+    quiet_libraries()
     try:
         check_run(run)
         recipe, _, _ = parse_recipe([str(run / RECIPE_FILE)])

@@ -13,11 +13,14 @@ def train_main(argv: list[str]) -> int:
     from amused_tune.recipe import RecipeError
 
     if not argv or argv[0] in ("-h", "--help"):
-        build_parser().print_help()
         from amused_tune import cli
 
-        print(cli.__doc__)
+        print(cli.__doc__.strip())
+        print("\nrecipe keys, with the schema's defaults (`amused-tune RECIPE.yaml --help` shows a recipe's values):\n")
+        build_parser().print_help()
         return 0
+    if "-h" in argv or "--help" in argv:
+        return recipe_help([a for a in argv if a not in ("-h", "--help")])
     from amused_tune.cli.estimate import apply as apply_memory_options, split_memory_args
 
     argv, memory_options = split_memory_args(argv)  # --estimate, --max-memory SIZE (docs/memory.md)
@@ -47,7 +50,11 @@ def train_main(argv: list[str]) -> int:
     from amused_tune.adapters import AdapterError
     from amused_tune.data.cards import DataError
     from amused_tune.models import BaseModelError
+    from amused_tune.sampling_defaults import SamplingDefaultsError
     from amused_tune.train.loop import TrainingStopped, train
+    from amused_tune.cli.args import quiet_libraries
+
+    quiet_libraries()
 
     try:
         summary = train(recipe)
@@ -55,7 +62,7 @@ def train_main(argv: list[str]) -> int:
         if os.environ.get("RANK", "0") == "0":  # every process stops alike: say it once
             print(f"amused-tune: {'error: ' if err.error else ''}{err}", file=sys.stderr)
         return err.exit_code
-    except (RecipeError, DataError, BaseModelError, AdapterError) as err:
+    except (RecipeError, DataError, BaseModelError, AdapterError, SamplingDefaultsError) as err:
         return fail(err)
     except KeyboardInterrupt:
         print(f"amused-tune: interrupted; the last complete checkpoint in {recipe.output.dir}/checkpoints is intact",
@@ -72,5 +79,21 @@ def train_main(argv: list[str]) -> int:
         return 0
     if summary.get("push_error"):  # the run is complete and saved; the push's one-line reason is already printed
         return 2
-    print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, outputs in {summary['output_dir']}")
+    from amused_tune.train.report import finished
+
+    finished(summary)
+    return 0
+
+
+def recipe_help(argv: list[str]) -> int:
+    """`amused-tune RECIPE.yaml [overrides] --help`: every key's help, with this recipe's values as the defaults."""
+    from amused_tune.recipe import RecipeError
+
+    try:
+        recipe, parser, _ = parse_recipe(argv)
+    except RecipeError as err:
+        return fail(err)
+    parser.set_defaults({f"{section}.{key}": value for section, values in recipe.to_dict().items()
+                         for key, value in values.items()})
+    parser.print_help()
     return 0

@@ -80,3 +80,21 @@ def resolve_config(cfg: DataConfig) -> DataConfig:
     if out.min_image_size is not None and out.min_image_size < 0:
         raise DataError(f"data.min_image_size must be >= 0, got {out.min_image_size}")
     return out
+
+
+# what the data is and how its captions read: a card or a source given on the command line replaces all of these
+SOURCE_KEYS = ("card", "source", "path", "split", "image_column", "caption_column", "prompt", "prompt_prefix",
+               "prompt_template")
+
+
+def command_line_source(cfg: DataConfig, given: set[str]) -> DataConfig:
+    """The rule for pointing a recipe at other data: when the command line gives `data.card` or `data.source`, the
+    recipe file's SOURCE_KEYS that the command line does not give are unset (their values then come from the card,
+    else the defaults), so a single-image recipe's `prompt` never silently replaces a folder's own captions.
+    `given` is the data keys set on the command line. Without a card or source there, nothing changes."""
+    if not given & {"card", "source"}:
+        return cfg
+    for key in SOURCE_KEYS:
+        if key not in given:
+            setattr(cfg, key, None)
+    return cfg

@@ -1,13 +1,19 @@
 """Data sources: list the samples of a data section without decoding them.
 
 Four sources: `hub` (a Hub dataset or one saved with `save_to_disk`), `imagefolder` (images + metadata.jsonl),
-`captionfolder` (images + same-named .txt captions) and `single_image` (one file and `data.prompt`). A source's
-`identity` names its content (file names, sizes and mtimes, or the Hub dataset's fingerprint) for the cache.
+`captionfolder` (images + same-named .txt captions) and `single_image` (one file and `data.prompt`); `folder` is
+imagefolder when the folder holds a metadata.jsonl, else captionfolder. A source's `identity` names its content
+(file names, sizes and mtimes, or the Hub dataset's fingerprint) for the cache.
+
+`data.prompt` set for a folder or Hub source replaces the captions of every image: when the images have captions
+of their own, that is said once (a warning naming how many captions are set aside), never done silently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +21,8 @@ from typing import Any
 from amused_tune.common import kit_roots
 from amused_tune.data.cards import DataError
 from amused_tune.recipe import DataConfig
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -100,19 +108,29 @@ def _captionfolder(root: Path, cfg: DataConfig) -> Source:
 def _hub(cfg: DataConfig) -> Source:
     import datasets
 
+    from amused_tune.models import hub_unreachable
+
     local = resolve_path(cfg.path)
+    saved = (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()
+    unreachable = None if saved or local.exists() else hub_unreachable()
     try:
-        if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
+        if saved:
             ds = datasets.load_from_disk(str(local))
             if isinstance(ds, datasets.DatasetDict):
                 if cfg.split not in ds:
                     raise DataError(f"data.split={cfg.split}: {cfg.path} has splits {', '.join(ds)}")
                 ds = ds[cfg.split]
+        elif unreachable:  # only the cache can help: ask it alone instead of retrying the network for ~30 s
+            with _offline(datasets):
+                ds = datasets.load_dataset(cfg.path, split=cfg.split)
         else:
             ds = datasets.load_dataset(str(local) if local.exists() else cfg.path, split=cfg.split)
     except DataError:
         raise
     except Exception as err:  # offline and not cached, no such dataset or split, gated...
+        if unreachable:
+            raise DataError(f"data.path={cfg.path}: the Hub at {unreachable} cannot be reached and the dataset is not "
+                            "in the cache: check the network or HF_ENDPOINT, or pass a local folder as data.path") from None
         raise DataError(f"data.path={cfg.path}: could not load the dataset ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
     for key in ("image_column", "caption_column"):
@@ -130,17 +148,44 @@ def _hub(cfg: DataConfig) -> Source:
     return Source("hub", records, identity, hub=ds, image_column=cfg.image_column)
 
 
+@contextlib.contextmanager
+def _offline(datasets):
+    """Hub lookups answered from the local cache only, for the duration."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = before
+
+
 def open_source(cfg: DataConfig) -> Source:
     """List the samples of the (resolved) data section; nothing is decoded yet."""
-    if cfg.source == "hub":
-        return _hub(cfg)
+    source = _hub(cfg) if cfg.source == "hub" else _local(cfg)
+    if cfg.prompt and source.kind != "single_image":
+        own = sum(1 for r in source.records if r.caption and r.caption.strip())
+        if own:
+            log.warning("data: data.prompt=%r replaces the own captions of %d images in %s (unset data.prompt, "
+                        "e.g. --data.prompt=null, to train on them)", cfg.prompt, own, cfg.path)
+    return source
+
+
+def _local(cfg: DataConfig) -> Source:
     path = resolve_path(cfg.path)
     if not path.exists():
         raise DataError(f"data.path={cfg.path} does not exist")
     if cfg.source == "single_image":
+        if path.is_dir():
+            raise DataError(f"data.path={cfg.path} is a folder, but data.source=single_image needs one image file: "
+                            "for a folder of captioned images pass --data.source=folder (a .txt per image, or a "
+                            "metadata.jsonl)")
         if not cfg.prompt:
             raise DataError("data.source=single_image needs data.prompt, e.g. 'A mushroom in [V] style'")
         return Source("single_image", [Record(str(path), path, cfg.prompt)], [_stat(path, path.parent)])
     if not path.is_dir():
         raise DataError(f"data.path={cfg.path}: data.source={cfg.source} needs a folder")
-    return _imagefolder(path, cfg) if cfg.source == "imagefolder" else _captionfolder(path, cfg)
+    if cfg.source == "imagefolder" or (cfg.source == "folder" and (path / "metadata.jsonl").is_file()):
+        return _imagefolder(path, cfg)
+    return _captionfolder(path, cfg)

@@ -14,6 +14,7 @@ overwritten. No torch import here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -23,21 +24,25 @@ import yaml
 
 from amused_tune.common import DIFFUSERS_FILE
 from amused_tune.data.cards import DataError, card_path, load_card
+from amused_tune.sampling_defaults import DIFFUSERS_DEFAULTS, describe_taken, resolve_sampling
 
 CARD = "README.md"
 MARKER = ("<!-- written by amused-tune; `amused-tune push` refreshes this card. "
           "Delete this line to keep your own edits. -->")
 BASE_LICENSES = {"amused/amused-256": "openrail++", "amused/amused-512": "openrail++", "tiny": "apache-2.0",
                  "toy": "apache-2.0"}
+BUILT_IN_BASES = ("tiny", "toy")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_WIDGETS = 4
+SMOOTH_STEPS = 10  # the final loss reported is the mean of this many last steps: one step's loss is noisy
 
 
 # --------------------------------------------------------------------------------------------- reading a run
 
 
 def final_metrics(out: Path) -> dict | None:
-    """Step and loss of the last optimizer step in metrics.jsonl (rows without `lr` were skipped steps)."""
+    """Step and loss of the last optimizer step in metrics.jsonl (rows without `lr` were skipped steps), and the
+    loss smoothed: `loss_mean`, the mean over the last `mean_of` (up to SMOOTH_STEPS) logged steps."""
     path = Path(out) / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -45,7 +50,9 @@ def final_metrics(out: Path) -> dict | None:
     trained = [r for r in rows if "lr" in r and "loss" in r]
     if not trained:
         return None
+    last = [float(r["loss"]) for r in trained[-SMOOTH_STEPS:] if math.isfinite(float(r["loss"]))]
     return {"step": int(trained[-1]["step"]), "loss": float(trained[-1]["loss"]),
+            "loss_mean": sum(last) / len(last) if last else float("nan"), "mean_of": len(last),
             "skipped": int(rows[-1].get("skipped_nonfinite", 0))}
 
 
@@ -150,7 +157,7 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     if meta.get("instance_prompt"):
         lines += ["", f"StyleDrop: trained on a single image captioned `{meta['instance_prompt']}`; put the same "
                       "style words in your prompts."]
-    if base in ("tiny", "toy"):
+    if base in BUILT_IN_BASES:
         lines += ["", f"The base `{base}` is built into amused-tune (`amused_tune.models.load_components({base!r})`), "
                       "not a Hub model: this repository is a test artifact."]
     if dcard.get("license") or dcard.get("licence"):
@@ -162,9 +169,11 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
         step, path = grids[-1]
         lines.append(f"![validation grid at step {step}]({path})")
         lines.append("")
+        sampling, taken = resolve_sampling(base, **{k: validation.get(k) for k in DIFFUSERS_DEFAULTS})
         lines.append(f"Validation grid at step {step}: prompts {', '.join(f'`{p}`' for p in validation.get('prompts') or [])}; "
-                     f"{validation.get('steps')} MaskGIT steps, guidance {validation.get('guidance')}, "
-                     f"seeds from {validation.get('seed')} (also in the PNG's text chunks).")
+                     f"{sampling['steps']} MaskGIT steps, guidance {sampling['guidance']} "
+                     f"({sampling['guidance_schedule']} schedule), seeds from {validation.get('seed')} (also in the PNG's "
+                     f"text chunks){'; ' + describe_taken(base, taken) if taken else ''}.")
     else:
         lines.append("No validation grid was written (the recipe has no validation.prompts).")
 
@@ -172,8 +181,9 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     final = final_metrics(out)
     if final:
         skipped = f", {final['skipped']} non-finite steps skipped" if final["skipped"] else ""
-        lines.append(f"Final loss **{final['loss']:.4f}** at step **{final['step']}** of "
-                     f"{train.get('max_steps')} (masked cross-entropy, metrics.jsonl{skipped}).")
+        lines.append(f"Final loss **{final['loss_mean']:.4f}** (mean of the last {final['mean_of']} steps; the last "
+                     f"step's {final['loss']:.4f}) at step **{final['step']}** of {train.get('max_steps')} "
+                     f"(masked cross-entropy, metrics.jsonl{skipped}).")
     else:
         lines.append("No metrics were recorded.")
     if (out / "loss.png").is_file():
@@ -209,19 +219,38 @@ def _data_description(data: dict, dcard: dict) -> str:
             text = f"[{text}]({dcard['homepage']})"
         if dcard.get("description"):
             text += f" ({' '.join(str(dcard['description']).split()).rstrip('.')})"
-        return text
+        return text + ("" if data.get("source") == "single_image" else _captions(data))
     if data.get("source") == "single_image":
         return f"one image (`{Path(str(data.get('path'))).name}`)"
-    return f"{data.get('source') or 'a'} dataset `{data.get('path')}`"
+    return f"{data.get('source') or 'a'} dataset `{data.get('path')}`{_captions(data)}"
+
+
+def _captions(data: dict) -> str:
+    """Which captions a multi-image source trained on: its own, or data.prompt for every image."""
+    if data.get("prompt"):
+        return f" (every image captioned `{data['prompt']}`; their own captions set aside)"
+    return " (each image with its own captions)"
 
 
 def _short(value) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def _pipeline(base: str, transformer: bool = False) -> str:
+    """The code making `pipe` (with the fine-tuned `transformer` when asked): from the Hub or a folder, or, for a base
+    built into amused-tune (tiny, toy), from its components, which are exactly AmusedPipeline's arguments."""
+    if base not in BUILT_IN_BASES:
+        return f"pipe = AmusedPipeline.from_pretrained({json.dumps(base)}{', transformer=transformer' if transformer else ''})"
+    parts = f"vars(load_components({json.dumps(base)}))"
+    if transformer:
+        parts = f'{{**{parts}, "transformer": transformer}}'
+    return (f"from amused_tune.models import load_components  # {base}: a base built into amused-tune\n\n"
+            f"pipe = AmusedPipeline(**{parts})")
+
+
 def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, repo_id: str | None) -> list[str]:
     """The "Use it" section. Strings go into the code as literals (json.dumps / shlex.quote), whatever they hold."""
-    py_base, py_source, py_prompt = json.dumps(base), json.dumps(source), json.dumps(prompt)
+    py_source, py_prompt = json.dumps(source), json.dumps(prompt)
     sh_base, sh_source, sh_prompt = shlex.quote(base), shlex.quote(source), shlex.quote(prompt)
     if not lora:
         folder = repo_id.split("/")[-1] if repo_id else sh_source
@@ -234,7 +263,7 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
             "import torch",
             "from diffusers import AmusedPipeline, UVit2DModel", "",
             f'transformer = UVit2DModel.from_pretrained({py_source}, subfolder="transformer")',
-            f"pipe = AmusedPipeline.from_pretrained({py_base}, transformer=transformer)",
+            _pipeline(base, transformer=True),
             f"image = pipe({py_prompt}, generator=torch.manual_seed(0)).images[0]",
             'image.save("sample.png")', "```",
         ]
@@ -251,7 +280,7 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
         "import torch",
         "from diffusers import AmusedPipeline",
         "from diffusers.loaders import AmusedLoraLoaderMixin", "",
-        f"pipe = AmusedPipeline.from_pretrained({py_base})",
+        _pipeline(base),
         "state_dict, network_alphas, metadata = AmusedLoraLoaderMixin.lora_state_dict(",
         f'    {py_source}, weight_name="{DIFFUSERS_FILE}", return_lora_metadata=True',
         ")",
@@ -264,7 +293,7 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
         "```python",
         "from diffusers import AmusedPipeline",
         "from peft import PeftModel", "",
-        f"pipe = AmusedPipeline.from_pretrained({py_base})",
+        _pipeline(base),
         f"pipe.transformer = PeftModel.from_pretrained(pipe.transformer, {py_source}).merge_and_unload()",
         f"{peft_te}image = pipe({py_prompt}).images[0]", "```",
     ]

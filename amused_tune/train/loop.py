@@ -31,7 +31,7 @@ from amused_tune.data.datasets import collate, prepare_training_data
 from amused_tune.masking import mask_tokens, masked_cross_entropy
 from amused_tune.models import Components, encode_images, encode_prompts, load_components, text_conditioning
 from amused_tune.recipe import Recipe, RecipeError
-from amused_tune.train import checkpoints, outputs
+from amused_tune.train import checkpoints, outputs, report
 from amused_tune.train.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -197,14 +197,14 @@ def compute_loss(
     tokens = batch["tokens"].to(device) if "tokens" in batch else encode_images(comps.vqvae, batch["pixels"])
     drop = draw_dropout(tokens.shape[0], recipe.train.cond_dropout, generators["dropout"])
     cond = batch_conditioning(batch, comps, empty, drop, recipe.adapter.text_encoder, device)
-    input_ids, mask = mask_tokens(tokens, comps.mask_id, generators["mask"])
+    input_ids, mask = mask_tokens(tokens, comps.mask_id, generators["mask"], recipe.train.min_masking_rate)
     logits = transformer(
         input_ids,
         encoder_hidden_states=cond.hidden,
         pooled_text_emb=cond.pooled,
         micro_conds=batch["micro_conds"].to(device),
     )
-    return masked_cross_entropy(logits, tokens, mask)
+    return masked_cross_entropy(logits, tokens, mask, recipe.train.label_smoothing)
 
 
 def peak_memory_gb() -> float:
@@ -242,6 +242,8 @@ def _run(recipe: Recipe, components: Components | None, stop: "_StopFlag") -> di
     accelerator.wait_for_everyone()  # the main process may have discarded an old run (output.overwrite)
     set_seed(recipe.train.seed)  # the init of the LoRA weights, identical on every process
 
+    if components is None:
+        report.loading(recipe)
     comps = components or load_components(recipe.model.base)
     check_resolution(recipe, comps)
     device = accelerator.device
@@ -249,8 +251,11 @@ def _run(recipe: Recipe, components: Components | None, stop: "_StopFlag") -> di
     names = {id(p): n for n, p in list(comps.transformer.named_parameters()) + [
         (f"text_encoder.{n}", p) for n, p in comps.text_encoder.named_parameters()]}
     dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator)  # validates; may cache and offload
+    report.banner(recipe, out, accelerator.num_processes)
     empty = Conditioning(*(e.to(device) for e in empty_embeds))
     validator = Validator(recipe, comps, (empty.hidden, empty.pooled))
+    if validator.defaults_message:
+        accelerator.print(validator.defaults_message)
 
     optimizer = make_optimizer(recipe, trainable)
     lr_scheduler = get_scheduler(

@@ -15,7 +15,10 @@ import torch
 
 from amused_tune.models import Components, decode_tokens, encode_prompts, micro_conditioning
 from amused_tune.recipe import Recipe
-from amused_tune.sampler import sample_tokens, save_grid
+from amused_tune.preview import viewable_tiles
+from amused_tune.sampler import sample_tokens, save_grid, to_pil
+from amused_tune.train.report import say
+from amused_tune.sampling_defaults import describe_taken, resolve_sampling
 
 
 class Validator:
@@ -28,6 +31,9 @@ class Validator:
         self.seeds = [v.seed + i for i in range(len(self.prompts))]
         self.empty = empty
         self.cond = self._encode() if self.enabled and not recipe.adapter.text_encoder else None
+        given = {k: getattr(v, k) for k in ("guidance", "guidance_schedule", "steps", "temperature")}
+        self.sampling, taken = resolve_sampling(recipe.model.base, **given) if self.enabled else ({}, {})
+        self.defaults_message = describe_taken(recipe.model.base, taken)  # values the base's sampling.json gave
 
     @property
     def enabled(self) -> bool:
@@ -42,14 +48,15 @@ class Validator:
     @torch.no_grad()
     def __call__(self, transformer: torch.nn.Module, step: int, out: Path, accelerator) -> Path:
         v = self.recipe.validation
+        n = len(self.prompts)
+        say(f"samples: writing {out / 'samples' / f'step-{step}.png'} ({n} image{'' if n == 1 else 's'}) ...")
         cond = self.cond if self.cond is not None else self._encode()
         was_training = transformer.training
         transformer.eval()
         res = self.comps.resolution
         with accelerator.autocast():
             tokens = sample_tokens(
-                transformer, cond, self.empty, self.seeds, micro_conds=micro_conditioning(res, res),
-                steps=v.steps, guidance=v.guidance,
+                transformer, cond, self.empty, self.seeds, micro_conds=micro_conditioning(res, res), **self.sampling,
             )
         transformer.train(was_training)
         vq = self.comps.vqvae
@@ -57,8 +64,9 @@ class Validator:
         images = decode_tokens(vq.to(tokens.device), tokens).float().cpu()
         vq.to(home)
         texts = {"prompts": json.dumps(self.prompts), "seeds": json.dumps(self.seeds), "step": str(step),
-                 "steps": str(v.steps), "guidance": str(v.guidance)}
-        path = save_grid(images, out / "samples" / f"step-{step}.png", texts, nrow=v.images_per_prompt)
+                 **self.sampling}
+        tiles = viewable_tiles(to_pil(images), self.prompts)  # small bases: scaled up to be seen, and labelled
+        path = save_grid(tiles, out / "samples" / f"step-{step}.png", texts, nrow=v.images_per_prompt)
         if self.recipe.output.tensorboard:
             tracker = accelerator.get_tracker("tensorboard", unwrap=True)
             if tracker is not None:
