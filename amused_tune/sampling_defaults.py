@@ -31,9 +31,9 @@ def sampling_file(base: str) -> Path | None:
     if base == "tiny":
         return None
     if base == "toy":
-        from amused_tune.toy import WEIGHTS_DIR
+        from amused_tune.common import TOY_WEIGHTS_DIR
 
-        return WEIGHTS_DIR / SAMPLING_FILE
+        return TOY_WEIGHTS_DIR / SAMPLING_FILE
     path = Path(base).expanduser()
     if path.is_dir():
         return path / SAMPLING_FILE

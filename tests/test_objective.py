@@ -98,3 +98,33 @@ def test_recipe_refuses_out_of_range_objective_values():
     recipe = Recipe()
     recipe.train.label_smoothing, recipe.train.min_masking_rate = 0.1, 0.3
     assert recipe.validate().train.label_smoothing == 0.1
+
+
+def test_trainer_passes_both_levers_to_the_objective(tmp_path, image_folder, monkeypatch):
+    from amused_tune.models import build_tiny
+    from amused_tune.recipe import AdapterConfig, DataConfig, ModelConfig, OutputConfig, TrainConfig
+    from amused_tune.train import loop
+
+    seen = {}
+    real_mask, real_loss = loop.mask_tokens, loop.masked_cross_entropy
+
+    def mask_spy(tokens, mask_id, generator, min_masking_rate=0.0):
+        seen["min_masking_rate"] = min_masking_rate
+        return real_mask(tokens, mask_id, generator, min_masking_rate)
+
+    def loss_spy(logits, tokens, mask, label_smoothing=0.0):
+        seen["label_smoothing"] = label_smoothing
+        seen["masked_share"] = mask.float().mean().item()
+        return real_loss(logits, tokens, mask, label_smoothing)
+
+    monkeypatch.setattr(loop, "mask_tokens", mask_spy)
+    monkeypatch.setattr(loop, "masked_cross_entropy", loss_spy)
+    recipe = Recipe(model=ModelConfig(base="tiny"), data=DataConfig(source="imagefolder", path=str(image_folder),
+                                                                    cache=False),
+                    adapter=AdapterConfig(kind="lora", rank=4), output=OutputConfig(dir=str(tmp_path / "run"),
+                                                                                    loss_plot=False),
+                    train=TrainConfig(batch_size=2, max_steps=1, precision="fp32", label_smoothing=0.2,
+                                      min_masking_rate=0.9))
+    loop.train(recipe, components=build_tiny())
+    assert seen["label_smoothing"] == 0.2 and seen["min_masking_rate"] == 0.9
+    assert seen["masked_share"] >= 58 / 64  # round(64 * 0.9) = 58 of the 8x8 tokens, at least

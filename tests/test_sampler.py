@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_with_random_lora
 from PIL import Image
 
 from amused_tune.cli import sample as sample_cli
@@ -23,6 +24,7 @@ from amused_tune.sampler import (
     start_step,
     step_plan,
 )
+from amused_tune.sampling_defaults import SamplingDefaultsError, describe_taken, resolve_sampling, sampling_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK_ID = 64  # tiny model: codebook 64, mask id = vocab_size - 1
@@ -164,15 +166,9 @@ def test_mask_image_file_maps_white_pixels_to_tokens(tmp_path):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    from amused_tune.adapters import attach_lora, save_lora
+    from amused_tune.adapters import save_lora
 
-    comps = build_tiny()
-    attach_lora(comps.transformer, rank=4, alpha=8)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in comps.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    comps = tiny_with_random_lora(seed=0)
     return save_lora(tmp_path_factory.mktemp("run") / "adapter", comps.transformer)
 
 
@@ -203,6 +199,68 @@ def test_lora_scale_and_styledrop_guidance(tiny, adapter_dir):
     assert torch.equal(sd0, no_cfg)
     sd, _ = generate(styled, ["a cat"], [0], styledrop=StyleDropGuidance(2.0, 5.0))
     assert not torch.equal(sd, sd0)
+
+
+# --------------------------------------------------------------------------------------------- per-base defaults
+
+
+def write_sampling(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sampling.json").write_text(text)
+    return folder
+
+
+def test_base_sampling_json_fills_only_what_is_not_given(tmp_path):
+    base = str(write_sampling(tmp_path / "base", '{"guidance": 3, "steps": 4, "temperature": [1.5, 0.5]}'))
+    assert sampling_defaults(base) == {"guidance": 3.0, "steps": 4, "temperature": (1.5, 0.5)}
+    values, taken = resolve_sampling(base)
+    assert values == {"guidance": 3.0, "guidance_schedule": "constant", "steps": 4, "temperature": (1.5, 0.5)}
+    assert describe_taken(base, taken) == f"sampling defaults from {base}: guidance 3.0, steps 4, temperature 1.5 0.5"
+    values, taken = resolve_sampling(base, guidance=5.0, guidance_schedule="cosine", steps=None, temperature=(2.0, 0.0))
+    assert values == {"guidance": 5.0, "guidance_schedule": "cosine", "steps": 4, "temperature": (2.0, 0.0)}
+    assert taken == {"steps": 4}
+    # no file (or the tiny base): diffusers' defaults, nothing said
+    assert resolve_sampling("tiny") == ({"guidance": 10.0, "guidance_schedule": "constant", "steps": 12,
+                                         "temperature": (2.0, 0.0)}, {})
+    assert describe_taken("tiny", {}) is None
+
+
+def test_toy_base_samples_with_guidance_on_by_default():
+    values, taken = resolve_sampling("toy")
+    assert taken["guidance"] > 1.0 and values["guidance"] == taken["guidance"]
+    assert set(taken) <= {"guidance", "guidance_schedule", "steps", "temperature"}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"guidence": 3.0}', "unknown key 'guidence'; valid keys: guidance, guidance_schedule, steps, temperature"),
+    ('{"steps": 0}', "steps must be an integer >= 1, got 0"),
+    ('{"steps": 12.5}', "steps must be an integer >= 1, got 12.5"),
+    ('{"guidance": "high"}', 'guidance must be a number >= 0, got "high"'),
+    ('{"guidance": true}', "guidance must be a number >= 0, got true"),
+    ('{"guidance_schedule": "warmup"}', "guidance_schedule must be one of constant, linear, cosine, ramp1"),
+    ('{"temperature": [1.0]}', "temperature must be a number or [start, end], got [1.0]"),
+    ('[3.0]', "must hold a JSON object"),
+    ('{"guidance": 3.0,}', "not a readable JSON file"),
+])
+def test_bad_sampling_json_is_one_line_naming_the_file(tmp_path, text, needle):
+    base = write_sampling(tmp_path / "base", text)
+    with pytest.raises(SamplingDefaultsError) as err:
+        resolve_sampling(str(base))
+    message = str(err.value)
+    assert needle in message and str(base / "sampling.json") in message and "\n" not in message
+
+
+def test_hub_base_reads_sampling_json_from_the_cache_only(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert sampling_defaults("someone/some-amused") == {}  # not cached: diffusers' defaults, no download
+    repo = tmp_path / "models--someone--some-amused"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    write_sampling(repo / "snapshots" / "abc123", '{"guidance": 5.0}')
+    assert sampling_defaults("someone/some-amused") == {"guidance": 5.0}
+    assert resolve_sampling("someone/some-amused")[0]["steps"] == 12
 
 
 # --------------------------------------------------------------------------------------------- files, CLI, bench
@@ -246,6 +304,66 @@ def test_cli_writes_images_and_grid_byte_identically(tmp_path, adapter_dir):
             "--adapter-scale", "0.5", "--steps", "4"]
     assert sample_cli.main(argv) == 0
     assert '"scale": 0.5' in Image.open(out / "000-seed0.png").text["adapter"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny model as a pipeline folder whose sampling.json recommends guidance 2, ramp1, 3 steps."""
+    folder = tmp_path_factory.mktemp("bases") / "tiny-with-defaults"
+    build_tiny().save_pretrained(folder)
+    return write_sampling(folder, '{"guidance": 2.0, "guidance_schedule": "ramp1", "steps": 3}')
+
+
+def test_cli_takes_what_is_not_given_from_the_base_and_says_so(tmp_path, capsys, tiny_folder):
+    argv = ["--base", str(tiny_folder), "--prompt", "a cat", "--out", str(tmp_path / "a")]
+    assert sample_cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"sampling defaults from {tiny_folder}: guidance 2.0, guidance_schedule ramp1, steps 3" in err
+    meta = Image.open(tmp_path / "a" / "000-seed0.png").text
+    assert (meta["steps"], meta["guidance"], meta["guidance_schedule"], meta["temperature"]) == (
+        "3", "2.0", "ramp1", "[2.0, 0.0]")
+    argv = ["--base", str(tiny_folder), "--prompt", "a cat", "--out", str(tmp_path / "b"), "--steps", "2",
+            "--guidance", "4", "--guidance-schedule", "linear", "--temperature", "1", "0"]
+    assert sample_cli.main(argv) == 0
+    assert "sampling defaults" not in capsys.readouterr().err  # everything given: nothing taken from the base
+    meta = Image.open(tmp_path / "b" / "000-seed0.png").text
+    assert (meta["steps"], meta["guidance"], meta["guidance_schedule"], meta["temperature"]) == (
+        "2", "4.0", "linear", "[1.0, 0.0]")
+
+
+def test_cli_toy_uses_its_own_defaults_with_guidance_on(tmp_path, capsys):
+    assert sample_cli.main(["--base", "toy", "--prompt", "a red square on a blue background",
+                            "--out", str(tmp_path)]) == 0
+    assert "sampling defaults from toy: guidance" in capsys.readouterr().err
+    assert float(Image.open(tmp_path / "000-seed0.png").text["guidance"]) > 1.0
+
+
+def test_cli_bad_sampling_json_is_one_line_exit_2(tmp_path, capsys):
+    base = tmp_path / "base"
+    build_tiny().save_pretrained(base)
+    write_sampling(base, '{"guidance": 3.0, "stpes": 12}')
+    assert sample_cli.main(["--base", str(base), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"amused-tune sample: error: {base / 'sampling.json'}: unknown key 'stpes'")
+
+
+def test_validation_grid_and_card_use_the_base_defaults(tmp_path, capsys, image_folder, tiny_folder):
+    from amused_tune.recipe import AdapterConfig, DataConfig, ModelConfig, OutputConfig, Recipe, TrainConfig
+    from amused_tune.recipe import ValidationConfig
+    from amused_tune.train.loop import train
+
+    recipe = Recipe(model=ModelConfig(base=str(tiny_folder)),
+                    data=DataConfig(source="imagefolder", path=str(image_folder), cache=False),
+                    adapter=AdapterConfig(kind="lora", rank=4), validation=ValidationConfig(prompts=["a cat"], every=5),
+                    train=TrainConfig(batch_size=2, max_steps=1, precision="fp32"),
+                    output=OutputConfig(dir=str(tmp_path / "run"), loss_plot=False))
+    train(recipe, components=build_tiny())
+    assert f"sampling defaults from {tiny_folder}: guidance 2.0, guidance_schedule ramp1, steps 3" in (
+        capsys.readouterr().out)
+    meta = Image.open(tmp_path / "run" / "samples" / "step-1.png").text
+    assert (meta["steps"], meta["guidance"], meta["guidance_schedule"]) == ("3", "2.0", "ramp1")
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "3 MaskGIT steps, guidance 2.0 (ramp1 schedule)" in card and "sampling defaults from" in card
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -206,13 +206,17 @@ def test_8bit_adamw_steps_with_8bit_state(tmp_path, image_folder):
     assert (Path(recipe.output.dir) / "transformer" / "config.json").is_file()
 
 
-def test_batch4_accum1_equals_batch1_accum4(tmp_path, image_folder):
+# label smoothing sends gradient to every code of the output head, where a few sums cancel to near zero and Adam's
+# normalisation magnifies their float-order noise (measured: 2.7e-5 on one of 2048 weights, 1% of the update)
+@pytest.mark.parametrize("objective, atol", [({}, 1e-5), ({"label_smoothing": 0.1, "min_masking_rate": 0.4}, 5e-5)])
+def test_batch4_accum1_equals_batch1_accum4(tmp_path, image_folder, objective, atol):
     results = []
     for bs, ga in ((4, 1), (1, 4)):
         comps = build_tiny()
         recipe = tiny_recipe(tmp_path / f"bs{bs}", image_folder, adapter={"kind": "full"},
                              optim={"max_grad_norm": 0.0},
-                             train={"batch_size": bs, "grad_accum": ga, "max_steps": 3, "cond_dropout": 0.5})
+                             train={"batch_size": bs, "grad_accum": ga, "max_steps": 3, "cond_dropout": 0.5,
+                                    **objective})
         train(recipe, components=comps)
         rows = [r["loss"] for r in __import__("amused_tune.train.outputs", fromlist=["x"]).read_metrics(
             Path(recipe.output.dir) / "metrics.jsonl")]
@@ -222,7 +226,7 @@ def test_batch4_accum1_equals_batch1_accum4(tmp_path, image_folder):
     changed = 0
     for name in w_a:
         # Adam divides by sqrt(v): float-order noise on near-zero gradients stays far below one update (lr 1e-3)
-        torch.testing.assert_close(w_a[name], w_b[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w_a[name], w_b[name], rtol=1e-4, atol=atol)
         changed += 1
     assert changed > 10
 

@@ -56,6 +56,7 @@ def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: 
     from amused_tune.data.sources import resolve_path
     from amused_tune.models import load_components
     from amused_tune.sampler import StyleDropGuidance, generate, png_info, to_pil
+    from amused_tune.sampling_defaults import resolve_sampling
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     comps = load_components(recipe.model.base)
@@ -69,19 +70,21 @@ def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: 
     dtype = dtype if device.type == "cuda" else torch.float32
     for module, module_dtype in ((comps.transformer, dtype), (comps.text_encoder, dtype), (comps.vqvae, torch.float32)):
         module.to(device, module_dtype)
-    steps = args.steps or recipe.validation.steps
-    guidance = recipe.validation.guidance if args.guidance is None else args.guidance
+    v = recipe.validation  # unset values: the base's sampling.json, else diffusers' defaults
+    sampling, _ = resolve_sampling(recipe.model.base, steps=args.steps or v.steps, guidance=v.guidance if
+                                   args.guidance is None else args.guidance, guidance_schedule=v.guidance_schedule,
+                                   temperature=v.temperature)
     styledrop = StyleDropGuidance(*args.styledrop_guidance) if args.styledrop_guidance else None
 
     out.mkdir(parents=True, exist_ok=True)
     rows, k = [], 0
     for i, prompt in enumerate(prompts):
         seeds = [args.seed + k + j for j in range(args.per_prompt)]
-        _, images = generate(comps, [prompt], seeds, steps=steps, guidance=guidance, styledrop=styledrop)
+        _, images = generate(comps, [prompt], seeds, **sampling, styledrop=styledrop)
         for seed, image in zip(seeds, to_pil(images)):
             name = f"{i:03d}-{slug(prompt)}-seed{seed}.png"
-            image.save(out / name, pnginfo=png_info({"prompt": prompt, "seed": seed, "steps": steps,
-                                                      "guidance": guidance, "adapter": str(run / "adapter")}))
+            image.save(out / name, pnginfo=png_info({"prompt": prompt, "seed": seed, **sampling,
+                                                      "adapter": str(run / "adapter")}))
             rows.append({"file_name": name, "text": prompt, "seed": seed})
         k += args.per_prompt
     data = resolve_config(recipe.data)
