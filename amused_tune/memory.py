@@ -368,34 +368,51 @@ def _smaller_batches(recipe):
             yield out
 
 
+def _with(recipe, levers: list[tuple[str, object]]):
+    for key, value in levers:
+        recipe = _set(recipe, key, value)
+    return recipe
+
+
 def fit(recipe, budget: int, say=print):
     """The recipe with the kit's levers turned on, in order, until the predicted peak plus the CUDA context fits
-    in `budget` bytes; `say` gets one line per change. Never changes the effective batch, the lr or the data.
+    in `budget` bytes, then a smaller micro-batch with more accumulation; levers that turn out not to be needed
+    are dropped again. `say` gets one line per change. Never changes the effective batch, the lr or the data.
     Raises EstimateError when nothing fits."""
     usable = budget - int(CUDA_CONTEXT_GB * GB)
-    peak = estimate(recipe).peak_bytes
-    if peak <= usable:
+    first = estimate(recipe)
+    if first.peak_bytes <= usable:
         return recipe
+    chosen, current, est = [], recipe, first
     for key, value, already in _levers(recipe):
-        if already or peak <= usable:
+        if already or est.peak_bytes <= usable:
             continue
-        changed = _set(recipe, key, value)
-        new = estimate(changed).peak_bytes
-        if new >= peak:  # this lever saves nothing here (e.g. bf16 frozen weights that the cache already moved)
-            continue
-        old_value = getattr(getattr(recipe, key.split(".")[0]), key.split(".")[1])
-        say(f"--max-memory: {key}: {old_value} -> {value} (predicted peak {peak / GB:.2f} -> {new / GB:.2f} GB)")
-        recipe, peak = changed, new
-    for smaller in _smaller_batches(recipe) if peak > usable else ():
-        new = estimate(smaller).peak_bytes
-        if new <= usable or smaller.train.batch_size == 1:
-            t0, t1 = recipe.train, smaller.train
-            say(f"--max-memory: train.batch_size x train.grad_accum: {t0.batch_size} x {t0.grad_accum} -> "
-                f"{t1.batch_size} x {t1.grad_accum} (predicted peak {peak / GB:.2f} -> {new / GB:.2f} GB)")
-            recipe, peak = smaller, new
+        candidate = estimate(_set(current, key, value))
+        if any(candidate.at(m) < est.at(m) for m in est.moments if m in candidate.moments):  # it saves something
+            chosen.append((key, value))
+            current, est = _set(current, key, value), candidate
+    for smaller in _smaller_batches(current) if est.peak_bytes > usable else ():
+        current, est = smaller, estimate(smaller)
+        if est.peak_bytes <= usable:
             break
-    if peak > usable:
+    if est.peak_bytes > usable:
         raise EstimateError(
-            f"nothing fits in {budget / GB:.1f} GB: with every memory lever on the predicted peak is {peak / GB:.2f} GB "
-            f"(+ {CUDA_CONTEXT_GB} GB for the CUDA context); use a larger GPU or LoRA instead of full fine-tuning")
-    return recipe
+            f"nothing fits in {budget / GB:.1f} GB: with every memory lever on the predicted peak is "
+            f"{est.peak_gb:.2f} GB (+ {CUDA_CONTEXT_GB} GB for the CUDA context); use a larger GPU or LoRA instead "
+            "of full fine-tuning")
+    batch = (current.train.batch_size, current.train.grad_accum)
+    for lever in reversed(list(chosen)):  # drop what the final recipe does not need, last lever first
+        kept = [c for c in chosen if c != lever]
+        trial = _with(recipe, kept)
+        trial.train.batch_size, trial.train.grad_accum = batch
+        if estimate(trial).peak_bytes <= usable:
+            chosen, current = kept, trial
+    for key, value in chosen:
+        section, name = key.split(".")
+        say(f"--max-memory: {key}: {getattr(getattr(recipe, section), name)} -> {value}")
+    if batch != (recipe.train.batch_size, recipe.train.grad_accum):
+        say(f"--max-memory: train.batch_size x train.grad_accum: {recipe.train.batch_size} x "
+            f"{recipe.train.grad_accum} -> {batch[0]} x {batch[1]} (same effective batch)")
+    say(f"--max-memory: predicted peak {first.peak_gb:.2f} -> {estimate(current).peak_gb:.2f} GB "
+        f"(fits {budget / GB:g} GB with {CUDA_CONTEXT_GB} GB for the CUDA context)")
+    return current
