@@ -326,6 +326,17 @@ def test_sample_says_what_it_is_doing(capsys, tmp_path):
     assert "loading base model tiny" in stdout and "sampling 1 image (2 steps" in stdout
 
 
+def test_library_noise_is_silenced_when_a_folder_base_loads_and_is_cast(capfd, tmp_path):
+    # the toy base loads from a pipeline folder (transformers' "Loading weights" bar) and bf16 casts it (diffusers'
+    # "modules that should be kept in float32" warning): neither reaches the terminal
+    assert cli_main(["sample", "--base", "toy", "--prompt", "a red circle", "--steps", "1", "--dtype", "bf16",
+                     "--out", str(tmp_path / "o")]) == 0
+    said = capfd.readouterr()
+    assert "loading base model toy" in said.out and (tmp_path / "o" / "grid.png").is_file()
+    for noise in ("Loading weights", "float32", "it/s"):
+        assert noise not in said.out + said.err, (noise, said.err[-2000:])
+
+
 # --------------------------------------------------------------------------------------------- help
 
 

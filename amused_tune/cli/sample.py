@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [args.seed + k for k in range(len(prompts))]
         styledrop = StyleDropGuidance(*args.styledrop_guidance) if args.styledrop_guidance else None
         images = []
-        print(f"sampling {len(prompts)} image{'' if len(prompts) == 1 else 's'} ({sampling.get('steps')} steps "
+        steps = sampling.get("steps")
+        print(f"sampling {len(prompts)} image{'' if len(prompts) == 1 else 's'} ({steps} step{'' if steps == 1 else 's'} "
               f"each, {device.type}) ...", flush=True)
         for start in range(0, len(prompts), args.batch_size):
             chunk = slice(start, start + args.batch_size)
