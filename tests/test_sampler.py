@@ -297,7 +297,7 @@ def test_cli_writes_images_and_grid_byte_identically(tmp_path, adapter_dir):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
     meta = Image.open(outs[0] / "001-seed2.png").text
     assert (meta["prompt"], meta["seed"], meta["steps"], meta["guidance"]) == ("a cat", "2", "12", "10.0")
-    assert Image.open(outs[0] / "grid.png").size == (64, 32)
+    assert Image.open(outs[0] / "grid.png").size == (512, 256)  # 32 px images shown at 256 px (amused_tune.preview)
 
     out = tmp_path / "lora"
     argv = ["sample", "--base", "tiny", "--prompt", "a cat", "--out", str(out), "--adapter", str(adapter_dir),

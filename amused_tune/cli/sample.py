@@ -16,6 +16,7 @@ import torch
 from amused_tune.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
 from amused_tune.cli.args import SubcommandParser, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem, image_problem
+from amused_tune.preview import viewable_tiles
 from amused_tune.common import DTYPE_NAMES, place, torch_dtype
 from amused_tune.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsError, describe_taken, resolve_sampling
 
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         path = out / f"{k:03d}-seed{seed}.png"
         img.save(path, pnginfo=png_info({"prompt": prompt, "seed": seed, **common}))
         print(path)
-    grid = save_grid(images, out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})
+    # the grid is for looking at: small images scaled up (nearest) and labelled; the files above stay as generated
+    grid = save_grid(viewable_tiles(images, prompts), out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})
     print(grid)
     return 0
 
