@@ -290,8 +290,8 @@ def _load_hub(repo_id: str) -> Components:
         local = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
                                   local_files_only=bool(unreachable))
     except LocalEntryNotFoundError as err:
-        why = (f"the Hub at {unreachable} cannot be reached" if unreachable else
-               "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the Hub at {constants.ENDPOINT} cannot be reached")
+        why = (f"the Hub at {unreachable or constants.ENDPOINT} cannot be reached"
+               if unreachable or not constants.HF_HUB_OFFLINE else "HF_HUB_OFFLINE is set")
         raise BaseModelError(
             f"model.base={repo_id!r} is not in the Hugging Face cache and {why}: download it once with "
             f"`hf download {repo_id} --local-dir DIR` and pass model.base=DIR"

@@ -129,8 +129,9 @@ def _hub(cfg: DataConfig) -> Source:
         raise
     except Exception as err:  # offline and not cached, no such dataset or split, gated...
         if unreachable:
-            raise DataError(f"data.path={cfg.path}: the Hub at {unreachable} cannot be reached and the dataset is not "
-                            "in the cache: check the network or HF_ENDPOINT, or pass a local folder as data.path") from None
+            raise DataError(f"data.path={cfg.path}: the Hub at {unreachable} cannot be reached and the dataset is "
+                            "not in the cache: check the network or HF_ENDPOINT, or pass a local folder as data.path"
+                            ) from None
         raise DataError(f"data.path={cfg.path}: could not load the dataset ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
     for key in ("image_column", "caption_column"):

@@ -240,7 +240,8 @@ def _pipeline(base: str, transformer: bool = False) -> str:
     """The code making `pipe` (with the fine-tuned `transformer` when asked): from the Hub or a folder, or, for a base
     built into amused-tune (tiny, toy), from its components, which are exactly AmusedPipeline's arguments."""
     if base not in BUILT_IN_BASES:
-        return f"pipe = AmusedPipeline.from_pretrained({json.dumps(base)}{', transformer=transformer' if transformer else ''})"
+        extra = ", transformer=transformer" if transformer else ""
+        return f"pipe = AmusedPipeline.from_pretrained({json.dumps(base)}{extra})"
     parts = f"vars(load_components({json.dumps(base)}))"
     if transformer:
         parts = f'{{**{parts}, "transformer": transformer}}'
