@@ -97,6 +97,23 @@ def test_n_steps_then_resumed_n_more_equals_2n_steps(tmp_path, data, kind, adam_
     assert len(state["rng"]) == 1 and {"mask", "dropout", "data"} <= state["rng"][0]["generators"].keys()
 
 
+@pytest.mark.parametrize("data_cfg", [{"cache": True}, {"num_workers": 2}], ids=["cache", "two-workers"])
+def test_resume_is_exact_with_the_cache_and_with_data_workers(tmp_path, data, data_cfg):
+    """Random flips drawn in the cache (two variants per image) or in two worker processes: 2 + 2 steps == 4."""
+    def run(name: str, steps: int, **data_overrides) -> dict:
+        recipe = recipe_for(tmp_path / name, data, max_steps=steps)
+        recipe.data.__dict__.update({"cache_dir": str(tmp_path / "cache"), **data_cfg, **data_overrides})
+        reset_accelerate()
+        return train(recipe)
+
+    run("straight", 4)
+    run("resumed", 2)
+    assert run("resumed", 4)["step"] == 4
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    run("in-process", 4, num_workers=0)  # the workers change nothing either
+    assert_same_run(tmp_path / "straight", tmp_path / "in-process")
+
+
 def test_sigterm_mid_run_saves_exits_143_and_resumes_exactly_with_a_cosine_schedule(tmp_path, data, monkeypatch):
     sched = {"scheduler": "cosine", "warmup_steps": 2}
     straight = recipe_for(tmp_path / "straight", data, max_steps=5, checkpoint_every=100)

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
-from amused_tune.data.preprocess import make_prompt, preprocess
+from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
 from amused_tune.models import Components, encode_images, encode_prompts
 from amused_tune.recipe import DataConfig
@@ -237,8 +237,9 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def __getitem__(self, index: int) -> dict:
-        v = self.rng.randrange(self.tokens.shape[1])
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, rng = item_draws(key, self.rng)
+        v = rng.randrange(self.tokens.shape[1])
         item = {"tokens": self.tokens[index, v].long(), "micro_conds": self.micro[index, v],
                 "prompt": self.prompts[index]}
         if self.text is not None:

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from amused_tune.data import cache
 from amused_tune.data.cards import resolve_config
 from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
-from amused_tune.data.preprocess import make_prompt, preprocess
+from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
 from amused_tune.models import encode_prompts
 from amused_tune.recipe import DataConfig
@@ -45,12 +45,12 @@ class PixelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, rng = item_draws(key, self.rng)
         record, prompt = self.samples[index]
         image, _ = load_image(self.source, record, 0)
-        rng = None if self.cfg.center_crop else self.rng
-        flip = bool(self.cfg.random_flip) and self.rng.random() < 0.5
-        pixels, micro = preprocess(image, self.resolution, rng, flip)
+        flip = bool(self.cfg.random_flip) and rng.random() < 0.5
+        pixels, micro = preprocess(image, self.resolution, None if self.cfg.center_crop else rng, flip)
         return {"pixels": pixels, "prompt": prompt, "micro_conds": micro}
 
 

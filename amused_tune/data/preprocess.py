@@ -13,6 +13,16 @@ from amused_tune.models import micro_conditioning
 from amused_tune.recipe import DataConfig
 
 
+def item_draws(key, rng: random.Random) -> tuple[int, random.Random]:
+    """(index, rng) of a dataset item. The trainer fetches items as (index, seed): the item's random crop, flip or
+    cache variant then depends on that seed alone (its position in the run), so any `data.num_workers` and a resumed
+    run draw exactly what an uninterrupted run does. A plain index draws from the dataset's own `rng`."""
+    if isinstance(key, tuple):
+        index, seed = key
+        return int(index), random.Random(seed)
+    return int(key), rng
+
+
 def make_prompt(cfg: DataConfig, caption: str) -> str:
     return cfg.prompt_prefix + cfg.prompt_template.replace("{caption}", caption)
 

@@ -348,8 +348,9 @@ def _check_weights(path: Path, saved: dict[str, torch.Tensor], wanted: dict[str,
 
 
 def dataset_rngs(dataset) -> dict[str, random.Random]:
-    """The dataset's own augmentation RNG (random crops, flips, cache variants), when it has one. It is exact to
-    save with data.num_workers=0; worker processes hold copies of it that a checkpoint cannot see."""
+    """The dataset's own augmentation RNG, when it has one: it serves items fetched by a plain index. The trainer
+    fetches (index, seed) pairs whose draws depend on the seed alone (data.preprocess.item_draws), which resume
+    exactly with any data.num_workers."""
     rng = getattr(dataset, "rng", None)
     return {"data": rng} if isinstance(rng, random.Random) else {}
 

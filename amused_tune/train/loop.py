@@ -143,10 +143,15 @@ class EpochSampler(Sampler):
         return order.repeat(repeats)[self.rank :: self.world].tolist()
 
     def __iter__(self):
+        """(index, seed) pairs: the seed, a function of this process's position in the stream, draws the item's
+        crop, flip or cache variant (see data.preprocess.item_draws), whichever worker fetches it."""
         per_epoch = len(self.epoch_order(0))
         epoch, skip = divmod(self.start, per_epoch)
+        position = self.start
         while True:
-            yield from self.epoch_order(epoch)[skip:]
+            for index in self.epoch_order(epoch)[skip:]:
+                yield index, (self.seed * 1_000_003 + self.rank) * 1_000_000_007 + position
+                position += 1
             epoch, skip = epoch + 1, 0
 
 
