@@ -55,7 +55,11 @@ def mode(recipe) -> str:
 
 
 def gb(value) -> str:
-    return "—" if value is None else f"{value:g}" if isinstance(value, float) and value == round(value, 2) else str(value)
+    return "—" if value is None else str(value)
+
+
+def lr(value: float) -> str:
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{value:.1e}")  # 1.0e-4, as the recipes write it
 
 
 def fits(recipe, budget_gb: int) -> str:
@@ -84,6 +88,8 @@ def collect() -> list[dict]:
     ref = reference_gb()
     out = []
     for row in rows:
+        if row["paper_memory_gb"] is None:  # the paper's configurations only
+            continue
         recipe = parse_recipe([row["file"]])[0]
         try:
             est = memory.estimate(recipe)
@@ -100,7 +106,7 @@ def recipes_table(items: list[dict]) -> str:
     for it in items:
         r, rec = it["row"], it["recipe"]
         lines.append(f"| `{r['name']}` | {rec.model.base} | {mode(rec)} | {rec.train.batch_size} × "
-                     f"{rec.train.grad_accum} | {rec.optim.lr:.1e} | {gb(r['paper_memory_gb'])} | {gb(it['ref'])} | "
+                     f"{rec.train.grad_accum} | {lr(rec.optim.lr)} | {gb(r['paper_memory_gb'])} | {gb(it['ref'])} | "
                      f"{it['predicted']:.2f} | {gb(r['measured_memory_gb'])} |")
     return "\n".join(lines)
 

@@ -14,8 +14,10 @@ structural copy over the same CPU weights. All configs run in this process, memo
 reset between them; a failing config is reported and the others go on.
 
 Reported per config: the paper's peak, the reference trainer's (diffusers' train_amused.py on an H100, where a
-row exists), the kit's peak (torch.cuda.max_memory_allocated over the whole run, split into the training steps and
-the data preparation, and reserved), the median seconds per optimizer step after the warmup, and images/s.
+row exists: bench/reference_h100.yaml), the memory estimator's prediction beside what is measured (`pred GB` for the
+training steps, `pred prep` for encoding the cache; `amused-tune RECIPE.yaml --estimate`), the kit's peak
+(torch.cuda.max_memory_allocated over the whole run, split into the training steps and the data preparation, and
+reserved; GB are 10^9 bytes), the median seconds per optimizer step after the warmup, and images/s.
 Checkpoints and final weights are not written (--save writes them): the steps are what is measured. Writes
 OUT/train-<device>.json (after every config, so a killed run keeps what it measured) and OUT/train-<device>.png
 (measured vs paper vs reference memory). See docs/recipes.md.
@@ -49,20 +51,10 @@ from amused_tune.train import checkpoints, outputs  # noqa: E402
 from amused_tune.train import loop as trainer  # noqa: E402
 from amused_tune.models import build_real_size, build_tiny  # noqa: E402
 
-# The reference to beat (shared/spec/reference-h100.yaml): diffusers' examples/amused/train_amused.py on one
-# NVIDIA H100 80GB HBM3, random real-size weights, fp16, no gradient checkpointing. peak/reserved GB, s/step.
-REFERENCE_H100 = {
-    "amused-256": {
-        "lora_bs1_ga16": (4.64, 4.67, 3.51), "lora_bs8_ga2": (7.59, 7.68, 0.607),
-        "lora_bs16_ga1": (10.88, 11.11, 0.241), "full8bit_bs1_ga16": (8.95, 8.98, 2.76),
-        "full8bit_bs16_ga1": (15.95, 17.41, 0.252), "full_bs8_ga1": (14.59, 16.03, 0.183),
-        "full_bs1_ga8": (13.12, 13.78, 1.17),
-    },
-    "amused-512": {
-        "lora_bs1_ga8": (4.77, 5.18, 1.74), "lora_bs8_ga1": (10.18, 13.82, 0.284),
-        "full8bit_bs1_ga8": (9.08, 9.12, 1.72), "full_bs8_ga1": (15.62, 21.44, 0.255),
-    },
-}
+# The reference to beat: diffusers' examples/amused/train_amused.py measured on one H100 (bench/reference_h100.yaml,
+# which says how). Its GB are 10^9 bytes, as the kit's predictions (amused_tune.memory) and this bench's figures.
+REFERENCE_FILE = Path(__file__).resolve().parent / "reference_h100.yaml"
+GB = 10**9
 CARDS = {"amused-256": "nouns_256", "amused-512": "minecraft_512"}
 
 # Low-VRAM levers, one at a time on top of the bs 1 LoRA recipes (which already hold the base in bf16 and
@@ -79,12 +71,26 @@ LEVERS = [
 
 def reference() -> dict[str, dict]:
     """Recipe name -> the reference trainer's {peak_gb, reserved_gb, step_s}."""
+    import yaml
+
     out = {}
-    for base, rows in REFERENCE_H100.items():
-        for key, (peak, reserved, step_s) in rows.items():
+    for base, rows in yaml.safe_load(REFERENCE_FILE.read_text())["trainer"].items():
+        for key, row in rows.items():
             mode, bs, ga = re.fullmatch(r"(\w+?)_bs(\d+)_ga(\d+)", key).groups()
-            out[f"{CARDS[base]}_{mode}_bs{bs}x{ga}"] = {"peak_gb": peak, "reserved_gb": reserved, "step_s": step_s}
+            out[f"{CARDS[base]}_{mode}_bs{bs}x{ga}"] = {k: row[k] for k in ("peak_gb", "reserved_gb", "step_s")}
     return out
+
+
+def predicted(recipe) -> dict:
+    """The memory estimator's training peak and one-off cache-encoding peak for a recipe (GB), None on the tiny model."""
+    from amused_tune import memory
+    from amused_tune.data.cache import ENCODE_BATCH
+
+    try:
+        est = memory.estimate(recipe, cache_batch=ENCODE_BATCH)
+    except memory.EstimateError:
+        return {"predicted_gb": None, "predicted_prep_gb": None}
+    return {"predicted_gb": est.peak_gb, "predicted_prep_gb": est.before[0] / GB if est.before else None}
 
 
 @dataclass
@@ -169,8 +175,8 @@ def data_prep_peak(record: dict, enabled: bool):
     def measured(*args, **kwargs):
         result = original(*args, **kwargs)
         torch.cuda.synchronize()
-        record["prep_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        record["prep_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+        record["prep_gb"] = torch.cuda.max_memory_allocated() / GB
+        record["prep_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
         torch.cuda.reset_peak_memory_stats()
         return result
 
@@ -211,9 +217,9 @@ def run_config(cfg: Config, comps, args, work: Path, data: Path) -> dict:
     recipe, _, _ = parse_recipe([r["file"], *overrides, *cfg.overrides])
     row = {"config": cfg.name, "recipe": r["name"], "lever": cfg.lever, "base": r["base"],
            "batch_size": recipe.train.batch_size, "grad_accum": recipe.train.grad_accum,
-           "paper_gb": r["paper_memory_gb"]}
+           "paper_gb": r["paper_memory_gb"], **predicted(recipe)}
     free_memory()
-    before = torch.cuda.memory_allocated() / 2**30 if args.cuda else 0.0
+    before = torch.cuda.memory_allocated() / GB if args.cuda else 0.0
     started = time.perf_counter()
     phases: dict = {}
     with data_prep_peak(phases, args.cuda):
@@ -232,10 +238,10 @@ def run_config(cfg: Config, comps, args, work: Path, data: Path) -> dict:
         leftover_gb_before=before,
     )
     if args.cuda:  # peak_gb: the whole run; steps_gb: the training steps; prep_gb: data prep
-        row["steps_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        row["steps_gb"] = torch.cuda.max_memory_allocated() / GB
         row["prep_gb"] = phases.get("prep_gb")
         row["peak_gb"] = max(row["steps_gb"], row["prep_gb"] or 0.0)
-        row["reserved_gb"] = max(torch.cuda.max_memory_reserved() / 2**30, phases.get("prep_reserved_gb") or 0.0)
+        row["reserved_gb"] = max(torch.cuda.max_memory_reserved() / GB, phases.get("prep_reserved_gb") or 0.0)
     else:  # process peak RSS, as the trainer logs on a CPU: not comparable across configs
         row["peak_gb"], row["reserved_gb"] = row["trainer_peak_gb"], None
     return row
@@ -260,12 +266,14 @@ def fmt(value, spec: str = ".2f") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["config", "paper GB", "ref GB", "peak GB", "steps GB", "prep GB", "reserved GB", "s/step", "img/s",
+    head = ["config", "paper GB", "ref GB", "pred GB", "steps GB", "pred prep", "prep GB", "peak GB", "reserved GB",
+            "s/step", "img/s",
             "ref s/step", "x ref", "status"]
     body = []
     for r in rows:
         status = r.get("error") or r.get("skipped") or "ok"
-        gb = [fmt(r.get(k)) for k in ("paper_gb", "ref_gb", "peak_gb", "steps_gb", "prep_gb", "reserved_gb")]
+        gb = [fmt(r.get(k)) for k in ("paper_gb", "ref_gb", "predicted_gb", "steps_gb", "predicted_prep_gb", "prep_gb",
+                                      "peak_gb", "reserved_gb")]
         speed = [fmt(r.get("step_s"), ".3f"), fmt(r.get("images_per_s"), ".1f"), fmt(r.get("ref_step_s"), ".3f"),
                  fmt(r.get("speedup_vs_ref"))]
         body.append([r["config"], *gb, *speed, status[:60]])
@@ -458,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
             print(f"[{results['elapsed_s']:6.1f} s] {cfg.name}: "
                   + (row.get("error") or row.get("skipped") or
-                     f"peak {row['peak_gb']:.2f} GB, {row['step_s']:.3f} s/step"), flush=True)
+                     f"peak {row['peak_gb']:.2f} GB (steps {fmt(row.get('steps_gb'))}, predicted "
+                     f"{fmt(row.get('predicted_gb'))}), {row['step_s']:.3f} s/step"), flush=True)
 
     plot(results["rows"], png_path, device)
     print()
