@@ -332,7 +332,7 @@ def test_validation_writes_a_grid_before_step_0_and_every_n_steps(tmp_path, imag
     samples = Path(recipe.output.dir) / "samples"
     assert sorted(p.name for p in samples.iterdir()) == ["step-0.png", "step-2.png", "step-4.png"]
     with Image.open(samples / "step-2.png") as grid:
-        assert grid.size == (2 * 32, 2 * 32)  # 2 images per prompt in a row, one row per prompt
+        assert grid.size == (2 * 256, 2 * 256)  # 2 images per prompt in a row, a row per prompt; 32 px shown at 256
         assert "a red circle" in grid.text["prompts"] and grid.text["seeds"] == "[0, 1, 2, 3]"
 
 
