@@ -245,6 +245,12 @@ def test_a_broken_recipe_file_is_named_with_its_line(capsys, tmp_path, text, fra
         assert fragment in line, line
 
 
+def test_a_broken_dataset_card_is_named_with_its_line(capsys, tmp_path):
+    (tmp_path / "card.yaml").write_text("source: folder\npath: [photos\n")
+    line = one_error(capsys, cli_main(["quickstart", f"--data.card={tmp_path / 'card.yaml'}", "--print_config"]))
+    assert "card.yaml is not valid YAML at line 3" in line
+
+
 def test_a_single_image_recipe_pointed_at_a_folder_names_the_folder_sources(capsys, txt_folder):
     line = one_error(capsys, cli_main(["quickstart", f"--data.path={txt_folder}", "--model.base=tiny"]))
     assert "data.source=single_image needs one image file" in line and "--data.source=folder" in line

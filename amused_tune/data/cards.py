@@ -53,7 +53,10 @@ def load_card(card: str) -> dict:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise DataError(f"data.card={card}: not valid YAML ({err})") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise DataError(f"data.card={card}: {path} is not valid YAML{where}: {problem}") from None
     settable = {f.name for f in dataclasses.fields(DataConfig) if f.default is None and f.name != "card"}
     unknown = sorted(set(values) - settable - CARD_INFO_KEYS)
     if unknown:
