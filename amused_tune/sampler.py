@@ -23,16 +23,14 @@ draws do not depend on model outputs (exact draws are made on the CPU while the 
 
 from __future__ import annotations
 
-import json
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from amused_tune.guidance import (  # noqa: F401  (StyleDropGuidance, adapters_disabled: part of this API)
     Embeds,
@@ -43,6 +41,7 @@ from amused_tune.guidance import (  # noqa: F401  (StyleDropGuidance, adapters_d
     adapters_disabled,
     choose_guidance,
 )
+from amused_tune.images import load_image, mask_to_grid, png_info, save_grid, to_pil  # noqa: F401  (this API)
 from amused_tune.masking import SCHEDULES
 from amused_tune.models import Components, decode_tokens, encode_images, encode_prompts, micro_conditioning
 
@@ -90,7 +89,7 @@ def make_generators(seeds: Sequence[int | torch.Generator]) -> list[torch.Genera
     return gens
 
 
-# --------------------------------------------------------------------------------------------- compile
+# --------------------------------------------------------------------------------------------- compile, threads
 
 
 def compiled(transformer: torch.nn.Module) -> torch.nn.Module:
@@ -98,6 +97,22 @@ def compiled(transformer: torch.nn.Module) -> torch.nn.Module:
     if "_amused_compiled" not in transformer.__dict__:  # not a submodule: no cycle in .modules()
         transformer.__dict__["_amused_compiled"] = torch.compile(transformer, dynamic=False)
     return transformer.__dict__["_amused_compiled"]
+
+
+@contextmanager
+def cpu_threads_for(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """One intra-op thread while a small U-ViT (under 20M weights: tiny, toy) samples on the CPU: its ops are too
+    small to gain from more, and on a busy machine OpenMP threads wait on each other (measured with the 2 cores
+    shared: 8 toy images in 2.6 s on 1 thread, 62 s on 2). The thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    small = device.type == "cpu" and before > 1 and sum(p.numel() for p in model.parameters()) < 20_000_000
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -232,83 +247,13 @@ def sample_tokens(
     was_training = base.training
     base.eval()
     try:
-        for i in range(first, steps):
-            logits = strategy.logits(passes, x, i)
-            x = _decode_step(x, logits, draw, i - first, i == steps - 1, temps[i], ratios[i], count, mask_id)
+        with cpu_threads_for(base, device):
+            for i in range(first, steps):
+                logits = strategy.logits(passes, x, i)
+                x = _decode_step(x, logits, draw, i - first, i == steps - 1, temps[i], ratios[i], count, mask_id)
     finally:
         base.train(was_training)
     return x.reshape(-1, h, w)
-
-
-# --------------------------------------------------------------------------------------------- images
-
-
-def _open(source: str | Path | Image.Image, what: str) -> Image.Image:
-    if isinstance(source, Image.Image):
-        return source
-    if not Path(source).is_file():
-        raise FileNotFoundError(f"{what} file {source} does not exist")
-    return Image.open(source)
-
-
-def _square(img: Image.Image, size: int, resample: int) -> Image.Image:
-    """Centre-crop to a square, then resize to size x size."""
-    side = min(img.size)
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    return img.crop((left, top, left + side, top + side)).resize((size, size), resample)
-
-
-def load_image(image: str | Path | Image.Image | torch.Tensor, size: int) -> torch.Tensor:
-    """An input image as [1, 3, size, size] in [0, 1]: a path, a PIL image (centre-cropped, resized) or a tensor."""
-    if isinstance(image, torch.Tensor):
-        t = image.float().reshape(-1, *image.shape[-3:])
-        return t if t.shape[-2:] == (size, size) else F.interpolate(t, (size, size), mode="bicubic").clamp(0, 1)
-    img = _square(_open(image, "image").convert("RGB"), size, Image.BICUBIC)
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None] / 255.0
-
-
-def mask_to_grid(mask: str | Path | Image.Image | torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """An inpainting mask (white = regenerate) as bool [1 or B, h, w]: a token is regenerated if any of its pixels
-    is white (>= 0.5 after greyscale), so every white pixel is repainted and untouched tokens stay exactly."""
-    if isinstance(mask, torch.Tensor):
-        m = mask.float()
-        m = m.reshape(-1, 1, *m.shape[-2:]) if m.dim() != 4 else m.mean(1, keepdim=True)
-    else:
-        g = _open(mask, "mask").convert("L")
-        side = min(g.size)
-        g = _square(g, side, Image.NEAREST)  # same crop as the image, no resampling of values
-        m = torch.from_numpy(np.array(g))[None, None] / 255.0
-    return F.adaptive_max_pool2d((m >= 0.5).float(), grid)[:, 0] > 0
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> PIL RGB images (rounded to 8 bits)."""
-    arr = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()
-    return [Image.fromarray(a.numpy(), "RGB") for a in arr]
-
-
-def png_info(texts: dict) -> PngImagePlugin.PngInfo:
-    """PNG text chunks: strings as they are, anything else as JSON."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in texts.items():
-        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
-    return info
-
-
-def save_grid(images: torch.Tensor | list[Image.Image], path: str | Path, texts: dict | None = None,
-              nrow: int | None = None) -> Path:
-    """Write a PNG grid (rows of `nrow`, default ceil(sqrt(B))) with `texts` (prompts, seeds...) as text chunks."""
-    pils = to_pil(images) if isinstance(images, torch.Tensor) else list(images)
-    nrow = nrow or math.ceil(math.sqrt(len(pils)))
-    w, h = pils[0].size
-    rows = math.ceil(len(pils) / nrow)
-    canvas = Image.new("RGB", (nrow * w, rows * h))
-    for k, img in enumerate(pils):
-        canvas.paste(img, ((k % nrow) * w, (k // nrow) * h))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, pnginfo=png_info(texts or {}))
-    return path
 
 
 # --------------------------------------------------------------------------------------------- generate
@@ -376,23 +321,23 @@ def generate(
     if mask is not None and image is None:
         raise SampleError("inpainting needs the image to paint into: pass image= with mask=")
     negatives = [negative_prompt or ""] * b if isinstance(negative_prompt, (str, type(None))) else list(negative_prompt)
-    cond = prompt_embeds if prompt_embeds is not None else encode_texts(components, prompts)
-    uncond = None
-    if choose_guidance(guidance, steps, guidance_schedule, styledrop).needs_uncond:
-        uncond = empty_prompt_embeds(components) if not any(negatives) else encode_texts(components, negatives)
-
-    res = components.resolution
-    init = region = None
-    if image is not None:
-        init = encode_images(components.vqvae, load_image(image, res))
-        if mask is not None:
-            region = mask_to_grid(mask, tuple(init.shape[-2:]))
-    transformer = compiled(components.transformer) if torch_compile else components.transformer
-    tokens = sample_tokens(
-        transformer, cond, uncond, seeds,
-        micro_conds=micro_conditioning(res, res, crop[0], crop[1], aesthetic_score),
-        steps=steps, guidance=guidance, guidance_schedule=guidance_schedule, schedule=schedule,
-        temperature=temperature, init_tokens=init,
-        region=region, strength=strength, styledrop=styledrop, draws=draws,
-    )
-    return tokens, decode_tokens(components.vqvae, tokens)
+    with cpu_threads_for(components.transformer, next(components.transformer.parameters()).device):
+        cond = prompt_embeds if prompt_embeds is not None else encode_texts(components, prompts)
+        uncond = None
+        if choose_guidance(guidance, steps, guidance_schedule, styledrop).needs_uncond:
+            uncond = empty_prompt_embeds(components) if not any(negatives) else encode_texts(components, negatives)
+        res = components.resolution
+        init = region = None
+        if image is not None:
+            init = encode_images(components.vqvae, load_image(image, res))
+            if mask is not None:
+                region = mask_to_grid(mask, tuple(init.shape[-2:]))
+        transformer = compiled(components.transformer) if torch_compile else components.transformer
+        tokens = sample_tokens(
+            transformer, cond, uncond, seeds,
+            micro_conds=micro_conditioning(res, res, crop[0], crop[1], aesthetic_score),
+            steps=steps, guidance=guidance, guidance_schedule=guidance_schedule, schedule=schedule,
+            temperature=temperature, init_tokens=init, region=region, strength=strength, styledrop=styledrop,
+            draws=draws,
+        )
+        return tokens, decode_tokens(components.vqvae, tokens)
