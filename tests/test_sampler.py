@@ -276,6 +276,20 @@ def test_empty_prompt_embeddings_are_cached_until_weights_change():
     assert again is not first and not torch.equal(again[1], first[1]) and torch.equal(again[0], first[0])
 
 
+def test_small_model_samples_on_one_cpu_thread_then_restores_the_count(tiny):
+    seen = []
+    handle = tiny.transformer.register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate(tiny, ["a cat"], [0], steps=2)
+        after = torch.get_num_threads()
+    finally:
+        handle.remove()
+        torch.set_num_threads(before)
+    assert seen == [1, 1] and after == 2
+
+
 def test_save_grid_writes_prompts_and_seeds(tmp_path):
     images = torch.rand(3, 3, 32, 32)
     path = save_grid(images, tmp_path / "samples" / "step-5.png", {"prompts": ["a", "b", "c"], "seeds": [0, 1, 2]})
