@@ -198,7 +198,7 @@ def _quantize_recipe(bits: str):
 def test_quantize_on_a_cpu_is_a_clear_recipe_error(bits):
     from amused_tune.models import build_tiny
     from amused_tune.recipe import RecipeError
-    from amused_tune.train.loop import setup_models
+    from amused_tune.train.setup import setup_models
 
     with pytest.raises(RecipeError, match="model.quantize needs a CUDA GPU"):
         setup_models(_quantize_recipe(bits), build_tiny(), torch.device("cpu"))
@@ -213,7 +213,7 @@ def test_quantized_base_is_wrapped_by_lora_and_trains(bits):
     from amused_tune import adapters
     from amused_tune.models import build_tiny
     from amused_tune.quantize import quantize_linear_layers
-    from amused_tune.train.loop import place
+    from amused_tune.common import place
 
     transformer = build_tiny().transformer
     linears = sum(type(m) is torch.nn.Linear for m in transformer.modules())

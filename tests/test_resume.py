@@ -20,7 +20,8 @@ import yaml
 from safetensors.torch import load_file
 
 from amused_tune.train import checkpoints, outputs
-from amused_tune.train import loop as trainer
+from amused_tune.train import step as train_step
+from amused_tune.train import stops
 from amused_tune.cli import main as cli_main
 from amused_tune.cli.args import parse_recipe
 from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
@@ -122,7 +123,7 @@ def test_sigterm_mid_run_saves_exits_143_and_resumes_exactly_with_a_cosine_sched
     reset_accelerate()
 
     calls = {"n": 0}
-    original = trainer.compute_loss
+    original = train_step.compute_loss
 
     def signal_during_step_3(*args, **kwargs):  # 2 micro-batches per step: call 5 is in step 3
         calls["n"] += 1
@@ -130,7 +131,7 @@ def test_sigterm_mid_run_saves_exits_143_and_resumes_exactly_with_a_cosine_sched
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "compute_loss", signal_during_step_3)
+    monkeypatch.setattr(train_step, "compute_loss", signal_during_step_3)
     previous_handler = signal.getsignal(signal.SIGTERM)
     stopped = recipe_for(tmp_path / "stopped", data, max_steps=5, checkpoint_every=100)
     stopped.optim.__dict__.update(sched)
@@ -140,7 +141,7 @@ def test_sigterm_mid_run_saves_exits_143_and_resumes_exactly_with_a_cosine_sched
     assert "after step 3" in str(info.value) and "--train.resume=auto" in str(info.value)
     assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "stopped" / "checkpoints")] == ["step-3"]
     assert signal.getsignal(signal.SIGTERM) is previous_handler  # the handlers are given back
-    monkeypatch.setattr(trainer, "compute_loss", original)
+    monkeypatch.setattr(train_step, "compute_loss", original)
     reset_accelerate()
     train(stopped)
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
@@ -148,8 +149,8 @@ def test_sigterm_mid_run_saves_exits_143_and_resumes_exactly_with_a_cosine_sched
 
 def test_stop_flag_second_signal_is_acknowledged_third_aborts(capsys, monkeypatch):
     clock = iter([100.0, 100.3, 102.0, 104.0])
-    monkeypatch.setattr(trainer.time, "monotonic", lambda: next(clock))
-    flag = trainer._StopFlag()
+    monkeypatch.setattr(stops.time, "monotonic", lambda: next(clock))
+    flag = stops.StopFlag()
     flag._handle(signal.SIGINT, None)
     flag._handle(signal.SIGINT, None)  # 0.3 s later: the launcher forwarding the same Ctrl-C
     assert flag.count == 1 and "already stopping" not in capsys.readouterr().err
@@ -239,7 +240,7 @@ def test_output_dir_guard(tmp_path, data):
 
 
 def nan_at_step(monkeypatch, step: int, grad_accum: int = 2) -> None:
-    original = trainer.compute_loss
+    original = train_step.compute_loss
     calls = {"n": 0}
 
     def patched(*args, **kwargs):
@@ -247,7 +248,7 @@ def nan_at_step(monkeypatch, step: int, grad_accum: int = 2) -> None:
         loss = original(*args, **kwargs)
         return loss * float("nan") if (calls["n"] - 1) // grad_accum + 1 == step else loss
 
-    monkeypatch.setattr(trainer, "compute_loss", patched)
+    monkeypatch.setattr(train_step, "compute_loss", patched)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):
@@ -263,14 +264,14 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
 
 
 def test_nonfinite_gradient_with_a_finite_loss_stops_too(tmp_path, data, monkeypatch):
-    original = trainer.compute_loss
+    original = train_step.compute_loss
 
     def nan_gradient(batch, transformer, *args, **kwargs):
         loss = original(batch, transformer, *args, **kwargs)
         p = next(p for p in transformer.parameters() if p.requires_grad)
         return loss + torch.sqrt(p.sum() * 0.0)  # adds 0 to the loss, NaN to the gradient
 
-    monkeypatch.setattr(trainer, "compute_loss", nan_gradient)
+    monkeypatch.setattr(train_step, "compute_loss", nan_gradient)
     with pytest.raises(TrainingStopped, match=r"non-finite gradient norm \(nan\) at step 1"):
         train(recipe_for(tmp_path / "run", data, max_steps=2))
 
@@ -304,15 +305,16 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from amused_tune.train import checkpoints
-from amused_tune.train import loop as trainer
+from amused_tune.train import step as train_step
+from amused_tune.train import stops
 
 delay = float(os.environ.get("RUNNER_STEP_DELAY", "0"))
 if delay:
-    original_loss = trainer.compute_loss
+    original_loss = train_step.compute_loss
     def slow_loss(*args, **kwargs):
         time.sleep(delay)
         return original_loss(*args, **kwargs)
-    trainer.compute_loss = slow_loss
+    train_step.compute_loss = slow_loss
 
 if os.environ.get("RUNNER_SLOW_SAVE"):
     at, seconds = os.environ["RUNNER_SLOW_SAVE"].split(":")

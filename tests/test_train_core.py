@@ -15,8 +15,9 @@ from amused_tune.masking import mask_tokens, masked_cross_entropy
 from amused_tune.models import build_tiny, encode_images, encode_prompts, micro_conditioning
 from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
                                 TrainConfig)
-from amused_tune.train.loop import (Conditioning, batch_conditioning, draw_dropout, enable_grad_checkpointing,
-                                 train)
+from amused_tune.train.loop import train
+from amused_tune.train.setup import enable_grad_checkpointing
+from amused_tune.train.step import Conditioning, batch_conditioning, draw_dropout
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -34,5 +34,5 @@ def main(argv: list[str] | None = None) -> int:
         return module.main(argv[1:])
     from amused_tune.cli.train import train_main
 
-    return train_main(argv)
+    return train_main(argv, usage=__doc__)
 

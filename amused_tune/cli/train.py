@@ -9,13 +9,12 @@ import sys
 from amused_tune.cli.args import build_parser, fail, parse_recipe
 
 
-def train_main(argv: list[str]) -> int:
+def train_main(argv: list[str], usage: str = "") -> int:
+    """`amused-tune RECIPE.yaml ...`; `usage` (the command overview) is printed for a bare `amused-tune`."""
     from amused_tune.recipe import RecipeError
 
     if not argv or argv[0] in ("-h", "--help"):
-        from amused_tune import cli
-
-        print(cli.__doc__.strip())
+        print(usage.strip())
         print("\nrecipe keys, with the schema's defaults (`amused-tune RECIPE.yaml --help` shows a recipe's values):\n")
         build_parser().print_help()
         return 0

@@ -13,7 +13,7 @@ The folder is first written as ``checkpoints/.tmp-step-N-PID/`` and renamed to `
 complete and synced, so ``step-N`` either is complete or does not exist: a process killed while saving (SIGKILL,
 power loss, a full disk) leaves at most a ``.tmp-*`` folder, which `list_checkpoints` ignores and the next save
 removes. Older checkpoints are pruned only after the rename. The data order needs no state of its own: it is a
-function of the seed and the number of samples consumed (``meta.json``), see `trainer.EpochSampler`.
+function of the seed and the number of samples consumed (``meta.json``), see `train.setup.EpochSampler`.
 
 The trainer calls `save` (gather every process's RNG states, the main process writes), `resume` (weights,
 optimizer, schedule) and, once its data loader exists, `restore_rng`. docs/resume.md describes the behaviour.

@@ -1,0 +1,138 @@
+"""Building blocks of a training run, used by `loop.set_up`: accelerate, the models (frozen parts, LoRA or full
+fine-tuning, gradient checkpointing), the optimizer, the endless sharded data order and the checks made before
+training starts."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import Sampler
+
+from amused_tune import adapters
+from amused_tune.common import place, torch_dtype
+from amused_tune.models import Components
+from amused_tune.recipe import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    cpu = recipe.train.device == "cpu" or (recipe.train.device is None and not torch.cuda.is_available())
+    if cpu and precision == "fp16":
+        log.warning("train.precision=fp16 needs a GPU: using bf16 on the CPU")
+        precision = "bf16"
+    log_with = "tensorboard" if recipe.output.tensorboard else None
+    return Accelerator(
+        mixed_precision=precision, cpu=cpu, log_with=log_with, project_dir=str(Path(recipe.output.dir) / "logs")
+    )
+
+
+def check_distributed(accelerator) -> None:
+    """Refuse the sharded launch modes: the loop (clipping, accumulation, checkpoints of the unsharded trainable
+    weights) is written for data parallelism; under FSDP or DeepSpeed it would save stale weights."""
+    kind = accelerator.distributed_type.name
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise RecipeError(f"accelerate launch with {kind} is not supported: launch with --multi_gpu (data parallel, "
+                          "DDP) instead; docs/distributed.md explains why and how")
+
+
+def check_resolution(recipe: Recipe, comps: Components) -> int:
+    native = comps.resolution
+    wanted = recipe.model.resolution or native
+    if wanted != native:
+        raise RecipeError(
+            f"model.resolution={wanted} but {recipe.model.base} generates {native}x{native} images: "
+            f"set model.resolution={native} or pick the matching base model"
+        )
+    return native
+
+
+def enable_grad_checkpointing(transformer: torch.nn.Module) -> None:
+    """Recompute each transformer layer and U-ViT block in the backward pass.
+
+    diffusers' own switch for UVit2DModel crashes (it hands keyword arguments to a reentrant checkpoint), so the
+    kit wraps the blocks' forward with non-reentrant checkpointing; parameter names are unchanged.
+    """
+    blocks = list(transformer.transformer_layers) + [transformer.down_block, transformer.up_block]
+    for block in blocks:
+        original = block.forward
+
+        def forward(*args, _original=original, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            return _original(*args, **kwargs)
+
+        block.forward = forward
+
+
+def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> list[torch.nn.Parameter]:
+    """Freeze what is frozen, attach adapters, place weights; returns the trainable parameters."""
+    frozen_dtype = torch_dtype(recipe.model.dtype)
+    place(comps.vqvae.requires_grad_(False).eval(), device, frozen_dtype)
+    place(comps.text_encoder.requires_grad_(False).eval(), device, frozen_dtype)
+    transformer = comps.transformer
+    if recipe.adapter.kind == "lora":
+        if recipe.model.quantize:  # before LoRA, so that peft wraps the 8/4-bit layers (CUDA only)
+            from amused_tune.quantize import quantize_linear_layers
+
+            quantize_linear_layers(transformer, recipe.model.quantize, frozen_dtype, device)
+        place(transformer, device, frozen_dtype)
+        adapters.attach_lora(
+            transformer, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.targets, recipe.adapter.dropout
+        )
+        if recipe.adapter.text_encoder:
+            adapters.attach_lora(
+                comps.text_encoder, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.text_encoder_targets
+            )
+    else:
+        place(transformer, device, torch.float32).requires_grad_(True)
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    trainable += [p for p in comps.text_encoder.parameters() if p.requires_grad]
+    for p in trainable:  # LoRA weights train in fp32 whatever the frozen base is held in
+        p.data = p.data.float()
+    if recipe.train.grad_checkpointing:
+        enable_grad_checkpointing(transformer)
+    transformer.train()
+    return trainable
+
+
+def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = recipe.optim
+    if o.adam_8bit:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+class EpochSampler(Sampler):
+    """Endless data order: a fresh permutation per epoch (seeded by seed and epoch), sharded across processes.
+
+    `start` skips the first `start` indices of this process's stream, so a resumed run sees exactly the samples
+    an uninterrupted run would have.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        repeats = math.ceil(self.world / self.size)  # fewer samples than processes: every process still gets one
+        return order.repeat(repeats)[self.rank :: self.world].tolist()
+
+    def __iter__(self):
+        """(index, seed) pairs: the seed, a function of this process's position in the stream, draws the item's
+        crop, flip or cache variant (see data.preprocess.item_draws), whichever worker fetches it."""
+        per_epoch = len(self.epoch_order(0))
+        epoch, skip = divmod(self.start, per_epoch)
+        position = self.start
+        while True:
+            for index in self.epoch_order(epoch)[skip:]:
+                yield index, (self.seed * 1_000_003 + self.rank) * 1_000_000_007 + position
+                position += 1
+            epoch, skip = epoch + 1, 0
