@@ -152,13 +152,17 @@ def junk(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    """Every check below happens before a base model is loaded."""
-    from amused_tune import models
+    """Every check below happens before a base model is loaded (wherever the kit imported the loader)."""
+    import sys
+
+    import amused_tune.train.loop  # noqa: F401 (loaded now, so that its copy of the name is replaced too)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a base model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(models, "load_components", refuse)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("amused_tune") and hasattr(module, "load_components"):
+            monkeypatch.setattr(module, "load_components", refuse)
 
 
 SAMPLE = ["sample", "--base", "tiny", "--prompt", "x", "--steps", "2"]
@@ -249,6 +253,11 @@ def test_a_broken_dataset_card_is_named_with_its_line(capsys, tmp_path):
     (tmp_path / "card.yaml").write_text("source: folder\npath: [photos\n")
     line = one_error(capsys, cli_main(["quickstart", f"--data.card={tmp_path / 'card.yaml'}", "--print_config"]))
     assert "card.yaml is not valid YAML at line 3" in line
+
+
+def test_an_unedited_my_folder_recipe_says_to_set_data_path_before_loading(capsys, no_model_loading):
+    line = one_error(capsys, cli_main(["my_folder", "--model.base=tiny"]))
+    assert "data.path=path/to/your/images does not exist: set data.path in the recipe" in line
 
 
 def test_a_single_image_recipe_pointed_at_a_folder_names_the_folder_sources(capsys, txt_folder):

@@ -99,3 +99,19 @@ def folder_problem(flag: str, path: str | os.PathLike) -> str | None:
                 return f"{flag} {path} is not writable: {parent} is read-only"
             break
     return None
+
+
+def data_path_problem(data) -> str | None:
+    """Why a recipe's local data.path (after its card) cannot be trained on, or None (Hub ids are checked on loading,
+    other data problems when the data is read)."""
+    from amused_tune.data.cards import DataError, resolve_config
+    from amused_tune.data.sources import resolve_path
+
+    try:
+        cfg = resolve_config(data)
+    except DataError as err:
+        return str(err)
+    if cfg.source != "hub" and not resolve_path(cfg.path).exists():
+        return (f"data.path={cfg.path} does not exist: set data.path in the recipe to your images (a folder, or one "
+                "image for data.source=single_image), or pass --data.path=...")
+    return None

@@ -52,7 +52,11 @@ def train_main(argv: list[str], usage: str = "") -> int:
     from amused_tune.sampling_defaults import SamplingDefaultsError
     from amused_tune.train.loop import TrainingStopped, train
     from amused_tune.cli.args import quiet_libraries
+    from amused_tune.cli.checks import data_path_problem
 
+    problem = data_path_problem(recipe.data)
+    if problem:  # a typo in data.path: said before a model loads
+        return fail(problem)
     quiet_libraries()
 
     try:
