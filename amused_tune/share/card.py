@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.common import DIFFUSERS_FILE
+from amused_tune.common import DIFFUSERS_FILE, METRICS_FILE
 from amused_tune.data.cards import DataError, card_path, load_card
 from amused_tune.sampling_defaults import DIFFUSERS_DEFAULTS, describe_taken, resolve_sampling
 
@@ -43,7 +43,7 @@ SMOOTH_STEPS = 10  # the final loss reported is the mean of this many last steps
 def final_metrics(out: Path) -> dict | None:
     """Step and loss of the last optimizer step in metrics.jsonl (rows without `lr` were skipped steps), and the
     loss smoothed: `loss_mean`, the mean over the last `mean_of` (up to SMOOTH_STEPS) logged steps."""
-    path = Path(out) / "metrics.jsonl"
+    path = Path(out) / METRICS_FILE
     if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -136,9 +136,8 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     out = Path(out)
     recipe = json.loads(json.dumps(recipe, default=str))
     meta = card_metadata(recipe, out)
-    model, adapter = recipe.get("model") or {}, recipe.get("adapter") or {}
+    adapter = recipe.get("adapter") or {}
     data = resolved_data(recipe.get("data") or {})
-    optim, train = recipe.get("optim") or {}, recipe.get("train") or {}
     validation = recipe.get("validation") or {}
     base, lora = meta["base_model"], adapter.get("kind", "lora") == "lora"
     name = repo_id.split("/")[-1] if repo_id else out.resolve().name
@@ -163,47 +162,58 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     if dcard.get("license") or dcard.get("licence"):
         lines += ["", f"Training data licence: {dcard.get('license') or dcard.get('licence')}."]
 
-    lines += ["", "## Samples", ""]
-    grids = sample_grids(out)
-    if grids:
-        step, path = grids[-1]
-        lines.append(f"![validation grid at step {step}]({path})")
-        lines.append("")
-        sampling, taken = resolve_sampling(base, **{k: validation.get(k) for k in DIFFUSERS_DEFAULTS})
-        lines.append(f"Validation grid at step {step}: prompts {', '.join(f'`{p}`' for p in validation.get('prompts') or [])}; "
-                     f"{sampling['steps']} MaskGIT steps, guidance {sampling['guidance']} "
-                     f"({sampling['guidance_schedule']} schedule), seeds from {validation.get('seed')} (also in the PNG's "
-                     f"text chunks){'; ' + describe_taken(base, taken) if taken else ''}.")
-    else:
-        lines.append("No validation grid was written (the recipe has no validation.prompts).")
+    lines += ["", "## Samples", ""] + _samples_lines(out, base, validation)
+    lines += ["", "## Training", ""] + _training_lines(out, recipe, data, lora)
+    if base == "toy":  # the toy's measured rates, from OUTPUT_DIR/eval.json (python -m amused_tune.toy eval --adapter)
+        from amused_tune.toy.report import eval_lines
 
-    lines += ["", "## Training", ""]
+        lines += eval_lines(out)
+    lines += ["", "## Use it", ""] + _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id)
+    return "\n".join(lines) + "\n"
+
+
+def _samples_lines(out: Path, base: str, validation: dict) -> list[str]:
+    """The newest validation grid and how it was sampled."""
+    grids = sample_grids(out)
+    if not grids:
+        return ["No validation grid was written (the recipe has no validation.prompts)."]
+    step, path = grids[-1]
+    sampling, taken = resolve_sampling(base, **{k: validation.get(k) for k in DIFFUSERS_DEFAULTS})
+    return [f"![validation grid at step {step}]({path})", "",
+            f"Validation grid at step {step}: prompts {', '.join(f'`{p}`' for p in validation.get('prompts') or [])}; "
+            f"{sampling['steps']} MaskGIT steps, guidance {sampling['guidance']} "
+            f"({sampling['guidance_schedule']} schedule), seeds from {validation.get('seed')} (also in the PNG's "
+            f"text chunks){'; ' + describe_taken(base, taken) if taken else ''}."]
+
+
+CARD_KEYS = [("model", "base"), ("model", "resolution"), ("data", "card"), ("data", "source"), ("data", "path"),
+             ("adapter", "kind"), ("adapter", "rank"), ("adapter", "alpha"), ("adapter", "targets"),
+             ("adapter", "text_encoder"), ("optim", "lr"), ("optim", "adam_8bit"), ("optim", "scheduler"),
+             ("optim", "warmup_steps"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
+             ("train", "precision"), ("train", "cond_dropout"), ("train", "seed")]
+
+
+def _training_lines(out: Path, recipe: dict, data: dict, lora: bool) -> list[str]:
+    """The final loss, the loss curve and the recipe keys that define the run."""
+    train = recipe.get("train") or {}
     final = final_metrics(out)
     if final:
         skipped = f", {final['skipped']} non-finite steps skipped" if final["skipped"] else ""
-        lines.append(f"Final loss **{final['loss_mean']:.4f}** (mean of the last {final['mean_of']} steps; the last "
-                     f"step's {final['loss']:.4f}) at step **{final['step']}** of {train.get('max_steps')} "
-                     f"(masked cross-entropy, metrics.jsonl{skipped}).")
+        lines = [f"Final loss **{final['loss_mean']:.4f}** (mean of the last {final['mean_of']} steps; the last "
+                 f"step's {final['loss']:.4f}) at step **{final['step']}** of {train.get('max_steps')} "
+                 f"(masked cross-entropy, metrics.jsonl{skipped})."]
     else:
-        lines.append("No metrics were recorded.")
+        lines = ["No metrics were recorded."]
     if (out / "loss.png").is_file():
         lines += ["", "![loss curve](loss.png)"]
     lines += ["", "| recipe key | value |", "|---|---|"]
-    keys = [("model", "base"), ("model", "resolution"), ("data", "card"), ("data", "source"), ("data", "path"),
-            ("adapter", "kind"), ("adapter", "rank"), ("adapter", "alpha"), ("adapter", "targets"),
-            ("adapter", "text_encoder"), ("optim", "lr"), ("optim", "adam_8bit"), ("optim", "scheduler"),
-            ("optim", "warmup_steps"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
-            ("train", "precision"), ("train", "cond_dropout"), ("train", "seed")]
-    sections = {"model": model, "data": data, "adapter": adapter, "optim": optim, "train": train}
-    for section, key in keys:
-        if key in sections[section] and sections[section][key] is not None:
-            if not lora and section == "adapter" and key != "kind":
-                continue
-            lines.append(f"| {section}.{key} | `{_short(sections[section][key])}` |")
-    lines += ["", "The full resolved recipe, with package versions, is [recipe.yaml](recipe.yaml): "
-                  "`amused-tune recipe.yaml` reruns it."]
-    lines += ["", "## Use it", ""] + _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id)
-    return "\n".join(lines) + "\n"
+    sections = {name: recipe.get(name) or {} for name in ("model", "adapter", "optim", "train")} | {"data": data}
+    for section, key in CARD_KEYS:
+        value = sections[section].get(key)
+        if value is not None and (lora or section != "adapter" or key == "kind"):
+            lines.append(f"| {section}.{key} | `{_short(value)}` |")
+    return lines + ["", "The full resolved recipe, with package versions, is [recipe.yaml](recipe.yaml): "
+                        "`amused-tune recipe.yaml` reruns it."]
 
 
 def _model_link(base: str) -> str:
@@ -245,8 +255,12 @@ def _pipeline(base: str, transformer: bool = False) -> str:
     parts = f"vars(load_components({json.dumps(base)}))"
     if transformer:
         parts = f'{{**{parts}, "transformer": transformer}}'
-    return (f"from amused_tune.models import load_components  # {base}: a base built into amused-tune\n\n"
-            f"pipe = AmusedPipeline(**{parts})")
+    return f"pipe = AmusedPipeline(**{parts})  # {base}: a base built into amused-tune"
+
+
+def _imports(base: str, *lines: str) -> list[str]:
+    """A code block's import lines, with the kit's loader for its built-in bases."""
+    return [*lines, *(["from amused_tune.models import load_components"] if base in BUILT_IN_BASES else []), ""]
 
 
 def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, repo_id: str | None) -> list[str]:
@@ -261,8 +275,7 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
             f"{fetch}amused-tune merge {folder} --out merged\n"
             f"amused-tune sample --base merged --prompt {sh_prompt} --out samples/", "```", "",
             "With diffusers:", "", "```python",
-            "import torch",
-            "from diffusers import AmusedPipeline, UVit2DModel", "",
+            *_imports(base, "import torch", "from diffusers import AmusedPipeline, UVit2DModel"),
             f'transformer = UVit2DModel.from_pretrained({py_source}, subfolder="transformer")',
             _pipeline(base, transformer=True),
             f"image = pipe({py_prompt}, generator=torch.manual_seed(0)).images[0]",
@@ -278,9 +291,8 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
         "With diffusers. `AmusedPipeline` has no `load_lora_weights`: load the adapter with the LoRA loader mixin. "
         "`return_lora_metadata=True` keeps `lora_alpha`, so the adapter applies at the strength it was trained at.",
         "", "```python",
-        "import torch",
-        "from diffusers import AmusedPipeline",
-        "from diffusers.loaders import AmusedLoraLoaderMixin", "",
+        *_imports(base, "import torch", "from diffusers import AmusedPipeline",
+                  "from diffusers.loaders import AmusedLoraLoaderMixin"),
         _pipeline(base),
         "state_dict, network_alphas, metadata = AmusedLoraLoaderMixin.lora_state_dict(",
         f'    {py_source}, weight_name="{DIFFUSERS_FILE}", return_lora_metadata=True',
@@ -292,8 +304,7 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
         'image.save("sample.png")', "```", "",
         "With peft (the same adapter in peft's format, `adapter_config.json` + `adapter_model.safetensors`):", "",
         "```python",
-        "from diffusers import AmusedPipeline",
-        "from peft import PeftModel", "",
+        *_imports(base, "from diffusers import AmusedPipeline", "from peft import PeftModel"),
         _pipeline(base),
         f"pipe.transformer = PeftModel.from_pretrained(pipe.transformer, {py_source}).merge_and_unload()",
         f"{peft_te}image = pipe({py_prompt}).images[0]", "```",
