@@ -398,3 +398,15 @@ def test_the_model_cards_python_code_runs_as_written(finished_run, tmp_path, mon
     for code in blocks:
         exec(compile(code, "<model card>", "exec"), {})
     assert Path("sample.png").is_file()
+
+
+def test_a_full_fine_tunes_card_code_runs_as_written_on_a_built_in_base(tmp_path, monkeypatch, txt_folder):
+    out = tmp_path / "full"
+    assert cli_main([str(REPO / "recipes/my_folder.yaml"), f"--data.path={txt_folder}", *FAST, "--adapter.kind=full",
+                     "--train.max_steps=1", "--train.checkpoint_every=1", f"--output.dir={out}"]) == 0
+    blocks = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)
+    assert len(blocks) == 1 and "load_components(\"tiny\")" in blocks[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "<model card>", "exec"), {})
+    assert Image.open("sample.png").size == (32, 32)
+
