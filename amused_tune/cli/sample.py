@@ -97,71 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     args, code = build_parser().parse_or_exit_code(argv)
     if args is None:
         return code
-
-    # Everything that can be checked before loading a model.
-    if args.mask and not args.image:
-        return _fail("--mask needs --image (the picture to paint into)")
-    problems = [image_problem(flag, path) for flag, path in (("--image", args.image), ("--mask", args.mask)) if path]
-    problems += [adapter_problem(a, args.allow_pickle) for a in args.adapter] + [folder_problem("--out", args.out)]
-    if any(problems):
-        return _fail(next(p for p in problems if p))
-    if args.adapter_scale and len(args.adapter_scale) != len(args.adapter):
-        return _fail(f"{len(args.adapter_scale)} --adapter-scale for {len(args.adapter)} --adapter: "
-                     "give one per adapter, or none")
-    if args.styledrop_guidance and not args.adapter:
-        return _fail("--styledrop-guidance needs at least one --adapter (it contrasts adapter and base model)")
-    if args.temperature and len(args.temperature) > 2:
-        return _fail("--temperature takes one value or two (START END)")
-    if args.num_images < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
-        return _fail("--num-images, --batch-size and --steps must be >= 1")
-    strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.6 if args.image else 1.0)
-    if not 0.0 <= strength <= 1.0:
-        return _fail(f"--strength must be in [0, 1], got {strength}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return _fail(f"--device {args.device}: CUDA is not available on this machine")
-    if args.quantize and device.type != "cuda":
-        return _fail(f"--quantize {args.quantize} needs a CUDA GPU (bitsandbytes' int8/nf4 matmul); "
-                     "pass --device cuda or drop --quantize")
+    problem = usage_problem(args)  # everything that can be checked before loading a model
+    if problem:
+        return _fail(problem)
+    device = resolve_device(args)
     scales = args.adapter_scale or [1.0] * len(args.adapter)
     dtype = torch_dtype(args.dtype) if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    seeds = [args.seed + k for k in range(len(prompts))]
 
     from amused_tune.adapters import AdapterError
-    from amused_tune.models import BaseModelError, load_components
+    from amused_tune.models import BaseModelError
 
     quiet_libraries()
     try:
         sampling = _sampling_settings(args)
-        print(f"loading base model {args.base} ...", flush=True)
-        comps = load_components(args.base)
-        load_adapters(comps.transformer, args.adapter, scales, merge=not args.styledrop_guidance,
-                      allow_pickle=args.allow_pickle)
-        place(comps.text_encoder, device, dtype)
-        place(comps.vqvae, device, torch.float32 if getattr(comps.vqvae.config, "force_upcast", False) else dtype)
-        place(comps.transformer, torch.device("cpu") if args.quantize else device, dtype)
-        if args.quantize:  # cast first: quantized weights must not be cast again
-            from amused_tune.quantize import quantize_linear_layers
-
-            quantize_linear_layers(comps.transformer, args.quantize, dtype, device, under_lora=True)
-            comps.transformer.to(device)  # the rest (norms, embeddings) follows; quantized layers stay as they are
-
-        prompts = [p for p in args.prompt for _ in range(args.num_images)]
-        seeds = [args.seed + k for k in range(len(prompts))]
-        styledrop = StyleDropGuidance(*args.styledrop_guidance) if args.styledrop_guidance else None
-        images = []
-        steps = sampling.get("steps")
-        print(f"sampling {len(prompts)} image{'' if len(prompts) == 1 else 's'} ({steps} step{'' if steps == 1 else 's'} "
-              f"each, {device.type}) ...", flush=True)
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = slice(start, start + args.batch_size)
-            _, imgs = generate(
-                comps, prompts[chunk], seeds[chunk], **sampling,
-                negative_prompt=args.negative_prompt, schedule=args.schedule,
-                image=args.image, strength=strength, mask=args.mask, styledrop=styledrop, draws=args.draws,
-                torch_compile=args.compile,
-            )
-            images.extend(to_pil(imgs))
+        comps = load_models(args, device, dtype, scales)
+        images = sample_images(args, comps, prompts, seeds, sampling, device)
     except (SampleError, BaseModelError, AdapterError, FileNotFoundError, SamplingDefaultsError) as err:
         return _fail(str(err))
 
@@ -172,8 +124,89 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."), "sampler": "amused-tune",
     }
     if args.image:
-        common.update(image=args.image, strength=strength, mask=args.mask)
-    out = Path(args.out)
+        common.update(image=args.image, strength=strength_of(args), mask=args.mask)
+    write_images(Path(args.out), images, prompts, seeds, common)
+    return 0
+
+
+def strength_of(args) -> float:
+    """--strength, else 1.0 for text-to-image and inpainting, 0.6 for a variation of --image."""
+    return args.strength if args.strength is not None else (1.0 if args.mask else 0.6 if args.image else 1.0)
+
+
+def resolve_device(args) -> torch.device:
+    return torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                        "cpu" if args.device == "auto" else args.device)
+
+
+def usage_problem(args) -> str | None:
+    """The first mistake in the arguments that shows before any model loads (one line), or None."""
+    if args.mask and not args.image:
+        return "--mask needs --image (the picture to paint into)"
+    problems = [image_problem(flag, path) for flag, path in (("--image", args.image), ("--mask", args.mask)) if path]
+    problems += [adapter_problem(a, args.allow_pickle) for a in args.adapter] + [folder_problem("--out", args.out)]
+    if any(problems):
+        return next(p for p in problems if p)
+    if args.adapter_scale and len(args.adapter_scale) != len(args.adapter):
+        return (f"{len(args.adapter_scale)} --adapter-scale for {len(args.adapter)} --adapter: "
+                "give one per adapter, or none")
+    if args.styledrop_guidance and not args.adapter:
+        return "--styledrop-guidance needs at least one --adapter (it contrasts adapter and base model)"
+    if args.temperature and len(args.temperature) > 2:
+        return "--temperature takes one value or two (START END)"
+    if args.num_images < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
+        return "--num-images, --batch-size and --steps must be >= 1"
+    if not 0.0 <= strength_of(args) <= 1.0:
+        return f"--strength must be in [0, 1], got {strength_of(args)}"
+    device = resolve_device(args)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device}: CUDA is not available on this machine"
+    if args.quantize and device.type != "cuda":
+        return (f"--quantize {args.quantize} needs a CUDA GPU (bitsandbytes' int8/nf4 matmul); "
+                "pass --device cuda or drop --quantize")
+    return None
+
+
+def load_models(args, device: torch.device, dtype: torch.dtype, scales: list[float]):
+    """The base with its adapters (merged unless StyleDrop guidance needs them apart), placed, maybe quantized."""
+    from amused_tune.models import load_components
+
+    print(f"loading base model {args.base} ...", flush=True)
+    comps = load_components(args.base)
+    load_adapters(comps.transformer, args.adapter, scales, merge=not args.styledrop_guidance,
+                  allow_pickle=args.allow_pickle)
+    place(comps.text_encoder, device, dtype)
+    place(comps.vqvae, device, torch.float32 if getattr(comps.vqvae.config, "force_upcast", False) else dtype)
+    place(comps.transformer, torch.device("cpu") if args.quantize else device, dtype)
+    if args.quantize:  # cast first: quantized weights must not be cast again
+        from amused_tune.quantize import quantize_linear_layers
+
+        quantize_linear_layers(comps.transformer, args.quantize, dtype, device, under_lora=True)
+        comps.transformer.to(device)  # the rest (norms, embeddings) follows; quantized layers stay as they are
+    return comps
+
+
+def sample_images(args, comps, prompts: list[str], seeds: list[int], sampling: dict, device: torch.device) -> list:
+    """The PIL images, --batch-size prompts at a time."""
+    styledrop = StyleDropGuidance(*args.styledrop_guidance) if args.styledrop_guidance else None
+    steps = sampling.get("steps")
+    print(f"sampling {len(prompts)} image{'' if len(prompts) == 1 else 's'} ({steps} step{'' if steps == 1 else 's'} "
+          f"each, {device.type}) ...", flush=True)
+    images = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = slice(start, start + args.batch_size)
+        _, imgs = generate(
+            comps, prompts[chunk], seeds[chunk], **sampling,
+            negative_prompt=args.negative_prompt, schedule=args.schedule,
+            image=args.image, strength=strength_of(args), mask=args.mask, styledrop=styledrop, draws=args.draws,
+            torch_compile=args.compile,
+        )
+        images.extend(to_pil(imgs))
+    return images
+
+
+def write_images(out: Path, images: list, prompts: list[str], seeds: list[int], common: dict) -> None:
+    """One PNG per image (prompt, seed and settings in its text chunks) and grid.png, each path printed."""
     out.mkdir(parents=True, exist_ok=True)
     for k, (img, prompt, seed) in enumerate(zip(images, prompts, seeds)):
         path = out / f"{k:03d}-seed{seed}.png"
@@ -182,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     # the grid is for looking at: small images scaled up (nearest) and labelled; the files above stay as generated
     grid = save_grid(viewable_tiles(images, prompts), out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})
     print(grid)
-    return 0
 
 
 if __name__ == "__main__":

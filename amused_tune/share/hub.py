@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.common import PEFT_CONFIG
+from amused_tune.common import PEFT_CONFIG, RECIPE_FILE
 from amused_tune.share.card import (CARD, DIFFUSERS_FILE, MARKER, REPO_ID, final_metrics, render_card,  # noqa: F401
                                     sample_grids, write_card)
 
@@ -40,7 +40,7 @@ class HubError(RuntimeError):
 
 def read_recipe(out: Path) -> dict:
     """The run's resolved recipe (recipe.yaml) as plain data."""
-    path = Path(out) / "recipe.yaml"
+    path = Path(out) / RECIPE_FILE
     if not path.is_file():
         raise HubError(f"{out} has no recipe.yaml: pass the output.dir of an amused-tune run")
     return yaml.safe_load(path.read_text()) or {}
@@ -83,7 +83,7 @@ def upload_plan(out: Path, recipe: dict) -> list[tuple[str, Path]]:
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
             plan.append((prefix + path.relative_to(folder).as_posix(), path))
-    for name in ("recipe.yaml", "loss.png"):
+    for name in (RECIPE_FILE, "loss.png"):
         if (out / name).is_file():
             plan.append((name, out / name))
     plan += [(rel, out / rel) for _, rel in sample_grids(out)]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.common import place, torch_dtype
+from amused_tune.common import RECIPE_FILE, place, torch_dtype
 
 
 
@@ -30,7 +30,7 @@ class MergeError(ValueError):
 
 def run_base(run: Path) -> str | None:
     """model.base from a run's recipe.yaml, or None when `run` is not a run folder."""
-    recipe = run / "recipe.yaml"
+    recipe = run / RECIPE_FILE
     if not recipe.is_file():
         return None
     return ((yaml.safe_load(recipe.read_text()) or {}).get("model") or {}).get("base")

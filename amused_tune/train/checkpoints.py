@@ -35,6 +35,7 @@ import torch
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
+from amused_tune.common import RECIPE_FILE
 from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 PREFIX = "step-"
 TMP_PREFIX = f".tmp-{PREFIX}"
 OLD_PREFIX = f".old-{PREFIX}"
-FILES = ("trainable.safetensors", "state.pt", "recipe.yaml")
+FILES = ("trainable.safetensors", "state.pt", RECIPE_FILE)
 FORMAT = 2
 
 
@@ -133,7 +134,7 @@ def save_checkpoint(
         _write(tmp / "trainable.safetensors", lambda f: save_file(
             {k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}, f))
         _write(tmp / "state.pt", lambda f: torch.save(state, f))
-        _write(tmp / "recipe.yaml", lambda f: Path(f).write_text(recipe_text))
+        _write(tmp / RECIPE_FILE, lambda f: Path(f).write_text(recipe_text))
         sizes = {name: (tmp / name).stat().st_size for name in FILES}
         full_meta = {**meta, "step": step, "format": FORMAT, "files": sizes}
         _write(tmp / "meta.json", lambda f: Path(f).write_text(json.dumps(full_meta, indent=2, default=str)))

@@ -10,13 +10,14 @@ import shutil
 from pathlib import Path
 
 from amused_tune import adapters
+from amused_tune.common import METRICS_FILE, RECIPE_FILE
 from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.share import hub
 from amused_tune.train import checkpoints
 from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
 
 # what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
-RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "samples", "adapter", "transformer", "loss.png", "logs")
+RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "samples", "adapter", "transformer", "loss.png", "logs")
 
 
 def prepare_output_dir(out: Path, recipe: Recipe, main: bool) -> None:
@@ -61,7 +62,7 @@ def prepare_output_dir(out: Path, recipe: Recipe, main: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".recipe.yaml.tmp"
         tmp.write_text(recipe_yaml(recipe))
-        os.replace(tmp, out / "recipe.yaml")
+        os.replace(tmp, out / RECIPE_FILE)
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise
@@ -81,12 +82,12 @@ def _inside(path: Path, folder: Path) -> bool:
 def run_in(out: Path) -> tuple[str | None, int] | None:
     """(fingerprint, newest checkpoint step) of the run held in `out`, or None when it holds none."""
     found = checkpoints.list_checkpoints(out / "checkpoints")
-    metrics = out / "metrics.jsonl"
+    metrics = out / METRICS_FILE
     has_outputs = (metrics.is_file() and metrics.stat().st_size > 0) or (out / "adapter").is_dir() or (
         out / "transformer").is_dir()
     if not found and not has_outputs:
         return None
-    fingerprint = _fingerprint_in(out / "recipe.yaml") if (out / "recipe.yaml").is_file() else None
+    fingerprint = _fingerprint_in(out / RECIPE_FILE) if (out / RECIPE_FILE).is_file() else None
     if fingerprint is None and found:
         try:
             fingerprint = json.loads((found[-1] / "meta.json").read_text()).get("recipe_fingerprint")
@@ -189,7 +190,7 @@ def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
         transformer.save_pretrained(out / "transformer")
         written["transformer"] = str(out / "transformer")
     if recipe.output.loss_plot:
-        plot = write_loss_plot(out / "metrics.jsonl", out / "loss.png")
+        plot = write_loss_plot(out / METRICS_FILE, out / "loss.png")
         if plot:
             written["loss_plot"] = str(plot)
     # the model card, then output.push_to_hub (a failed push keeps the run: see push_error)

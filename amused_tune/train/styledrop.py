@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.common import RECIPE_FILE
+from amused_tune.common import RECIPE_FILE, torch_dtype
 
 CANDIDATES = "candidates.jsonl"
 
@@ -66,8 +66,7 @@ def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: 
         adapters.merge_adapters(comps.text_encoder)
     if not args.styledrop_guidance:
         adapters.merge_adapters(comps.transformer)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.model.dtype, torch.float32)
-    dtype = dtype if device.type == "cuda" else torch.float32
+    dtype = torch_dtype(recipe.model.dtype) if device.type == "cuda" else torch.float32
     for module, module_dtype in ((comps.transformer, dtype), (comps.text_encoder, dtype), (comps.vqvae, torch.float32)):
         module.to(device, module_dtype)
     v = recipe.validation  # unset values: the base's sampling.json, else diffusers' defaults
