@@ -24,20 +24,7 @@ def train_main(argv: list[str], usage: str = "") -> int:
 
     argv, memory_options = split_memory_args(argv)  # --estimate, --max-memory SIZE (docs/memory.md)
     if "--print_config" in argv:
-        argv = [a for a in argv if a != "--print_config"]
-        try:
-            recipe, parser, ns = parse_recipe(argv)
-        except RecipeError as err:
-            return fail(err)
-        from amused_tune.data.cards import DataError, resolve_config
-        from amused_tune.train.identity import recipe_yaml
-
-        try:  # show what the dataset card fills in, not nulls
-            recipe.data = resolve_config(recipe.data)
-        except DataError as err:
-            return fail(err)
-        print(recipe_yaml(recipe), end="")
-        return 0
+        return print_config([a for a in argv if a != "--print_config"])
     try:
         recipe, _, _ = parse_recipe(argv)
     except RecipeError as err:
@@ -45,20 +32,39 @@ def train_main(argv: list[str], usage: str = "") -> int:
     recipe, code = apply_memory_options(recipe, memory_options)
     if code is not None:
         return code
+    return run_training(recipe)
 
+
+def print_config(argv: list[str]) -> int:
+    """`--print_config`: the resolved recipe, with what the dataset card fills in (not nulls)."""
+    from amused_tune.data.cards import DataError, resolve_config
+    from amused_tune.recipe import RecipeError
+    from amused_tune.train.identity import recipe_yaml
+
+    try:
+        recipe, _, _ = parse_recipe(argv)
+        recipe.data = resolve_config(recipe.data)
+    except (RecipeError, DataError) as err:
+        return fail(err)
+    print(recipe_yaml(recipe), end="")
+    return 0
+
+
+def run_training(recipe) -> int:
+    """Train a parsed recipe; every way a run can end becomes an exit code and at most one line on stderr."""
     from amused_tune.adapters import AdapterError
-    from amused_tune.data.cards import DataError
-    from amused_tune.models import BaseModelError
-    from amused_tune.sampling_defaults import SamplingDefaultsError
-    from amused_tune.train.loop import TrainingStopped, train
     from amused_tune.cli.args import quiet_libraries
     from amused_tune.cli.checks import data_path_problem
+    from amused_tune.data.cards import DataError
+    from amused_tune.models import BaseModelError
+    from amused_tune.recipe import RecipeError
+    from amused_tune.sampling_defaults import SamplingDefaultsError
+    from amused_tune.train.loop import TrainingStopped, train
 
     problem = data_path_problem(recipe.data)
     if problem:  # a typo in data.path: said before a model loads
         return fail(problem)
     quiet_libraries()
-
     try:
         summary = train(recipe)
     except TrainingStopped as err:
