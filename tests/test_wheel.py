@@ -28,8 +28,12 @@ def kit(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
     shutil.copytree(REPO, src, ignore=SKIP)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(root / "dist"), str(src)], check=True, capture_output=True, text=True)
+    import importlib.util
+
+    # with setuptools here, build with it (offline); else pip fetches the build requirements itself
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(root / "dist"),
+                    str(src)], check=True, capture_output=True, text=True)
     wheel = next((root / "dist").glob("amused_tune-*.whl"))
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(root / "venv")
     python = root / "venv" / "bin" / "python"
