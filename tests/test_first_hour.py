@@ -362,6 +362,17 @@ def test_top_level_help_starts_with_the_subcommands(capsys):
         assert any(re.match(rf"\s+(amused-tune )?{re.escape(name)}\s+\S", line) for line in head), (name, head)
 
 
+def test_help_piped_into_a_reader_that_stops_is_not_a_traceback():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "amused_tune.cli", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `amused-tune --help | head -1` once head has its line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
+
+
 def test_recipe_help_shows_that_recipes_values(capsys):
     assert cli_main(["quickstart", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())

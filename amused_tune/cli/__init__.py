@@ -29,10 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("AMUSED_TUNE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     # bitsandbytes warns on import that an optional CPU kernel package is missing; it is not needed here
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    if argv and argv[0] in SUBCOMMANDS:
-        module = importlib.import_module(SUBCOMMANDS[argv[0]])
-        return module.main(argv[1:])
-    from amused_tune.cli.train import train_main
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            module = importlib.import_module(SUBCOMMANDS[argv[0]])
+            return module.main(argv[1:])
+        from amused_tune.cli.train import train_main
 
-    return train_main(argv, usage=__doc__)
+        return train_main(argv, usage=__doc__)
+    except BrokenPipeError:  # output piped into a command that stopped reading (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet
+        return 0
 
