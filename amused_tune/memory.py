@@ -12,10 +12,11 @@ device (docs/memory.md):
   batch 1 and 2 and scaling linearly to the recipe's batch;
 - the optimizer step's temporary (torch's AdamW builds one fp32 copy of the trainable weights).
 
-The peak is the largest of three moments: encoding a batch (VQ and text encoder, when not cached), the
-forward/backward of a micro-step, and the optimizer step. `trainer="reference"` sets the same estimator to what
-diffusers' train_amused.py keeps (fp32 U-ViT under fp16 autocast, fp16 text encoder and fp32 VQ model resident
-and run every step): `tests/test_memory.py` checks it against that trainer's measured peaks.
+The peak is the largest of its moments: encoding a batch (VQ and text encoder, when not cached), the
+forward/backward of a micro-step, the optimizer step and the validation grid. `trainer="reference"` sets the same
+estimator to what diffusers' train_amused.py keeps (fp32 U-ViT under fp16 autocast, fp16 text encoder and fp32 VQ
+model resident and run every step): `tests/test_memory.py` checks it against that trainer's measured peaks.
+`memory_fit.fit` turns on the levers that make a recipe fit (`--max-memory`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Plan:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v")
     loss: str = "kit"
+    validation_images: int = 0  # the sample grid drawn between steps (validation.prompts x images_per_prompt)
 
     def step_setup(self):
         from amused_tune.memory_trace import StepSetup
@@ -145,7 +147,8 @@ def plan_of(recipe) -> Plan:
         text_dtype=recipe.model.dtype, vq_dtype=recipe.model.dtype, cache=recipe.data.cache,
         text_lora=a.kind == "lora" and a.text_encoder, quantize=recipe.model.quantize if a.kind == "lora" else None,
         adam_8bit=recipe.optim.adam_8bit, batch_size=t.batch_size, grad_accum=t.grad_accum, autocast=t.precision,
-        grad_checkpointing=t.grad_checkpointing, lora_rank=a.rank, lora_targets=tuple(a.targets))
+        grad_checkpointing=t.grad_checkpointing, lora_rank=a.rank, lora_targets=tuple(a.targets),
+        validation_images=len(recipe.validation.prompts) * recipe.validation.images_per_prompt)
 
 
 def reference_plan(resolution: int, full: bool, adam_8bit: bool, batch_size: int, grad_accum: int) -> Plan:
@@ -293,7 +296,24 @@ def estimate_plan(plan: Plan) -> Estimate:
     temp = 0 if plan.adam_8bit else grads  # torch's foreach AdamW: sqrt of the second moments, one fp32 copy
     est.moments["optimizer step"] = (temp, "AdamW's fp32 temporary" if temp else "8-bit AdamW updates in place")
     est.resident["optimizer step"] = weights + grads
+    if plan.validation_images:
+        add_validation(est, plan, counts, weights)
     return est
+
+
+def add_validation(est: Estimate, plan: Plan, counts: dict, weights: int) -> None:
+    """The sample grid drawn between steps (gradients freed): the U-ViT's sampling passes (prompts and empty
+    prompt together), then the VQ model decoding the grid, on the GPU for that even when the cache parked it."""
+    from amused_tune.memory_trace import TRACED_BATCHES, peak_at, trace_decode, trace_sampling
+
+    n = plan.validation_images
+    sampling = peak_at(*(trace_sampling(plan.step_setup(), k) for k in TRACED_BATCHES), 2 * n)
+    decode = peak_at(*(trace_decode(plan.resolution, k, plan.vq_dtype) for k in TRACED_BATCHES), n)
+    vq = DTYPE_BYTES[plan.vq_dtype] * counts["vq"] if plan.cache else 0
+    est.moments["validation: sampling"] = (sampling, f"{n} images with guidance ({2 * n} rows)")
+    est.resident["validation: sampling"] = weights
+    est.moments["validation: VQ decode"] = (vq + decode, f"{n} images" + (", VQ model back on the GPU" if vq else ""))
+    est.resident["validation: VQ decode"] = weights
 
 
 def cache_encoding(plan: Plan, batch: int) -> tuple[int, str]:
@@ -321,98 +341,3 @@ def estimate(recipe, trainer: str = "amused-tune", cache_batch: int | None = Non
         est.before = cache_encoding(plan, cache_batch)
     return est
 
-
-# --------------------------------------------------------------------------------------------- --max-memory
-
-
-def parse_size(text: str) -> int:
-    """'6GB', '6', '6.5G', '800MB', '6GiB' -> bytes (GB = 10^9 bytes, GiB = 2^30); EstimateError otherwise."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m)?\s*", str(text).lower())
-    if not m or float(m.group(1)) <= 0:
-        raise EstimateError(f"--max-memory {text!r}: pass a size such as 6GB, 7.5GB or 800MB")
-    unit = {"gib": 2**30, "mib": 2**20, "mb": 10**6, "m": 10**6}.get(m.group(2) or "gb", GB)
-    return int(float(m.group(1)) * unit)
-
-
-def _levers(recipe) -> list[tuple[str, object, bool]]:
-    """The kit's memory levers in the order --max-memory tries them: (key, value, already on)."""
-    lora = recipe.adapter.kind == "lora"
-    return [
-        ("model.dtype", "bf16", recipe.model.dtype != "fp32"),
-        ("data.cache", True, recipe.data.cache),
-        ("train.grad_checkpointing", True, recipe.train.grad_checkpointing),
-        ("optim.adam_8bit", True, recipe.optim.adam_8bit),
-        ("model.quantize", "8bit", not lora or recipe.model.quantize is not None),
-        ("model.quantize", "4bit", not lora or recipe.model.quantize == "4bit"),
-    ]
-
-
-def _set(recipe, key: str, value):
-    import copy
-
-    section, name = key.split(".")
-    out = copy.deepcopy(recipe)
-    setattr(getattr(out, section), name, value)
-    return out
-
-
-def _smaller_batches(recipe):
-    """The recipe at each smaller micro-batch that divides its batch, accumulation raised to keep the product."""
-    b, a = recipe.train.batch_size, recipe.train.grad_accum
-    for d in range(b - 1, 0, -1):
-        if b % d == 0:
-            out = _set(recipe, "train.batch_size", d)
-            out.train.grad_accum = a * (b // d)
-            yield out
-
-
-def _with(recipe, levers: list[tuple[str, object]]):
-    for key, value in levers:
-        recipe = _set(recipe, key, value)
-    return recipe
-
-
-def fit(recipe, budget: int, say=print):
-    """The recipe with the kit's levers turned on, in order, until the predicted peak plus the CUDA context fits
-    in `budget` bytes, then a smaller micro-batch with more accumulation; levers that turn out not to be needed
-    are dropped again. `say` gets one line per change. Never changes the effective batch, the lr or the data.
-    Raises EstimateError when nothing fits."""
-    usable = budget - int(CUDA_CONTEXT_GB * GB)
-    first = estimate(recipe)
-    if first.peak_bytes <= usable:
-        return recipe
-    chosen, current, est = [], recipe, first
-    for key, value, already in _levers(recipe):
-        if already or est.peak_bytes <= usable:
-            continue
-        candidate = estimate(_set(current, key, value))
-        if any(candidate.at(m) < est.at(m) for m in est.moments if m in candidate.moments):  # it saves something
-            chosen.append((key, value))
-            current, est = _set(current, key, value), candidate
-    for smaller in _smaller_batches(current) if est.peak_bytes > usable else ():
-        current, est = smaller, estimate(smaller)
-        if est.peak_bytes <= usable:
-            break
-    if est.peak_bytes > usable:
-        raise EstimateError(
-            f"nothing fits in {budget / GB:.1f} GB: with every memory lever on the predicted peak is "
-            f"{est.peak_gb:.2f} GB (+ {CUDA_CONTEXT_GB} GB for the CUDA context); use a larger GPU or LoRA instead "
-            "of full fine-tuning")
-    batch = (current.train.batch_size, current.train.grad_accum)
-    for lever in reversed(list(chosen)):  # drop what the final recipe does not need, last lever first
-        kept = [c for c in chosen if c != lever]
-        trial = _with(recipe, kept)
-        trial.train.batch_size, trial.train.grad_accum = batch
-        if estimate(trial).peak_bytes <= usable:
-            chosen, current = kept, trial
-    for key, value in chosen:
-        section, name = key.split(".")
-        say(f"--max-memory: {key}: {getattr(getattr(recipe, section), name)} -> {value}")
-    if batch != (recipe.train.batch_size, recipe.train.grad_accum):
-        say(f"--max-memory: train.batch_size x train.grad_accum: {recipe.train.batch_size} x "
-            f"{recipe.train.grad_accum} -> {batch[0]} x {batch[1]} (same effective batch)")
-    say(f"--max-memory: predicted peak {first.peak_gb:.2f} -> {estimate(current).peak_gb:.2f} GB "
-        f"(fits {budget / GB:g} GB with {CUDA_CONTEXT_GB} GB for the CUDA context)")
-    return current

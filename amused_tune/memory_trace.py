@@ -282,3 +282,37 @@ def trace_encode(resolution: int, batch: int, vq_dtype: str, text_dtype: str, au
             del out
         peaks.append(tracker.timeline())
     return peaks[0], peaks[1]
+
+
+@functools.lru_cache(maxsize=32)
+def trace_sampling(setup: StepSetup, batch: int) -> tuple[int, ...]:
+    """Live-byte timeline of one sampling pass of the U-ViT (no gradients) over `batch` rows: the validation
+    grid's classifier-free guidance runs the prompts and the empty prompt together."""
+    transformer = _uvit_for(setup).eval()
+    existing = storage_keys([*transformer.parameters(), *transformer.buffers()])
+    autocast = None if setup.autocast == "fp32" else DTYPES[setup.autocast]
+    side = setup.resolution // 16
+    with torch.no_grad(), LiveBytes(existing) as tracker, GpuAutocast(autocast):
+        tokens = torch.zeros(batch, side, side, dtype=torch.long, device="meta")
+        hidden = torch.empty(batch, TEXT_TOKENS, 768, dtype=autocast or torch.float32, device="meta")
+        pooled = torch.empty(batch, 768, dtype=autocast or torch.float32, device="meta")
+        micro = torch.empty(batch, 5, device="meta")
+        logits = transformer(tokens, encoder_hidden_states=hidden, pooled_text_emb=pooled, micro_conds=micro)
+        probs = logits.float().softmax(dim=1)
+        del logits, probs
+    return tracker.timeline()
+
+
+@functools.lru_cache(maxsize=32)
+def trace_decode(resolution: int, batch: int, vq_dtype: str) -> tuple[int, ...]:
+    """Live-byte timeline of decoding `batch` token grids to images with the VQ model (no gradients, no autocast)."""
+    vq = _meta_components(resolution).vqvae
+    torch.nn.Module.to(vq, DTYPES[vq_dtype])
+    existing = storage_keys([*vq.parameters(), *vq.buffers()])
+    side = resolution // 16
+    with torch.no_grad(), LiveBytes(existing) as tracker:
+        tokens = torch.zeros(batch, side, side, dtype=torch.long, device="meta")
+        images = vq.decode(tokens, force_not_quantize=True, shape=(batch, side, side, vq.config.latent_channels))
+        images = images.sample.clamp(0, 1)
+        del images
+    return tracker.timeline()

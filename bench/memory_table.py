@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amused_tune import memory  # noqa: E402
+from amused_tune import memory, memory_fit  # noqa: E402
 from amused_tune.cli.args import parse_recipe  # noqa: E402
 from amused_tune.cli.recipes import list_recipes  # noqa: E402
 
@@ -68,7 +68,7 @@ def fits(recipe, budget_gb: int) -> str:
     if memory.estimate(recipe).peak_bytes <= budget - memory.CUDA_CONTEXT_GB * memory.GB:
         return "yes"
     try:
-        fitted = memory.fit(recipe, budget, say=lambda line: None)
+        fitted = memory_fit.fit(recipe, budget, say=lambda line: None)
     except memory.EstimateError:
         return "no"
     a, b = recipe, fitted

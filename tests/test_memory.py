@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from amused_tune import memory
+from amused_tune import memory, memory_fit
 from amused_tune.memory_trace import BLOCK, GpuAutocast, LiveBytes, storage_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_reference_setup_holds_what_train_amused_keeps():
 def test_max_memory_turns_levers_on_keeping_the_effective_batch_lr_and_data():
     original = recipe("nouns_256_lora_bs16x1")
     said = []
-    fitted = memory.fit(original, memory.parse_size("4GB"), say=said.append)
+    fitted = memory_fit.fit(original, memory_fit.parse_size("4GB"), say=said.append)
     assert memory.estimate(fitted).peak_bytes <= 4 * memory.GB - memory.CUDA_CONTEXT_GB * memory.GB
     assert said and said[0].startswith("--max-memory: train.grad_checkpointing: False -> True")
     assert fitted.train.batch_size * fitted.train.grad_accum == 16
@@ -92,17 +92,44 @@ def test_max_memory_turns_levers_on_keeping_the_effective_batch_lr_and_data():
 
 def test_max_memory_that_nothing_fits_is_an_estimate_error():
     with pytest.raises(memory.EstimateError, match="nothing fits in 0.6 GB"):  # (under the 4-bit U-ViT alone)
-        memory.fit(recipe("styledrop_256"), memory.parse_size("0.6GB"), say=lambda line: None)
+        memory_fit.fit(recipe("styledrop_256"), memory_fit.parse_size("0.6GB"), say=lambda line: None)
 
 
 @pytest.mark.parametrize("text,expected", [("6GB", 6 * 10**9), ("7.5", 7.5e9), ("800MB", 8 * 10**8),
                                            ("6GiB", 6 * 2**30)])
 def test_max_memory_sizes(text, expected):
-    assert memory.parse_size(text) == int(expected)
+    assert memory_fit.parse_size(text) == int(expected)
 
 
 def test_a_bad_size_or_a_cpu_sized_base_is_an_estimate_error():
     with pytest.raises(memory.EstimateError, match="pass a size such as 6GB"):
-        memory.parse_size("six")
+        memory_fit.parse_size("six")
     with pytest.raises(memory.EstimateError, match="real-size aMUSEd"):
         memory.estimate(recipe("quickstart"))
+
+
+def test_estimate_command_prints_the_breakdown_and_trains_nothing(capsys):
+    from amused_tune.cli import main
+
+    assert main(["recipes/styledrop_256.yaml", "--estimate", "--max-memory", "6GB"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1 x 1 accumulation" in out and "off the GPU (data.cache)" in out
+    peak = float(re.search(r"^predicted peak .* ([0-9.]+)$", out, re.MULTILINE).group(1))
+    assert 1.0 < peak <= 3.0
+
+
+def test_max_memory_command_keeps_batch_times_accumulation(capsys):
+    from amused_tune.cli import main
+
+    assert main(["recipes/nouns_256_lora_bs16x1.yaml", "--estimate", "--max-memory=4GB"]) == 0
+    captured = capsys.readouterr()
+    assert "train.grad_checkpointing: False -> True" in captured.err
+    assert "batch 16 x 1 accumulation" in captured.out or "x 16 accumulation" in captured.out
+
+
+def test_max_memory_command_with_a_bad_size_is_one_line_exit_2(capsys):
+    from amused_tune.cli import main
+
+    assert main(["recipes/styledrop_256.yaml", "--estimate", "--max-memory", "lots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass a size such as 6GB" in err[0]

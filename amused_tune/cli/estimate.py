@@ -35,14 +35,14 @@ def apply(recipe, options: dict):
     A user's mistake (a bad size, a recipe that cannot fit, a CPU-sized base) is a one-line error, exit 2."""
     if not options["estimate"] and options["max_memory"] is None:
         return recipe, None
-    from amused_tune import memory
+    from amused_tune import memory, memory_fit
     from amused_tune.cli.args import fail
     from amused_tune.data.cache import ENCODE_BATCH
 
     try:
         if options["max_memory"] is not None:
-            budget = memory.parse_size(options["max_memory"])
-            recipe = memory.fit(recipe, budget, say=lambda line: print(line, file=sys.stderr))
+            budget = memory_fit.parse_size(options["max_memory"])
+            recipe = memory_fit.fit(recipe, budget, say=lambda line: print(line, file=sys.stderr))
         if options["estimate"]:
             est = memory.estimate(recipe, cache_batch=ENCODE_BATCH)
             t = recipe.train
