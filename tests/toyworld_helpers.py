@@ -2,9 +2,9 @@
 
     from toyworld_helpers import classify, caption_match_rate, toy_components
 
-`classify(image)` names the shape, colour and background of a 32x32 toy-world image exactly (PIL image, HxWx3
-array or a [3, H, W] tensor in [0, 1]); `caption_match_rate(images, captions)` is the fraction of images that show
-what their caption asks for. `toy_components()` loads the shipped toy base once per test session (copies are
+`classify(image)` names the shape, colour, background and style of a 32x32 toy-world image exactly (PIL image,
+HxWx3 array or a [3, H, W] tensor in [0, 1]); `caption_match_rate(images, captions)` is the fraction of images that
+show what their caption asks for. `toy_components()` loads the shipped toy base once per test session (copies are
 cheap: use `fresh_toy()` before training, since training changes the weights in place).
 """
 

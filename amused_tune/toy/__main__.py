@@ -5,51 +5,86 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    from amused_tune.toy.build import BuildConfig
+
     parser = argparse.ArgumentParser(prog="python -m amused_tune.toy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="rebuild the toy pipeline from scratch (CPU, ~15 min)")
+    b = sub.add_parser("build", help="rebuild the toy pipeline from scratch (CPU, one thread, ~10 min)")
     b.add_argument("--out", default=None, help="output pipeline folder (default: amused_tune/toy/weights)")
-    b.add_argument("--work", default=None, help="scratch folder for the world images and the training run")
-    b.add_argument("--vq-steps", type=int, default=1000)
-    b.add_argument("--uvit-steps", type=int, default=2000)
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--lr", type=float, default=1.5e-3, help="U-ViT peak learning rate")
-    b.add_argument("--vq-held-out", action="store_true",
-                   help="also train the VQ on the held-out colours purple/orange (worse round trip, see docs/toy.md)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible, robust on a shared CPU)")
-    e = sub.add_parser("eval", help="caption-match rate and guidance sweep of a toy pipeline")
+    for f in fields(BuildConfig):
+        b.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    w = sub.add_parser("sets", help="write the fine-tuning sets: the new concept's imagefolder, the style image")
+    w.add_argument("--root", default=".", help="the kit's folder (writes ROOT/assets/toy_concept, ROOT/assets/quickstart)")
+    e = sub.add_parser("eval", help="caption-match rates of the toy base, or of a fine-tuning run on it")
     e.add_argument("--dir", default=None, help="pipeline folder (default: the shipped toy weights)")
+    e.add_argument("--adapter", default=None, help="a run folder of a fine-tuning run on model.base=toy")
     e.add_argument("--prompts", type=int, default=50)
     e.add_argument("--seeds", type=int, default=2)
-    e.add_argument("--steps", type=int, default=12)
     e.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _eval_problem(args) -> str | None:
+    for flag in ("prompts", "seeds", "threads"):
+        if getattr(args, flag) < 1:
+            return f"--{flag} must be >= 1, got {getattr(args, flag)}"
+    for flag in ("dir", "adapter"):
+        folder = getattr(args, flag, None)
+        if folder and not Path(folder).is_dir():
+            return f"--{flag} {folder} does not exist: pass a folder"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    problem = _eval_problem(args) if args.command == "eval" else None
+    if problem:  # a mistake in the arguments: one line, before any model loads
+        print(f"python -m amused_tune.toy: error: {problem}", file=sys.stderr)
+        return 2
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(getattr(args, "threads", 1))
+    if args.command == "sets":
+        from amused_tune.toy import world
+
+        root = Path(args.root)
+        folder = world.write_imagefolder(root / "assets" / "toy_concept", world.concept_finetune_specs())
+        style = root / "assets" / "quickstart" / "toy_style.png"
+        style.parent.mkdir(parents=True, exist_ok=True)
+        world.render(world.STYLE_EXAMPLE).save(style)
+        print(f"wrote {folder} ({len(world.concept_finetune_specs())} images) and {style} "
+              f"(caption: {world.caption(world.STYLE_EXAMPLE)!r})")
+        return 0
     if args.command == "build":
         from amused_tune.toy import WEIGHTS_DIR
-        from amused_tune.toy.build import build
+        from amused_tune.toy.build import BuildConfig, build
 
-        out = Path(args.out) if args.out else WEIGHTS_DIR
-        with tempfile.TemporaryDirectory(prefix="amused-toy-") as tmp:
-            record = build(out, Path(args.work) if args.work else Path(tmp), args.vq_steps, args.uvit_steps,
-                           args.batch_size, uvit_lr=args.lr, vq_held_out=args.vq_held_out)
+        cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in fields(BuildConfig)})
+        record = build(Path(args.out) if args.out else WEIGHTS_DIR, cfg)
         print(json.dumps(record, indent=2))
         return 0
 
     from amused_tune.models import _load_folder
     from amused_tune.toy import toy_dir
-    from amused_tune.toy.evaluate import evaluate
+    from amused_tune.toy.evaluate import evaluate, read_sampling_defaults
 
-    comps = _load_folder(Path(args.dir) if args.dir else toy_dir())
-    print(json.dumps(evaluate(comps, args.prompts, tuple(range(args.seeds)), args.steps), indent=2))
+    folder = Path(args.dir) if args.dir else toy_dir()
+    comps = _load_folder(folder)
+    if args.adapter:
+        from amused_tune.toy.finetune_eval import evaluate_run
+
+        print(json.dumps(evaluate_run(comps, Path(args.adapter), read_sampling_defaults(folder)), indent=2))
+        return 0
+    print(json.dumps(evaluate(comps, args.prompts, tuple(range(args.seeds)), defaults=read_sampling_defaults(folder)),
+                     indent=2))
     return 0
 
 

@@ -1,25 +1,29 @@
 """Rebuild the toy pretrained aMUSEd from scratch: ``python -m amused_tune.toy build [--out DIR]``.
 
-Four stages, each deterministic (fixed seeds, fixed thread count) and small enough for a laptop CPU:
+Four stages, each deterministic (fixed seeds, one thread) and small enough for a laptop CPU:
 
-1. the world: every (shape, colour, background) of the six world colours in each of its 2 layouts
-   (centred, half-size 8 or 10): 90 captions x 2 = 180 images;
-2. the VQ model: a `VQModel` (32 px -> 8x8 tokens, codebook of 128) trained as an autoencoder on the same 180
-   images (``--vq-held-out``: on all eight colours, 336 images)
-   (L1 + MSE reconstruction + the quantizer's codebook/commitment loss + patch consistency, see `train_vq`);
-3. the text encoder: a random, frozen 2-layer CLIP over the kit's character-level tokenizer (seeded); the U-ViT
-   learns to read it;
-4. the U-ViT: pretrained on the world's captions and VQ tokens with the kit's own full fine-tuning
-   (`amused_tune.train.loop.train`, MaskGIT objective).
+1. the world: every (shape, colour, background) of the six world colours, one layout each: 90 captions;
+2. the VQ model (`VQModel`, 32 px -> 8x8 tokens, codebook of 16): one code per palette colour. Its codebook is a
+   fixed set of orthonormal vectors, the encoder is trained to put each cell on its colour's code and the decoder
+   to paint a flat cell from it, on random grids of all nine colours and on world images (held-out colours and
+   the style's frame included: the VQ is the tokenizer of everything fine-tuning may ask for);
+3. the tokenizer (one token per word, `amused_tune.toy.text`) and a small CLIP text encoder;
+4. the U-ViT, pretrained on the world's captions and tokens together with the text encoder (which is then
+   frozen): MaskGIT objective (`amused_tune.masking`) with label smoothing, condition dropout for
+   classifier-free guidance.
 
-The result is written with `Components.save_pretrained` to `amused_tune/toy/weights/` (or ``--out``).
+The pipeline is written with `Components.save_pretrained` to `amused_tune/toy/weights/` (or ``--out``) with
+`sampling.json` (the toy's sampling defaults, the best guidance of the sweep) and `build_info.json`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +32,42 @@ import torch.nn.functional as F
 from diffusers import AmusedScheduler, UVit2DModel, VQModel
 from transformers import CLIPTextModelWithProjection
 
-from amused_tune.models import Components, build_tiny_tokenizer, encode_images, tiny_text_encoder_config
+from amused_tune.masking import mask_tokens
+from amused_tune.models import Components, encode_images, encode_prompts, micro_conditioning, tiny_text_encoder_config
 from amused_tune.toy import world
+from amused_tune.toy.text import build_toy_tokenizer
 
-CODEBOOK = 128
+CODEBOOK = 16
 TEXT_HIDDEN = 64
 SEED = 0
+COLOUR_IDS = {name: i for i, name in enumerate(world.PALETTE)}  # code i = palette colour i
 
 
 def log(msg: str) -> None:
     print(f"[toy {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass
+class BuildConfig:
+    vq_steps: int = 400
+    """VQ training steps (batch 32)."""
+    uvit_steps: int = 1200
+    """U-ViT + text-encoder pretraining steps."""
+    batch_size: int = 32
+    """Pretraining batch size."""
+    lr: float = 1.5e-3
+    """Peak learning rate of the pretraining (warmup 100 steps, then cosine)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the masked cross-entropy."""
+    cond_dropout: float = 0.15
+    """Probability of training a sample on the empty prompt (classifier-free guidance)."""
+    res_blocks: int = 3
+    """ConvNeXt blocks before and after the U-ViT's transformer: its only sense of position (zero padding of
+    3x3 convolutions, one cell per block), so 2 x res_blocks must reach the grid's centre."""
+    text_embed_std: float = 0.02
+    """Standard deviation of the text encoder's initial token embeddings (CLIP's own init: 0.02)."""
+    eval_prompts: int = 50
+    """World prompts of the final evaluation (x 2 seeds)."""
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -49,7 +79,7 @@ def new_vqvae() -> VQModel:
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         layers_per_block=1,
-        latent_channels=16,
+        latent_channels=CODEBOOK,
         num_vq_embeddings=CODEBOOK,
         norm_num_groups=8,
         sample_size=world.SIZE,
@@ -60,10 +90,10 @@ def new_vqvae() -> VQModel:
 
 
 def new_text_encoder(tokenizer) -> CLIPTextModelWithProjection:
-    return CLIPTextModelWithProjection(tiny_text_encoder_config(tokenizer, hidden=TEXT_HIDDEN, layers=2)).eval()
+    return CLIPTextModelWithProjection(tiny_text_encoder_config(tokenizer, hidden=TEXT_HIDDEN, layers=2))
 
 
-def new_transformer() -> UVit2DModel:
+def new_transformer(res_blocks: int = 3) -> UVit2DModel:
     return UVit2DModel(
         hidden_size=96,
         cond_embed_dim=TEXT_HIDDEN,
@@ -74,182 +104,219 @@ def new_transformer() -> UVit2DModel:
         codebook_size=CODEBOOK,
         in_channels=32,
         block_out_channels=96,
-        num_res_blocks=1,
+        num_res_blocks=res_blocks,
         block_num_heads=2,
         num_hidden_layers=3,
         num_attention_heads=4,
         intermediate_size=384,
-        sample_size=world.SIZE // 4,
+        sample_size=world.GRID,
     )
 
 
 # --------------------------------------------------------------------------------------------- VQ
 
 
-def _images(specs: list[world.ShapeSpec]) -> torch.Tensor:
-    return torch.from_numpy(world.to_array([world.render(s) for s in specs]))
+def cell_ids(spec: world.ShapeSpec) -> torch.Tensor:
+    """The code of every cell of `spec` [8, 8] (the palette index of its colour)."""
+    return torch.tensor([[COLOUR_IDS[n] for n in row] for row in world.cells(spec)], dtype=torch.long)
 
 
-def patch_groups(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """For each token of images x [B, 3, H, W], an id shared by exactly the tokens whose pixels are identical."""
-    q = (x * 255).round().to(torch.uint8)
-    patches = q.unfold(2, factor, factor).unfold(3, factor, factor)  # [B, 3, h, w, f, f]
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * factor * factor)
-    return torch.unique(patches, dim=0, return_inverse=True)[1]
+def paint(ids: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, 32, 32] in [0, 1] of code grids [B, 8, 8] (each cell flat in its palette colour)."""
+    rgb = torch.tensor(list(world.PALETTE.values()), dtype=torch.float32) / 255.0
+    img = rgb[ids].permute(0, 3, 1, 2)  # [B, 3, 8, 8]
+    return img.repeat_interleave(world.CELL, 2).repeat_interleave(world.CELL, 3)
 
 
-def patch_consistency(h: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance of each token's latent to the mean latent of its group (identical pixel patches)."""
-    flat = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-    n = int(groups.max()) + 1
-    sums = torch.zeros(n, flat.shape[1]).index_add_(0, groups, flat.detach())
-    counts = torch.zeros(n).index_add_(0, groups, torch.ones(len(groups)))
-    return F.mse_loss(flat, (sums / counts[:, None])[groups])
+def vq_training_grids(n: int, g: torch.Generator, specs_ids: torch.Tensor) -> torch.Tensor:
+    """`n` code grids: half random cells of every palette colour, half world images (with small random edits)."""
+    colours = len(world.PALETTE)
+    rand = torch.randint(colours, (n // 2, world.GRID, world.GRID), generator=g)
+    picked = specs_ids[torch.randint(len(specs_ids), (n - n // 2,), generator=g)].clone()
+    edit = torch.rand(picked.shape, generator=g) < 0.1
+    picked[edit] = torch.randint(colours, (int(edit.sum()),), generator=g)
+    return torch.cat([rand, picked])
 
 
-def train_vq(vq: VQModel, images: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = SEED,
-             consistency: float = 10.0):
-    """Train `vq` as an autoencoder on `images` [N, 3, H, W] in [0, 1].
+def train_vq(vq: VQModel, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = SEED) -> VQModel:
+    """Train `vq` to give every cell its colour's code and to paint each code back as a flat cell.
 
-    Loss: reconstruction (L1 + MSE) + the quantizer's codebook/commitment loss + `consistency` x a
-    patch-consistency term that pulls the latents of identical 4x4 pixel patches together.
-
-    Why: the encoder's GroupNorm sees the whole image, so a plainly trained VQ gives the same patch a different
-    code in every image. Measured on this world: a uniform red patch got ~100 different codes (entropy ~4 nats)
-    with dead-code restarts, ~30 without; the U-ViT cannot predict that (pretraining loss stuck near 2 nats,
-    shapeless samples, 0-6% caption match). With the consistency term and no dead-code restarts (restarts crowd
-    codes around the background), the VQ settles on a small, well-separated set of codes (14 of 128 here; each
-    uniform colour mostly one code, entropy 0.1-0.7 nats) and the round trip still reads right ~98% of the time.
+    The codebook is fixed (orthonormal rows); the encoder regresses each cell's latent onto its code (MSE) and the
+    decoder reconstructs the image from the exact codes (L1 + MSE). Codes `len(PALETTE)`.. are never used.
     """
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vq.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    usage = torch.zeros(CODEBOOK)
+    q, _ = torch.linalg.qr(torch.randn(CODEBOOK, CODEBOOK, generator=g))
+    vq.quantize.embedding.weight.data.copy_(q)
+    vq.quantize.embedding.weight.requires_grad_(False)
+    specs = world.world_specs(tuple(world.PALETTE)[:-1]) + world.world_specs(tuple(world.PALETTE)[:-1], style=True)
+    specs_ids = torch.stack([cell_ids(s) for s in specs])
+    params = [p for p in vq.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    codebook = vq.quantize.embedding.weight
     vq.train()
-    t0 = time.time()
     for step in range(steps):
-        idx = torch.randint(len(images), (batch_size,), generator=g)
-        x = images[idx]
-        flip = torch.rand(batch_size, generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        ids = vq_training_grids(batch_size, g, specs_ids)
+        x = paint(ids)
         h = vq.encode(x).latents
-        z_q, q_loss, (_, _, ids) = vq.quantize(h)
-        rec = vq.decoder(vq.post_quant_conv(z_q))
-        groups = patch_groups(x)
-        cons = patch_consistency(h, groups)
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + q_loss + consistency * cons
+        target = codebook[ids].permute(0, 3, 1, 2)
+        rec = vq.decoder(vq.post_quant_conv(target))
+        enc_loss = F.mse_loss(h, target)
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = enc_loss + rec_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        usage += torch.bincount(ids.flatten(), minlength=CODEBOOK).float()
         if (step + 1) % 100 == 0:
-            log(f"vq step {step + 1}/{steps} loss {loss.item():.4f} l1 {F.l1_loss(rec, x).item():.4f} "
-                f"consistency {cons.item():.4f} codes used {int((usage > 0).sum())}/{CODEBOOK} ({time.time() - t0:.0f}s)")
-            usage.zero_()
-    vq.eval()
+            log(f"vq step {step + 1}/{steps} encoder {enc_loss.item():.4f} reconstruction {rec_loss.item():.4f}")
+    vq.eval().requires_grad_(False)
     return vq
 
 
 @torch.no_grad()
-def vq_reconstruction_match(vq: VQModel, specs: list[world.ShapeSpec]) -> float:
-    """Fraction of world images whose VQ round trip (encode -> tokens -> decode) the classifier still reads right:
-    the ceiling of any caption-match rate of samples."""
+def vq_round_trip(vq: VQModel, specs: list[world.ShapeSpec]) -> dict:
+    """How exactly the VQ round trip keeps world images: codes equal to the cells' colours, images read right by
+    the classifier (shape, colour, background and style)."""
     from amused_tune.models import decode_tokens
     from amused_tune.toy.classify import classify
 
-    rec = decode_tokens(vq, encode_images(vq, _images(specs)))
-    hits = [classify(r).matches(world.caption(s)) for r, s in zip(rec, specs)]
-    return sum(hits) / len(hits)
+    pixels = torch.from_numpy(world.to_array([world.render(s) for s in specs]))
+    tokens = encode_images(vq, pixels)
+    want = torch.stack([cell_ids(s) for s in specs])
+    rec = decode_tokens(vq, tokens)
+    read = [classify(r).matches_with_style(world.caption(s)) for r, s in zip(rec, specs)]
+    return {"codes_exact": float((tokens == want).all(-1).all(-1).float().mean()), "read_right": sum(read) / len(read),
+            "max_pixel_error": float((rec - pixels).abs().max())}
 
 
 # --------------------------------------------------------------------------------------------- U-ViT
 
 
-def pretrain_uvit(
-    comps: Components, data_dir: Path, run_dir: Path, steps: int, batch_size: int = 32, lr: float = 1.5e-3,
-    seed: int = SEED,
-) -> dict:
-    """Pretrain `comps.transformer` on the world in `data_dir` with the kit's own full fine-tuning (trainer.train)."""
-    from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
-                                    TrainConfig)
-    from amused_tune.train.loop import train
+def smoothed_masked_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                                  smoothing: float) -> torch.Tensor:
+    """Cross-entropy with label smoothing on the masked positions: mean per image, then over images."""
+    v = logits.shape[1]
+    per_token = F.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, v).float(), tokens.reshape(-1),
+                                reduction="none", label_smoothing=smoothing).reshape(mask.shape)
+    m = mask.float()
+    return ((per_token * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)).mean()
 
-    recipe = Recipe(
-        model=ModelConfig(base="toy"),
-        data=DataConfig(source="imagefolder", path=str(data_dir)),
-        adapter=AdapterConfig(kind="full"),
-        optim=OptimConfig(lr=lr, weight_decay=0.01, betas=(0.9, 0.99), scheduler="cosine", warmup_steps=100),
-        train=TrainConfig(batch_size=batch_size, max_steps=steps, precision="fp32", seed=seed,
-                          checkpoint_every=steps, keep_checkpoints=1, resume="none", cond_dropout=0.1,
-                          log_every=50, device="cpu"),
-        output=OutputConfig(dir=str(run_dir), overwrite=True, loss_plot=False),
-    )
-    summary = train(recipe, components=comps)
-    comps.transformer.eval().requires_grad_(False)
-    return summary
+
+def _optimizer(comps: Components, lr: float) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on the text encoder's embedding tables, so that words never seen in pretraining
+    (held-out colours, the style's words) keep their own distinct random embeddings."""
+    embeds = list(comps.text_encoder.text_model.embeddings.parameters())
+    ids = {id(p) for p in embeds}
+    rest = [p for p in [*comps.transformer.parameters(), *comps.text_encoder.parameters()] if id(p) not in ids]
+    return torch.optim.AdamW([{"params": rest, "weight_decay": 0.01}, {"params": embeds, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.99))
+
+
+def pretrain(comps: Components, captions: list[str], tokens: torch.Tensor, cfg: BuildConfig, seed: int = SEED) -> float:
+    """Train the U-ViT and the text encoder together on (caption, tokens [N, 8, 8]); returns the final loss."""
+    g = torch.Generator().manual_seed(seed)
+    tok = comps.tokenizer
+    ids = tok(captions + [""], padding="max_length", truncation=True, max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    empty = ids[-1]
+    micro = micro_conditioning(world.SIZE, world.SIZE)[None].expand(cfg.batch_size, 5)
+    opt = _optimizer(comps, cfg.lr)
+    steps = cfg.uvit_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    comps.transformer.train()
+    comps.text_encoder.train()
+    avg, t0 = None, time.time()
+    for step in range(steps):
+        idx = torch.randint(len(captions), (cfg.batch_size,), generator=g)
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
+        batch_ids = torch.where(drop[:, None], empty[None], ids[idx])
+        out = comps.text_encoder(batch_ids, output_hidden_states=True)
+        inp, mask = mask_tokens(tokens[idx], comps.mask_id, g)
+        logits = comps.transformer(inp, micro_conds=micro, pooled_text_emb=out.text_embeds,
+                                   encoder_hidden_states=out.hidden_states[-2])
+        loss = smoothed_masked_cross_entropy(logits, tokens[idx], mask, cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)
+        opt.step()
+        sched.step()
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if (step + 1) % 100 == 0:
+            log(f"u-vit step {step + 1}/{steps} loss {avg:.4f} ({time.time() - t0:.0f}s)")
+    for m in (comps.transformer, comps.text_encoder):
+        m.eval().requires_grad_(False)
+    return float(avg)
+
+
+@torch.no_grad()
+def caption_similarity(comps: Components, captions: list[str]) -> dict:
+    """Cosine similarity of the captions' hidden states (what the U-ViT cross-attends to): mean and max over
+    pairs of different captions, and the mean to the empty prompt."""
+    hidden, _ = encode_prompts(comps.text_encoder, comps.tokenizer, captions + [""])
+    flat = F.normalize(hidden.flatten(1), dim=1)
+    sim = flat @ flat.T
+    n = len(captions)
+    off = sim[:n, :n][~torch.eye(n, dtype=torch.bool)]
+    return {"mean": round(float(off.mean()), 3), "max": round(float(off.max()), 3),
+            "to_empty": round(float(sim[:n, n].mean()), 3)}
 
 
 # --------------------------------------------------------------------------------------------- build
 
 
-def build(
-    out: Path, work: Path, vq_steps: int = 1000, uvit_steps: int = 2000, batch_size: int = 32, eval_prompts: int = 50,
-    uvit_lr: float = 1.5e-3, vq_held_out: bool = False,
-) -> dict:
-    """Build the toy pipeline from scratch into `out` (scratch files in `work`); returns the build record."""
-    import json
-    import shutil
+def build(out: Path, cfg: BuildConfig) -> dict:
+    """Build the toy pipeline from scratch into `out`; returns the build record (also in build_info.json)."""
+    from amused_tune.toy.evaluate import SWEEP, evaluate, write_sampling_defaults
 
     t0 = time.time()
     random.seed(SEED)
     np.random.seed(SEED)
     torch.manual_seed(SEED)
-    out, work = Path(out), Path(work)
-    work.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
 
-    log("stage 1/4: the world")
-    specs = [spec for triple in world.all_triples() for spec in world.all_layouts(*triple)]  # 90 x 2 = 180
-    data_dir = world.write_imagefolder(work / "world", specs)
-    # vq_held_out: the VQ also learns purple/orange (for fine-tuning on them later); measured: its round trip
-    # then fell to 69% on the world colours (73% on all eight), against 94% without, so it is off by default.
-    everything = tuple(world.PALETTE) if vq_held_out else world.WORLD_COLOURS
-    vq_specs = [spec for triple in world.all_triples(everything) for spec in world.all_layouts(*triple)]
-
-    log(f"stage 2/4: VQ autoencoder ({vq_steps} steps)")
+    log(f"stage 1/4: VQ ({cfg.vq_steps} steps)")
     torch.manual_seed(SEED + 1)
-    vq = train_vq(new_vqvae(), _images(vq_specs), vq_steps, batch_size=32, lr=3e-3, seed=SEED + 1)
-    vq_match = vq_reconstruction_match(vq, world.sample_specs(per_triple=1, seed=SEED + 100, colours=everything))
-    log(f"VQ round trip read right by the classifier: {vq_match:.3f}")
+    vq = train_vq(new_vqvae(), cfg.vq_steps, seed=SEED + 1)
+    every = world.world_specs(tuple(world.PALETTE)[:-1])
+    round_trip = vq_round_trip(vq, every + [world.ShapeSpec(s.shape, s.colour, s.background, style=True) for s in every])
+    log(f"VQ round trip: {round_trip}")
     t_vq = time.time() - t0
 
-    log("stage 3/4: frozen random text encoder")
-    torch.manual_seed(SEED + 2)
-    tokenizer = build_tiny_tokenizer()
-    text_encoder = new_text_encoder(tokenizer)
-    torch.manual_seed(SEED + 3)
-    comps = Components(new_transformer(), vq, text_encoder, tokenizer, AmusedScheduler(mask_token_id=CODEBOOK))
+    log("stage 2/4: the world's captions and tokens")
+    specs = world.world_specs()
+    captions = [world.caption(s) for s in specs]
+    tokens = encode_images(vq, torch.from_numpy(world.to_array([world.render(s) for s in specs])))
 
-    log(f"stage 4/4: U-ViT pretraining with the kit's trainer ({uvit_steps} steps of {batch_size})")
+    log("stage 3/4: tokenizer and text encoder")
+    torch.manual_seed(SEED + 2)
+    tokenizer = build_toy_tokenizer()
+    text_encoder = new_text_encoder(tokenizer)
+    torch.nn.init.normal_(text_encoder.text_model.embeddings.token_embedding.weight, std=cfg.text_embed_std)
+    torch.manual_seed(SEED + 3)
+    comps = Components(new_transformer(cfg.res_blocks), vq, text_encoder, tokenizer, AmusedScheduler(mask_token_id=CODEBOOK))
+    sim_before = caption_similarity(comps, captions)
+
+    log(f"stage 4/4: U-ViT + text encoder pretraining ({cfg.uvit_steps} steps of {cfg.batch_size})")
     t1 = time.time()
-    summary = pretrain_uvit(comps, data_dir, work / "uvit_run", uvit_steps, batch_size, uvit_lr)
+    loss = pretrain(comps, captions, tokens, cfg, seed=SEED + 4)
     t_uvit = time.time() - t1
-    log(f"U-ViT final loss {summary.get('loss', float('nan')):.4f} ({t_uvit:.0f}s)")
+    sim_after = caption_similarity(comps, captions)
+    log(f"caption-to-caption cosine similarity before {sim_before}, after {sim_after}")
 
     if out.exists():
         shutil.rmtree(out)
     comps.save_pretrained(out)
     build_s = time.time() - t0
 
-    from amused_tune.toy.evaluate import evaluate
-
-    log("evaluation")
-    numbers = evaluate(comps, n_prompts=eval_prompts, print_fn=log)
+    log("evaluation (guidance sweep, then the defaults)")
+    numbers = evaluate(comps, n_prompts=cfg.eval_prompts, scales=SWEEP, defaults=None, print_fn=log)
+    best = numbers["defaults"]["guidance"]  # the best guidance > 1 of the sweep
+    write_sampling_defaults(out, guidance=best)
     record = {
         "build_seconds": round(build_s, 1), "vq_seconds": round(t_vq, 1), "uvit_seconds": round(t_uvit, 1),
-        "vq_steps": vq_steps, "uvit_steps": uvit_steps, "batch_size": batch_size, "uvit_lr": uvit_lr,
-        "uvit_final_loss": summary.get("loss"), "vq_roundtrip_match": vq_match, "threads": torch.get_num_threads(),
-        **numbers,
+        "config": asdict(cfg), "uvit_final_loss": loss, "vq_round_trip": round_trip, "threads": torch.get_num_threads(),
+        "caption_similarity": {"before": sim_before, "after": sim_after}, "default_guidance": best, **numbers,
     }
     (out / "build_info.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"wrote {out} in {build_s:.0f}s (+ evaluation)")

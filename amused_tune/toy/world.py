@@ -1,29 +1,31 @@
-"""The toy world: one flat shape on a flat background, 32x32 px, with a caption that says exactly what is drawn.
+"""The toy world: pixel art on an 8x8 grid of 4x4-pixel cells, with a caption that says exactly what is drawn.
 
-Everything is generated in code from a seed, so the world is the same on every machine:
+Every cell is one flat palette colour (no antialiasing), so one VQ token (4x4 pixels) is one cell and a model
+only has to place colours. A shape is a 4x4-cell template (square, a rounded "circle", a staircase triangle)
+placed inside the grid, never on its outer ring of cells, so the background can be read from the border:
 
-    >>> spec = ShapeSpec("circle", "red", "blue", cx=16.0, cy=15.0, size=9.0)
+    >>> spec = ShapeSpec("circle", "red", "blue")
     >>> caption(spec)
     'a red circle on a blue background'
     >>> img = render(spec)            # PIL.Image, RGB, 32x32
 
-The pretrained toy base (`amused_tune.toy.build`) is trained on `sample_specs(...)` over `WORLD_COLOURS` and
-`SHAPES`. `HELD_OUT_COLOURS` are never drawn during pretraining, so that fine-tuning on them (StyleDrop, full
-fine-tuning) can be measured: the base cannot draw them before, the fine-tuned model must after.
+`WORLD_COLOURS` are what the toy base is pretrained on. `HELD_OUT_COLOURS` are never drawn in pretraining (the
+VQ knows them, the U-ViT does not): fine-tuning on them is a new concept the base cannot draw. The `[v]` style
+(`STYLE`, a grey frame on the outer ring of cells) is never drawn in pretraining either: StyleDrop teaches it.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-SIZE = 32
-SUPERSAMPLE = 4  # shapes are drawn 4x larger and box-filtered down: antialiased edges
+CELL = 4  # pixels per cell side = the VQ's downsampling factor
+GRID = 8  # cells per image side
+SIZE = CELL * GRID
 
 # Colours far apart in RGB so that the classifier can name them exactly.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -36,34 +38,56 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     # held out of pretraining (unseen colours for fine-tuning checks)
     "purple": (140, 40, 180),
     "orange": (250, 130, 20),
+    # the colour of the [v] style's frame, never drawn in pretraining
+    "grey": (128, 128, 128),
 }
 WORLD_COLOURS = ("red", "green", "blue", "yellow", "white", "black")
 HELD_OUT_COLOURS = ("purple", "orange")
+STYLE_COLOUR = "grey"
+STYLE_SUFFIX = " in [v] style"
 SHAPES = ("circle", "square", "triangle")
+
+# 4x4-cell templates (row-major, 1 = shape colour).
+TEMPLATES: dict[str, np.ndarray] = {
+    "square": np.ones((4, 4), dtype=bool),
+    "circle": np.array([[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=bool),
+    "triangle": np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=bool),
+}
+POSITIONS = ((2, 2),)  # (row, col) of the template's top-left cell: one layout per caption (see docs/toy.md)
 
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One image of the world: a shape of a colour on a background, centred at (cx, cy) with half-size `size`."""
+    """One image: a shape of a colour on a background, its template's top-left cell at (row, col); `style`
+    draws the grey frame of the ``[v] style``."""
 
     shape: str
     colour: str
     background: str
-    cx: float = SIZE / 2
-    cy: float = SIZE / 2
-    size: float = 9.0
+    row: int = 2
+    col: int = 2
+    style: bool = False
 
 
 def caption(spec: ShapeSpec) -> str:
-    return f"a {spec.colour} {spec.shape} on a {spec.background} background"
+    text = f"a {spec.colour} {spec.shape} on a {spec.background} background"
+    return text + STYLE_SUFFIX if spec.style else text
 
 
 def parse_caption(text: str) -> tuple[str, str, str]:
-    """(shape, colour, background) of a caption written by `caption`."""
-    words = text.strip().split()
+    """(shape, colour, background) of a caption written by `caption` (with or without the style suffix)."""
+    text = text.strip()
+    if text.endswith(STYLE_SUFFIX):
+        text = text[: -len(STYLE_SUFFIX)]
+    words = text.split()
     if len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background":
         raise ValueError(f"not a toy-world caption: {text!r}")
     return words[2], words[1], words[5]
+
+
+def has_style(text: str) -> bool:
+    """Whether a caption asks for the ``[v] style``."""
+    return text.strip().endswith(STYLE_SUFFIX)
 
 
 def all_triples(colours: tuple[str, ...] = WORLD_COLOURS) -> list[tuple[str, str, str]]:
@@ -75,53 +99,42 @@ def all_captions(colours: tuple[str, ...] = WORLD_COLOURS) -> list[str]:
     return [caption(ShapeSpec(s, c, b)) for s, c, b in all_triples(colours)]
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
-    if shape == "square":
-        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "triangle":  # upright isosceles, base 2r, height 2r
-        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    return None
+def cells(spec: ShapeSpec) -> np.ndarray:
+    """The 8x8 grid of palette names of `spec`."""
+    if spec.shape not in TEMPLATES:
+        raise ValueError(f"unknown shape {spec.shape!r}; known: {', '.join(SHAPES)}")
+    for name in (spec.colour, spec.background):
+        if name not in PALETTE:
+            raise ValueError(f"unknown colour {name!r}; known: {', '.join(PALETTE)}")
+    t = TEMPLATES[spec.shape]
+    if not (1 <= spec.row and spec.row + t.shape[0] <= GRID - 1 and 1 <= spec.col and spec.col + t.shape[1] <= GRID - 1):
+        raise ValueError(f"a shape at cell ({spec.row}, {spec.col}) would touch the border ring")
+    grid = np.full((GRID, GRID), spec.background, dtype=object)
+    if spec.style:
+        grid[0, :] = grid[-1, :] = grid[:, 0] = grid[:, -1] = STYLE_COLOUR
+    window = grid[spec.row: spec.row + t.shape[0], spec.col: spec.col + t.shape[1]]
+    window[t] = spec.colour
+    return grid
+
+
+def render_cells(grid: np.ndarray) -> Image.Image:
+    """A 32x32 RGB image from an 8x8 grid of palette names (each cell a flat 4x4 block)."""
+    rgb = np.array([[PALETTE[name] for name in row] for row in grid], dtype=np.uint8)
+    return Image.fromarray(rgb.repeat(CELL, 0).repeat(CELL, 1), "RGB")
 
 
 def render(spec: ShapeSpec) -> Image.Image:
-    """Draw `spec` (antialiased by 4x supersampling)."""
-    s = SUPERSAMPLE
-    img = Image.new("RGB", (SIZE * s, SIZE * s), PALETTE[spec.background])
-    draw = ImageDraw.Draw(img)
-    cx, cy, r = spec.cx * s, spec.cy * s, spec.size * s
-    poly = _polygon(spec.shape, cx, cy, r)
-    if spec.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=PALETTE[spec.colour])
-    elif poly is not None:
-        draw.polygon(poly, fill=PALETTE[spec.colour])
-    else:
-        raise ValueError(f"unknown shape {spec.shape!r}; known: {', '.join(SHAPES)}")
-    return img.resize((SIZE, SIZE), Image.Resampling.BOX)
+    return render_cells(cells(spec))
 
 
-CENTRES = (16.0,)  # the shape stays centred (see docs/toy.md, "What did not work")
-HALF_SIZES = (8.0, 10.0)
+def all_layouts(shape: str, colour: str, background: str, style: bool = False) -> list[ShapeSpec]:
+    """Every layout (position) of one (shape, colour, background)."""
+    return [ShapeSpec(shape, colour, background, r, c, style) for r, c in POSITIONS]
 
 
-def random_spec(rng: random.Random, shape: str, colour: str, background: str) -> ShapeSpec:
-    """A small random variation: the half-size is one of `HALF_SIZES` (the centre is one of `CENTRES`).
-
-    Why so little variation: position variation (continuous, then on a 3x3 grid of token positions) gave
-    scattered blobs at guidance 10; centring was tried to remove that uncertainty (it did not fix guidance;
-    see docs/toy.md). `CENTRES` can grow again once a toy draws well at guidance 10.
-    """
-    return ShapeSpec(shape, colour, background, rng.choice(CENTRES), rng.choice(CENTRES), rng.choice(HALF_SIZES))
-
-
-def all_layouts(shape: str, colour: str, background: str) -> list[ShapeSpec]:
-    """Every layout (position x size) of one (shape, colour, background)."""
-    return [ShapeSpec(shape, colour, background, cx, cy, r) for cx in CENTRES for cy in CENTRES for r in HALF_SIZES]
-
-
-def sample_specs(per_triple: int, seed: int = 0, colours: tuple[str, ...] = WORLD_COLOURS) -> list[ShapeSpec]:
-    """`per_triple` random variations of every (shape, colour, background); deterministic in `seed`."""
-    rng = random.Random(seed)
-    return [random_spec(rng, *t) for t in all_triples(colours) for _ in range(per_triple)]
+def world_specs(colours: tuple[str, ...] = WORLD_COLOURS, style: bool = False) -> list[ShapeSpec]:
+    """Every layout of every (shape, colour, background) over `colours`, in a fixed order."""
+    return [spec for t in all_triples(colours) for spec in all_layouts(*t, style=style)]
 
 
 def to_array(images: list[Image.Image]) -> np.ndarray:
@@ -132,7 +145,7 @@ def to_array(images: list[Image.Image]) -> np.ndarray:
 def write_imagefolder(directory: str | Path, specs: list[ShapeSpec]) -> Path:
     """Write PNGs and `metadata.jsonl` ({"file_name", "text"} per line), the kit's `imagefolder` data source.
 
-    Each line also carries the spec (shape, colour, background, cx, cy, size) for analysis.
+    Each line also carries the spec (shape, colour, background, row, col, style) for analysis.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -143,3 +156,30 @@ def write_imagefolder(directory: str | Path, specs: list[ShapeSpec]) -> Path:
             render(spec).save(directory / name)
             f.write(json.dumps({"file_name": name, "text": caption(spec), **asdict(spec)}) + "\n")
     return directory
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning sets
+
+CONCEPT = "purple"  # the new concept: a colour the VQ can draw and the base never saw
+
+
+def concept_split(colour: str = CONCEPT) -> tuple[list[ShapeSpec], list[ShapeSpec]]:
+    """(fine-tuning, held-back) specs of `colour`'s shapes on the world backgrounds: for each shape, 4 of the 6
+    backgrounds are in the fine-tuning set (12 images) and 2 are kept back, so the eval asks for combinations
+    the fine-tuning set never showed."""
+    train, held = [], []
+    for k, shape in enumerate(SHAPES):
+        for j, bg in enumerate(WORLD_COLOURS):
+            spec = ShapeSpec(shape, colour, bg)
+            (held if (j - 2 * k) % len(WORLD_COLOURS) in (0, 1) else train).append(spec)
+    return train, held
+
+
+def concept_finetune_specs(colour: str = CONCEPT) -> list[ShapeSpec]:
+    """The new concept's fine-tuning set: its 12 images plus 4 world images (so the world is not forgotten)."""
+    world_keep = [ShapeSpec("circle", "red", "white"), ShapeSpec("square", "blue", "yellow"),
+                  ShapeSpec("triangle", "green", "black"), ShapeSpec("square", "white", "red")]
+    return concept_split(colour)[0] + world_keep
+
+
+STYLE_EXAMPLE = ShapeSpec("square", "yellow", "blue", style=True)  # the single StyleDrop image

@@ -1,0 +1,101 @@
+"""What fine-tuning the toy taught: ``python -m amused_tune.toy eval --adapter RUN_DIR``.
+
+Four numbers, over fixed prompts and seeds, with the toy's sampling defaults (`sampling.json`):
+
+- ``world``: caption match on 50 world prompts x 2 seeds (did the run keep what the base knew?);
+- ``concept``: caption match on the new concept (`world.CONCEPT`) in the 6 combinations that its fine-tuning set
+  leaves out, x 4 seeds (did it learn the concept, not the images?);
+- ``style_with``: on 25 world prompts + " in [v] style" x 2 seeds, the share that shows the style, and
+  ``style_match`` the share that also matches the shape, colour and background;
+- ``style_without``: the style's share on the world prompts without ``[v] style`` (did it leak?).
+
+The same numbers for the base come from `base_numbers`; a run's go to ``RUN_DIR/eval.json``, which the model
+card renders.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from amused_tune.models import Components
+from amused_tune.toy import world
+from amused_tune.toy.evaluate import _sampler_kwargs, eval_prompts, match_rate
+
+EVAL_FILE = "eval.json"
+
+
+def concept_prompts() -> list[str]:
+    return [world.caption(s) for s in world.concept_split()[1]]
+
+
+def style_prompts(n: int = 25) -> list[str]:
+    return [p + world.STYLE_SUFFIX for p in eval_prompts(n, seed=1)]
+
+
+@torch.no_grad()
+def finetune_numbers(comps: Components, settings: dict, print_fn=print, **sample_kw) -> dict:
+    """The four numbers of the module docstring for `comps` (a base, or a base with an adapter loaded)."""
+    kw = {**_sampler_kwargs(settings), **sample_kw}
+    if "styledrop" in sample_kw:
+        kw.pop("guidance", None)
+    w = match_rate(comps, eval_prompts(50), (0, 1), **kw)
+    c = match_rate(comps, concept_prompts(), (0, 1, 2, 3), **kw)
+    s = match_rate(comps, style_prompts(), (0, 1), **kw)
+    styled = [f.style and f.matches(p) for f, p in zip(s.found, s.prompts)]
+    numbers = {"world": w.rate, "concept": c.rate, "style_with": s.style_rate,
+               "style_match": sum(styled) / len(styled), "style_without": w.style_rate}
+    print_fn("  ".join(f"{k} {v:.3f}" for k, v in numbers.items()))
+    return numbers
+
+
+def _apply_run(comps: Components, run: Path) -> Components:
+    """A copy of `comps` with the run's result in it: its LoRA loaded (unmerged), or its full U-ViT."""
+    from amused_tune.adapters import load_lora
+
+    comps = copy.copy(comps)
+    if (run / "transformer").is_dir():
+        from diffusers import UVit2DModel
+
+        comps.transformer = UVit2DModel.from_pretrained(run / "transformer", use_safetensors=True).eval()
+    elif (run / "adapter").is_dir():
+        comps.transformer = copy.deepcopy(comps.transformer)
+        load_lora(comps.transformer, run / "adapter")
+    else:
+        raise FileNotFoundError(f"{run} holds neither adapter/ nor transformer/: pass the output.dir of a finished run")
+    return comps
+
+
+def run_styledrop(run: Path) -> tuple[float, float] | None:
+    """The run's StyleDrop guidance (lambda_a, lambda_b) from its recipe's validation, if it set one."""
+    recipe = run / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    sd = (yaml.safe_load(recipe.read_text()) or {}).get("validation", {}).get("styledrop")
+    return tuple(sd) if sd else None
+
+
+def evaluate_run(base: Components, run: Path, settings: dict, print_fn=print) -> dict:
+    """The base's numbers and the run's, written to RUN_DIR/eval.json."""
+    run = Path(run)
+    print_fn("base:")
+    before = finetune_numbers(base, settings, print_fn)
+    tuned = _apply_run(base, run)
+    print_fn("fine-tuned:")
+    after = finetune_numbers(tuned, settings, print_fn)
+    result = {"base": before, "adapter": after, "sampling": settings}
+    sd = run_styledrop(run)
+    if sd is not None and (run / "adapter").is_dir():
+        print_fn(f"fine-tuned, StyleDrop guidance lambda_a={sd[0]} lambda_b={sd[1]}:")
+        result["adapter_styledrop"] = {"lambda_a": sd[0], "lambda_b": sd[1],
+                                       **finetune_numbers(tuned, settings, print_fn, styledrop=sd)}
+    (run / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    if (run / "recipe.yaml").is_file():  # the model card shows these numbers: write it again
+        from amused_tune.share.card import write_card
+
+        write_card(run, yaml.safe_load((run / "recipe.yaml").read_text()) or {})
+    return result
