@@ -260,6 +260,16 @@ def test_an_unedited_my_folder_recipe_says_to_set_data_path_before_loading(capsy
     assert "data.path=path/to/your/images does not exist: set data.path in the recipe" in line
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("--model.resolution=abc", "model.resolution=abc is not valid: model.resolution must be an integer or null"),
+    ("--model.quantize=16bit", "model.quantize=16bit is not valid: model.quantize must be one of '8bit', '4bit' or null"),
+    ("--data.path=", "data.path is empty: set it to your images"),
+])
+def test_an_optional_key_given_a_wrong_value_says_what_it_takes(capsys, no_model_loading, override, fragment):
+    line = one_error(capsys, cli_main(["quickstart", override]))
+    assert fragment in line and "Union" not in line, line
+
+
 def test_a_single_image_recipe_pointed_at_a_folder_names_the_folder_sources(capsys, txt_folder):
     line = one_error(capsys, cli_main(["quickstart", f"--data.path={txt_folder}", "--model.base=tiny"]))
     assert "data.source=single_image needs one image file" in line and "--data.source=folder" in line

@@ -136,6 +136,13 @@ def _one_line(message: str) -> str:
         expected = f"one of {choices.group(1)}" if choices else (
             expected if expected in names.values() else f"a {expected}")
         return f"{key}={value} is not valid: {key} must be {expected} (see `amused-tune RECIPE.yaml --help`)"
+    union = re.match(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes Subtypes: '
+                     r"\[(.*?)\] Errors:.*Given value: (.*)$", text)
+    if union:  # an optional value (X or null) given something else
+        key, subtypes, value = union.groups()
+        kinds = [_expected(t.strip()) for t in re.split(r",\s*(?![^\[]*\])", subtypes)]
+        return (f"{key}={value} is not valid: {key} must be {' or '.join(k for k in kinds if k != 'null')} or null "
+                "(see `amused-tune RECIPE.yaml --help`)")
     unknown = re.match(r"unrecognized arguments: --([\w.]+)", text)
     group = re.match(r"Group '(\w+)' does not accept option '(\w+)'", text)
     option = re.match(r"Option '([\w.]+)' is not accepted", text)
@@ -145,6 +152,16 @@ def _one_line(message: str) -> str:
     if "is not expected" in text or "No action for key" in text:
         text += " (see `amused-tune RECIPE.yaml --help` for the valid keys)"
     return text
+
+
+def _expected(kind: str) -> str:
+    """A type as jsonargparse names it (<class 'int'>, typing.Literal['a', 'b']) in the recipe's words."""
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "NoneType": "null"}
+    plain = re.fullmatch(r"<class '(\w+)'>", kind)
+    if plain:
+        return names.get(plain.group(1), plain.group(1))
+    choices = re.fullmatch(r"typing\.Literal\[(.*)\]", kind)
+    return f"one of {choices.group(1)}" if choices else kind
 
 
 def _unknown_key(key: str) -> str:

@@ -111,6 +111,8 @@ def data_path_problem(data) -> str | None:
         cfg = resolve_config(data)
     except DataError as err:
         return str(err)
+    if not str(cfg.path).strip():
+        return "data.path is empty: set it to your images (a folder, or one image for data.source=single_image)"
     if cfg.source != "hub" and not resolve_path(cfg.path).exists():
         return (f"data.path={cfg.path} does not exist: set data.path in the recipe to your images (a folder, or one "
                 "image for data.source=single_image), or pass --data.path=...")
