@@ -130,11 +130,9 @@ def _one_line(message: str) -> str:
     wrong = re.match(r'Parser key "([\w.]+)":\s*Expected an? (.+?)\. Got value: (.*)$', text)
     if wrong:  # jsonargparse's type error, said in the recipe's words
         key, expected, value = wrong.groups()
-        names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-        expected = re.sub(r"<class '(\w+)'>", lambda m: names.get(m.group(1), m.group(1)), expected)
-        choices = re.match(r"typing\.Literal\[(.*)\]$", expected)
-        expected = f"one of {choices.group(1)}" if choices else (
-            expected if expected in names.values() else f"a {expected}")
+        expected = _expected(expected)
+        if not expected.startswith(("a ", "an ", "one of ", "true ")):
+            expected = f"a {expected}"  # e.g. a tuple
         return f"{key}={value} is not valid: {key} must be {expected} (see `amused-tune RECIPE.yaml --help`)"
     union = re.match(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes Subtypes: '
                      r"\[(.*?)\] Errors:.*Given value: (.*)$", text)
