@@ -103,10 +103,10 @@ def test_recipe_refuses_out_of_range_objective_values():
 def test_trainer_passes_both_levers_to_the_objective(tmp_path, image_folder, monkeypatch):
     from amused_tune.models import build_tiny
     from amused_tune.recipe import AdapterConfig, DataConfig, ModelConfig, OutputConfig, TrainConfig
-    from amused_tune.train import loop
+    from amused_tune.train import loop, step
 
     seen = {}
-    real_mask, real_loss = loop.mask_tokens, loop.masked_cross_entropy
+    real_mask, real_loss = step.mask_tokens, step.masked_cross_entropy  # the objective's one call site
 
     def mask_spy(tokens, mask_id, generator, min_masking_rate=0.0):
         seen["min_masking_rate"] = min_masking_rate
@@ -117,8 +117,8 @@ def test_trainer_passes_both_levers_to_the_objective(tmp_path, image_folder, mon
         seen["masked_share"] = mask.float().mean().item()
         return real_loss(logits, tokens, mask, label_smoothing)
 
-    monkeypatch.setattr(loop, "mask_tokens", mask_spy)
-    monkeypatch.setattr(loop, "masked_cross_entropy", loss_spy)
+    monkeypatch.setattr(step, "mask_tokens", mask_spy)
+    monkeypatch.setattr(step, "masked_cross_entropy", loss_spy)
     recipe = Recipe(model=ModelConfig(base="tiny"), data=DataConfig(source="imagefolder", path=str(image_folder),
                                                                     cache=False),
                     adapter=AdapterConfig(kind="lora", rank=4), output=OutputConfig(dir=str(tmp_path / "run"),
