@@ -12,8 +12,10 @@ device (docs/memory.md):
   batch 1 and 2 and scaling linearly to the recipe's batch;
 - the optimizer step's temporary (torch's AdamW builds one fp32 copy of the trainable weights).
 
-The peak is the largest of its moments: encoding a batch (VQ and text encoder, when not cached), the
-forward/backward of a micro-step, the optimizer step and the validation grid. `trainer="reference"` sets the same
+The peak is the largest of its moments: building the cache (`data.cache`, first run over the data: the VQ model
+and text encoder alone on the GPU, the U-ViT placed afterwards, `cache_batches` images at a time), encoding a batch
+(VQ and text encoder, when not cached), the forward/backward of a micro-step, the optimizer step and the validation
+grid (decoded one image at a time). `trainer="reference"` sets the same
 estimator to what diffusers' train_amused.py keeps (fp32 U-ViT under fp16 autocast, fp16 text encoder and fp32 VQ
 model resident and run every step): `tests/test_memory.py` checks it against that trainer's measured peaks.
 `memory_fit.fit` turns on the levers that make a recipe fit (`--max-memory`).
@@ -24,7 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GB = 10**9  # decimal gigabytes, the unit of the reference measurements (docs/memory.md)
@@ -35,6 +37,15 @@ NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # 4-bit: one 8-bit absmax per 64 weights,
 CODEBOOK = 8192  # the U-ViT's output classes
 CUDA_WORKSPACE = 32 * 2**20  # cuBLAS' workspace on recent GPUs, allocated through torch's caching allocator
 CUDA_CONTEXT_GB = 0.5  # what the CUDA context and kernels take outside torch's count (kept free by --max-memory)
+CACHE_PIXELS = 8 * 256 * 256  # pixels per VQ-encoding batch when the cache is built: 8 images at 256 px, 2 at 512
+CACHE_TEXT_BATCH = 16  # prompts per text-encoder batch when the cache is built
+ENCODING = "building the cache"  # the moment of the first run over a dataset with data.cache
+
+
+def cache_batches(resolution: int) -> tuple[int, int]:
+    """(images, prompts) the cache encodes at once at `resolution`: few enough images that building the cache, with
+    the VQ model and text encoder alone on the GPU, holds less than a LoRA training step (docs/memory.md)."""
+    return max(1, min(16, CACHE_PIXELS // (resolution * resolution))), CACHE_TEXT_BATCH
 
 
 class EstimateError(ValueError):
@@ -84,13 +95,12 @@ class Row:
 
 @dataclass
 class Estimate:
-    """What the GPU holds at each moment of a training step, and the peak (GB: 10^9 bytes)."""
+    """What the GPU holds at each moment of a run, and the peak (GB: 10^9 bytes)."""
 
     plan: Plan
     rows: list[Row] = field(default_factory=list)  # held for the whole run (weights, gradients, optimizer)
     moments: dict[str, tuple[int, str]] = field(default_factory=dict)  # moment -> (bytes on top, what)
     resident: dict[str, int] = field(default_factory=dict)  # moment -> bytes of `rows` held then
-    before: tuple[int, str] | None = None  # encoding the cache before training (first run on the data only)
 
     def at(self, moment: str) -> int:
         return self.resident[moment] + self.moments[moment][0]
@@ -110,13 +120,10 @@ class Estimate:
     def table(self) -> str:
         lines = [f"{'held on the GPU':<34} {'':<40} {'GB':>6}"]
         lines += [f"{r.what:<34} {r.detail:<40} {r.gb:6.2f}" for r in self.rows]
-        lines.append("at each moment of a step (held + transient):")
+        lines.append("at each moment of the run (held then + transient):")
         for moment, (extra, what) in self.moments.items():
             lines.append(f"  {moment:<32} {what:<40} {self.at(moment) / GB:6.2f}")
         lines.append(f"{'predicted peak':<34} {'(' + self.peak_moment + ')':<40} {self.peak_gb:6.2f}")
-        if self.before:
-            note = "  (above the training peak)" if self.before[0] > self.peak_bytes else ""
-            lines.append(f"{'once, before training:':<34} {self.before[1]:<40} {self.before[0] / GB:6.2f}{note}")
         return "\n".join(lines)
 
 
@@ -277,7 +284,8 @@ def estimate_plan(plan: Plan) -> Estimate:
     saved = linear_in_batch(trace, b, "saved")
     ckpt = ", checkpointed" if plan.grad_checkpointing else ""
     est.rows.append(Row("activations saved for backward", f"batch {b}, {plan.autocast} autocast{ckpt}", saved))
-    est.resident = {}
+    if plan.cache:
+        add_cache_building(est, plan, counts)
     est.moments["forward/backward"] = (step, f"activations + logits/loss + backward buffers")
     est.resident["forward/backward"] = weights + (grads if accumulating else 0)
     if not plan.cache or plan.text_lora:
@@ -303,41 +311,41 @@ def estimate_plan(plan: Plan) -> Estimate:
 
 def add_validation(est: Estimate, plan: Plan, counts: dict, weights: int) -> None:
     """The sample grid drawn between steps (gradients freed): the U-ViT's sampling passes (prompts and empty
-    prompt together), then the VQ model decoding the grid, on the GPU for that even when the cache parked it."""
+    prompt together), then the VQ model decoding the grid one image at a time, on the GPU for that even when the
+    cache parked it."""
     from amused_tune.memory_trace import TRACED_BATCHES, peak_at, trace_decode, trace_sampling
 
     n = plan.validation_images
     sampling = peak_at(*(trace_sampling(plan.step_setup(), k) for k in TRACED_BATCHES), 2 * n)
-    decode = peak_at(*(trace_decode(plan.resolution, k, plan.vq_dtype) for k in TRACED_BATCHES), n)
+    decode = peak_at(*(trace_decode(plan.resolution, k, plan.vq_dtype) for k in TRACED_BATCHES), 1)
     vq = DTYPE_BYTES[plan.vq_dtype] * counts["vq"] if plan.cache else 0
     est.moments["validation: sampling"] = (sampling, f"{n} images with guidance ({2 * n} rows)")
     est.resident["validation: sampling"] = weights
-    est.moments["validation: VQ decode"] = (vq + decode, f"{n} images" + (", VQ model back on the GPU" if vq else ""))
+    where = ", VQ model back on the GPU" if vq else ""
+    est.moments["validation: VQ decode"] = (vq + decode, f"one image at a time{where}")
     est.resident["validation: VQ decode"] = weights
 
 
-def cache_encoding(plan: Plan, batch: int) -> tuple[int, str]:
-    """What encoding the cache holds: every weight on the GPU (the VQ model and text encoder leave it only
-    afterwards) and the VQ encoder's buffers at the cache's encoding batch, without autocast."""
+def add_cache_building(est: Estimate, plan: Plan, counts: dict) -> None:
+    """Building the cache (first run over the data): the VQ model and text encoder alone on the GPU (the trainer
+    places the U-ViT afterwards), encoding `cache_batches` images or prompts at a time without autocast."""
     from amused_tune.memory_trace import TRACED_BATCHES, peak_at, trace_encode
 
-    counts = parameter_counts(plan.resolution, plan.lora_rank, plan.lora_targets)
-    weights = sum(r.bytes for r in weight_rows(replace(plan, cache=False), counts)) + CUDA_WORKSPACE
+    images, prompts = cache_batches(plan.resolution)
+    encoders = (DTYPE_BYTES[plan.vq_dtype] * counts["vq"]
+                + DTYPE_BYTES[plan.text_dtype] * (counts["text"] + counts["text_buffers"]))
     (vq1, text1), (vq2, text2) = (trace_encode(plan.resolution, n, plan.vq_dtype, plan.text_dtype, "fp32")
                                   for n in TRACED_BATCHES)
-    work = max(peak_at(vq1, vq2, batch), peak_at(text1, text2, batch))
-    return weights + work, f"encoding the cache, {batch} images at a time"
+    work = max(peak_at(vq1, vq2, images), peak_at(text1, text2, prompts))
+    est.moments[ENCODING] = (encoders + CUDA_WORKSPACE + work, f"first run over the data, {images} images at a time")
+    est.resident[ENCODING] = 0
 
 
-def estimate(recipe, trainer: str = "amused-tune", cache_batch: int | None = None) -> Estimate:
+def estimate(recipe, trainer: str = "amused-tune") -> Estimate:
     """Predict the peak GPU memory of training `recipe` with the kit (or, `trainer="reference"`, with diffusers'
-    train_amused.py at the recipe's resolution, mode, batch and accumulation). `cache_batch`: also size the
-    one-off cache encoding (data.cache), which encodes that many images at a time."""
+    train_amused.py at the recipe's resolution, mode, batch and accumulation)."""
     plan = plan_of(recipe)
     if trainer == "reference":
         plan = reference_plan(plan.resolution, plan.full, plan.adam_8bit, plan.batch_size, plan.grad_accum)
-    est = estimate_plan(plan)
-    if plan.cache and cache_batch:
-        est.before = cache_encoding(plan, cache_batch)
-    return est
+    return estimate_plan(plan)
 

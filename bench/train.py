@@ -82,15 +82,15 @@ def reference() -> dict[str, dict]:
 
 
 def predicted(recipe) -> dict:
-    """The memory estimator's training peak and one-off cache-encoding peak for a recipe (GB), None on the tiny model."""
+    """The memory estimator's peak and its cache-building moment for a recipe (GB), None on the tiny model."""
     from amused_tune import memory
-    from amused_tune.data.cache import ENCODE_BATCH
 
     try:
-        est = memory.estimate(recipe, cache_batch=ENCODE_BATCH)
+        est = memory.estimate(recipe)
     except memory.EstimateError:
         return {"predicted_gb": None, "predicted_prep_gb": None}
-    return {"predicted_gb": est.peak_gb, "predicted_prep_gb": est.before[0] / GB if est.before else None}
+    prep = est.at(memory.ENCODING) / GB if memory.ENCODING in est.moments else None
+    return {"predicted_gb": est.peak_gb, "predicted_prep_gb": prep}
 
 
 @dataclass

@@ -133,3 +133,106 @@ def test_max_memory_command_with_a_bad_size_is_one_line_exit_2(capsys):
     assert main(["recipes/styledrop_256.yaml", "--estimate", "--max-memory", "lots"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pass a size such as 6GB" in err[0]
+
+
+# --------------------------------------------------------------------------------------------- the trainer's order
+
+
+REAL_SIZE = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")
+                   if yaml.safe_load(p.read_text())["model"]["base"].startswith("amused/"))
+
+
+def test_cache_encodes_8_images_at_a_time_at_256_px_and_2_at_512():
+    assert memory.cache_batches(256) == (8, 16)
+    assert memory.cache_batches(512) == (2, 16)
+    assert memory.cache_batches(32) == (16, 16)  # the CPU-sized models: at most 16
+
+
+@pytest.mark.parametrize("overrides", [(), ("--model.dtype=fp32",)], ids=["as-shipped", "fp32-encoders"])
+def test_building_the_cache_holds_less_than_a_training_step_for_every_real_size_recipe(overrides):
+    assert len(REAL_SIZE) >= 20
+    for name in REAL_SIZE:
+        est = memory.estimate(recipe(name, "--data.cache=true", *overrides))
+        assert est.at(memory.ENCODING) < est.at("forward/backward"), name
+        assert est.resident[memory.ENCODING] == 0  # the U-ViT is placed after the cache is built
+    lora_512 = memory.estimate(recipe("styledrop_512"))
+    assert lora_512.at(memory.ENCODING) / memory.GB == pytest.approx(1.25, abs=0.02)  # was 7.2 with every weight on
+
+
+def test_validation_decode_is_counted_for_one_image():
+    one = memory.estimate(recipe("minecraft_512_lora_bs1x8", "--validation.prompts=[a]"))
+    eight = memory.estimate(recipe("minecraft_512_lora_bs1x8", "--validation.prompts=[a,b,c,d,e,f,g,h]"))
+    assert one.at("validation: VQ decode") == eight.at("validation: VQ decode")
+    assert eight.at("validation: VQ decode") / memory.GB == pytest.approx(2.01, abs=0.02)
+
+
+def tiny_cached_recipe(tmp_path: Path, folder: Path):
+    from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
+                                    TrainConfig)
+
+    return Recipe(model=ModelConfig(base="tiny"),
+                  data=DataConfig(source="imagefolder", path=str(folder), cache=True, cache_dir=str(tmp_path / "c")),
+                  adapter=AdapterConfig(kind="lora", rank=4, alpha=8.0), optim=OptimConfig(lr=1e-3),
+                  train=TrainConfig(batch_size=1, grad_accum=1, max_steps=1, precision="fp32", checkpoint_every=100),
+                  output=OutputConfig(dir=str(tmp_path / "run"), loss_plot=False))
+
+
+def test_encoders_build_the_cache_before_the_uvit_is_placed(tmp_path, monkeypatch):
+    """What the estimate's cache-building moment assumes: VQ model and text encoder placed, the cache encoded in
+    cache_batches images at a time, then (only then) the U-ViT placed and LoRA attached."""
+    from conftest import make_images
+
+    from amused_tune.data import cache
+    from amused_tune.models import build_tiny
+    from amused_tune.train import loop, setup
+
+    comps = build_tiny()
+    names = {id(comps.vqvae): "vq", id(comps.text_encoder): "text", id(comps.transformer): "uvit"}
+    events = []
+    place, prepare, encode = setup.place, loop.prepare_training_data, cache.encode_images
+    monkeypatch.setattr(setup, "place", lambda m, *a: events.append(f"place {names[id(m)]}") or place(m, *a))
+    monkeypatch.setattr(loop, "prepare_training_data",
+                        lambda *a: events.append("prepare data") or prepare(*a))
+    monkeypatch.setattr(cache, "encode_images", lambda vq, px: events.append(f"encode {len(px)}") or encode(vq, px))
+    monkeypatch.setattr(memory, "CACHE_PIXELS", 2 * comps.resolution**2)  # 2 images at a time
+    loop.train(tiny_cached_recipe(tmp_path, make_images(tmp_path / "data", n=5)), components=comps)
+    assert events == ["place vq", "place text", "prepare data", "encode 2", "encode 2", "encode 1", "place uvit"]
+
+
+def test_validation_grid_is_decoded_one_image_at_a_time_into_the_same_png_bytes(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from amused_tune.models import build_tiny, decode_tokens
+    from amused_tune.recipe import ModelConfig, OutputConfig, Recipe, ValidationConfig
+    from amused_tune.train import validation
+
+    comps = build_tiny()
+    recipe = Recipe(model=ModelConfig(base="tiny"), output=OutputConfig(dir=str(tmp_path)),
+                    validation=ValidationConfig(prompts=["a red square", "a blue disc"], images_per_prompt=2, steps=3))
+    empty = tuple(t.detach() for t in validation.encode_prompts(comps.text_encoder, comps.tokenizer, [""]))
+    validator = validation.Validator(recipe, comps, empty)
+    drawn, batches = [], []
+    sample = validation.sample_tokens
+    monkeypatch.setattr(validation, "sample_tokens", lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1])
+    monkeypatch.setattr(validation, "decode_tokens", lambda vq, t: batches.append(len(t)) or decode_tokens(vq, t))
+    accelerator = Accelerator(cpu=True)
+    one_by_one = validator(comps.transformer, 1, tmp_path / "one", accelerator).read_bytes()
+    assert batches == [1, 1, 1, 1]
+
+    whole = decode_tokens(comps.vqvae, drawn[0])  # the grid decoded in one batch, as the trainer did before
+    rows = iter(range(4))
+    monkeypatch.setattr(validation, "decode_tokens", lambda vq, t: whole[next(rows)][None])
+    batched = validator(comps.transformer, 1, tmp_path / "all", accelerator).read_bytes()
+    assert torch.equal(drawn[0], drawn[1])
+    assert one_by_one == batched
+
+
+def test_peak_memory_in_metrics_is_in_gb_of_10_to_the_9_bytes(monkeypatch):
+    import resource
+    import types
+
+    from amused_tune.train import step
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=2_000_000))  # KiB
+    assert step.peak_memory_gb() == pytest.approx(2.048)

@@ -37,14 +37,13 @@ def apply(recipe, options: dict):
         return recipe, None
     from amused_tune import memory, memory_fit
     from amused_tune.cli.args import fail
-    from amused_tune.data.cache import ENCODE_BATCH
 
     try:
         if options["max_memory"] is not None:
             budget = memory_fit.parse_size(options["max_memory"])
             recipe = memory_fit.fit(recipe, budget, say=lambda line: print(line, file=sys.stderr))
         if options["estimate"]:
-            est = memory.estimate(recipe, cache_batch=ENCODE_BATCH)
+            est = memory.estimate(recipe)
             t = recipe.train
             print(f"{recipe.model.base}, {recipe.adapter.kind}, batch {t.batch_size} x {t.grad_accum} accumulation, "
                   f"{t.precision} autocast, frozen weights {recipe.model.dtype}, cache "

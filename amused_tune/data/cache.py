@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
+from amused_tune.memory import CACHE_TEXT_BATCH, cache_batches
 from amused_tune.models import Components, encode_images, encode_prompts
 from amused_tune.recipe import DataConfig
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # bump when what a shard holds, or what its key covers, changes
 SHARD = 256
-ENCODE_BATCH = 16
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -126,8 +126,9 @@ def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolut
     n_var = len(variants("", cfg))
     side = resolution // comps.vae_scale
     dtype = torch.int16 if comps.vqvae.config.num_vq_embeddings <= 32767 else torch.int32
-    tokens = [encode_images(comps.vqvae, torch.stack(pixels[i : i + ENCODE_BATCH])).cpu()
-              for i in range(0, len(pixels), ENCODE_BATCH)]
+    batch = cache_batches(resolution)[0]  # few at a time: building the cache holds less than a training step
+    tokens = [encode_images(comps.vqvae, torch.stack(pixels[i : i + batch])).cpu()
+              for i in range(0, len(pixels), batch)]
     tensors = {
         "tokens": (torch.cat(tokens) if tokens else torch.zeros(0, side, side)).to(dtype).reshape(-1, n_var, side, side),
         "micro_conds": (torch.stack(micro) if micro else torch.zeros(0, 5)).reshape(-1, n_var, 5),
@@ -212,8 +213,8 @@ def text_cache(prompts: list[str], cfg: DataConfig, comps: Components, show_prog
     with tqdm(total=count, desc="cache: text", disable=not show_progress or not todo, dynamic_ncols=True) as bar:
         for i in todo:
             chunk = unique[i * SHARD : (i + 1) * SHARD]
-            parts = [encode_prompts(comps.text_encoder, comps.tokenizer, chunk[j : j + ENCODE_BATCH])
-                     for j in range(0, len(chunk), ENCODE_BATCH)]
+            parts = [encode_prompts(comps.text_encoder, comps.tokenizer, chunk[j : j + CACHE_TEXT_BATCH])
+                     for j in range(0, len(chunk), CACHE_TEXT_BATCH)]
             hidden = torch.cat([h for h, _ in parts]).cpu()
             pooled = torch.cat([p for _, p in parts]).cpu()
             save_atomic({"hidden": hidden, "pooled": pooled}, {"prompts": chunk},

@@ -27,7 +27,7 @@ from amused_tune.recipe import Recipe
 from amused_tune.train import checkpoints, outputs, report
 from amused_tune.train.progress import Reporter
 from amused_tune.train.setup import (EpochSampler, check_distributed, check_resolution, make_accelerator,
-                                     make_optimizer, setup_models)
+                                     make_optimizer, place_encoders, setup_models)
 from amused_tune.train.step import Conditioning, train_step
 from amused_tune.train.stops import StopFlag, TrainingStopped  # noqa: F401 (TrainingStopped: what train raises)
 from amused_tune.train.validation import Validator
@@ -137,17 +137,18 @@ def set_up(recipe: Recipe, components: Components | None) -> Run:
     check_distributed(accelerator)
     outputs.prepare_output_dir(out, recipe, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # the main process may have discarded an old run (output.overwrite)
-    set_seed(recipe.train.seed)  # the init of the LoRA weights, identical on every process
 
     if components is None:
         report.loading(recipe)
     comps = components or load_components(recipe.model.base)
     check_resolution(recipe, comps)
     device = accelerator.device
+    place_encoders(recipe, comps, device)  # the U-ViT waits: building the cache holds only the encoders
+    dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator)  # validates; may cache and offload
+    set_seed(recipe.train.seed)  # the init of the LoRA weights, identical on every process
     trainable = setup_models(recipe, comps, device)
     names = {id(p): n for n, p in list(comps.transformer.named_parameters()) + [
         (f"text_encoder.{n}", p) for n, p in comps.text_encoder.named_parameters()]}
-    dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator)  # validates; may cache and offload
     report.banner(recipe, out, accelerator.num_processes)
     empty = Conditioning(*(e.to(device) for e in empty_embeds))
     validator = Validator(recipe, comps, (empty.hidden, empty.pooled))

@@ -70,11 +70,18 @@ def enable_grad_checkpointing(transformer: torch.nn.Module) -> None:
         block.forward = forward
 
 
-def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> list[torch.nn.Parameter]:
-    """Freeze what is frozen, attach adapters, place weights; returns the trainable parameters."""
+def place_encoders(recipe: Recipe, comps: Components, device: torch.device) -> None:
+    """The VQ model and the text encoder, frozen, on `device` in `model.dtype`: placed before the U-ViT, so that
+    building the cache encodes with them alone on the GPU (the cache then moves them to the CPU)."""
     frozen_dtype = torch_dtype(recipe.model.dtype)
     place(comps.vqvae.requires_grad_(False).eval(), device, frozen_dtype)
     place(comps.text_encoder.requires_grad_(False).eval(), device, frozen_dtype)
+
+
+def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> list[torch.nn.Parameter]:
+    """Attach adapters to the U-ViT (and the text encoder), place it; returns the trainable parameters. The VQ
+    model and text encoder are placed before, by `place_encoders`."""
+    frozen_dtype = torch_dtype(recipe.model.dtype)
     transformer = comps.transformer
     if recipe.adapter.kind == "lora":
         if recipe.model.quantize:  # before LoRA, so that peft wraps the 8/4-bit layers (CUDA only)

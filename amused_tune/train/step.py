@@ -116,6 +116,7 @@ def clip_gradients(run) -> torch.Tensor:
 
 
 def peak_memory_gb() -> float:
+    """The peak so far in GB of 10^9 bytes (the unit of the memory estimate): GPU memory allocated, else process RSS."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak RSS)
+        return torch.cuda.max_memory_allocated() / 10**9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 10**9  # Linux reports KiB

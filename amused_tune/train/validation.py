@@ -61,7 +61,8 @@ class Validator:
         transformer.train(was_training)
         vq = self.comps.vqvae
         home = next(vq.parameters()).device  # training from the cache parks the VQ model on the CPU
-        images = decode_tokens(vq.to(tokens.device), tokens).float().cpu()
+        vq.to(tokens.device)  # one image at a time: the grid's decode holds no more than one image's buffers
+        images = torch.cat([decode_tokens(vq, one[None]).float().cpu() for one in tokens])
         vq.to(home)
         texts = {"prompts": json.dumps(self.prompts), "seeds": json.dumps(self.seeds), "step": str(step),
                  **self.sampling}
