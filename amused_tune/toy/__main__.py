@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="caption-match rates of the toy base, or of a fine-tuning run on it")
     e.add_argument("--dir", default=None, help="pipeline folder (default: the shipped toy weights)")
     e.add_argument("--adapter", default=None, help="a run folder of a fine-tuning run on model.base=toy")
+    e.add_argument("--styledrop-sweep", action="store_true",
+                   help="with --adapter: style rates under plain guidance and StyleDrop guidance (lambda_a, lambda_b)")
     e.add_argument("--prompts", type=int, default=50)
     e.add_argument("--seeds", type=int, default=2)
     e.add_argument("--threads", type=int, default=1)
@@ -78,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = Path(args.dir) if args.dir else toy_dir()
     comps = _load_folder(folder)
+    if args.adapter and args.styledrop_sweep:
+        from amused_tune.toy.finetune_eval import styledrop_sweep
+
+        print(json.dumps(styledrop_sweep(comps, Path(args.adapter), read_sampling_defaults(folder)), indent=2))
+        return 0
     if args.adapter:
         from amused_tune.toy.finetune_eval import evaluate_run
 

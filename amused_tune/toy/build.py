@@ -64,8 +64,9 @@ class BuildConfig:
     res_blocks: int = 3
     """ConvNeXt blocks before and after the U-ViT's transformer: its only sense of position (zero padding of
     3x3 convolutions, one cell per block), so 2 x res_blocks must reach the grid's centre."""
-    text_embed_std: float = 0.02
-    """Standard deviation of the text encoder's initial token embeddings (CLIP's own init: 0.02)."""
+    text_embed_std: float = 1.0
+    """Standard deviation of the text encoder's initial token embeddings. CLIP's own 0.02 lets a new word's hidden
+    state be swamped by its context, so a LoRA cannot find "[v]" in a new caption; 1.0 keeps every word distinct."""
     eval_prompts: int = 50
     """World prompts of the final evaluation (x 2 seeds)."""
 

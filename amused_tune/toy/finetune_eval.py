@@ -53,6 +53,36 @@ def finetune_numbers(comps: Components, settings: dict, print_fn=print, **sample
     return numbers
 
 
+SWEEP_CFG = (1.0, 2.0, 3.0, 5.0)
+SWEEP_STYLEDROP = ((0.5, 1.0), (1.0, 1.0), (1.0, 2.0), (2.0, 1.0), (2.0, 2.0), (3.0, 1.0))
+
+
+@torch.no_grad()
+def style_numbers(comps: Components, **kw) -> dict:
+    """Style shown / style + caption matched on 25 prompts with `[v] style`, style leaked on the same 25 without
+    (x 2 seeds each)."""
+    s = match_rate(comps, style_prompts(), (0, 1), **kw)
+    w = match_rate(comps, eval_prompts(25, seed=1), (0, 1), **kw)
+    return {"style_with": s.style_rate, "style_match": sum(f.style and f.matches(p) for f, p in zip(s.found, s.prompts))
+            / len(s.found), "world": w.rate, "style_without": w.style_rate}
+
+
+def styledrop_sweep(base: Components, run: Path, settings: dict, print_fn=print) -> dict:
+    """Plain classifier-free guidance at `SWEEP_CFG` against StyleDrop guidance at each (lambda_a, lambda_b) of
+    `SWEEP_STYLEDROP`, on the run's LoRA."""
+    tuned = _apply_run(base, Path(run))
+    kw = {k: v for k, v in _sampler_kwargs(settings).items() if k != "guidance"}
+    rows = {}
+    for g in SWEEP_CFG:
+        rows[f"cfg {g:g}"] = style_numbers(tuned, guidance=g, **kw)
+        print_fn(f"cfg {g:g}: " + "  ".join(f"{k} {v:.2f}" for k, v in rows[f"cfg {g:g}"].items()))
+    for a, b in SWEEP_STYLEDROP:
+        rows[f"styledrop {a:g} {b:g}"] = style_numbers(tuned, styledrop=(a, b), **kw)
+        print_fn(f"styledrop lambda_a {a:g} lambda_b {b:g}: "
+                 + "  ".join(f"{k} {v:.2f}" for k, v in rows[f"styledrop {a:g} {b:g}"].items()))
+    return rows
+
+
 def _apply_run(comps: Components, run: Path) -> Components:
     """A copy of `comps` with the run's result in it: its LoRA loaded (unmerged), or its full U-ViT."""
     from amused_tune.adapters import load_lora
