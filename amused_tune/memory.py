@@ -286,7 +286,7 @@ def estimate_plan(plan: Plan) -> Estimate:
     est.rows.append(Row("activations saved for backward", f"batch {b}, {plan.autocast} autocast{ckpt}", saved))
     if plan.cache:
         add_cache_building(est, plan, counts)
-    est.moments["forward/backward"] = (step, f"activations + logits/loss + backward buffers")
+    est.moments["forward/backward"] = (step, "activations, logits, loss, backward")
     est.resident["forward/backward"] = weights + (grads if accumulating else 0)
     if not plan.cache or plan.text_lora:
         cast = plan.autocast if plan.loss == "kit" else "fp32"  # the reference encodes outside autocast
@@ -321,8 +321,8 @@ def add_validation(est: Estimate, plan: Plan, counts: dict, weights: int) -> Non
     vq = DTYPE_BYTES[plan.vq_dtype] * counts["vq"] if plan.cache else 0
     est.moments["validation: sampling"] = (sampling, f"{n} images with guidance ({2 * n} rows)")
     est.resident["validation: sampling"] = weights
-    where = ", VQ model back on the GPU" if vq else ""
-    est.moments["validation: VQ decode"] = (vq + decode, f"one image at a time{where}")
+    where = ", VQ back on the GPU" if vq else ""
+    est.moments["validation: VQ decode"] = (vq + decode, f"1 image at a time{where}")
     est.resident["validation: VQ decode"] = weights
 
 
@@ -337,7 +337,7 @@ def add_cache_building(est: Estimate, plan: Plan, counts: dict) -> None:
     (vq1, text1), (vq2, text2) = (trace_encode(plan.resolution, n, plan.vq_dtype, plan.text_dtype, "fp32")
                                   for n in TRACED_BATCHES)
     work = max(peak_at(vq1, vq2, images), peak_at(text1, text2, prompts))
-    est.moments[ENCODING] = (encoders + CUDA_WORKSPACE + work, f"first run over the data, {images} images at a time")
+    est.moments[ENCODING] = (encoders + CUDA_WORKSPACE + work, f"first run on the data, {images} at a time")
     est.resident[ENCODING] = 0
 
 

@@ -14,8 +14,8 @@ structural copy over the same CPU weights. All configs run in this process, memo
 reset between them; a failing config is reported and the others go on.
 
 Reported per config: the paper's peak, the reference trainer's (diffusers' train_amused.py on an H100, where a
-row exists: bench/reference_h100.yaml), the memory estimator's prediction beside what is measured (`pred GB` for the
-training steps, `pred prep` for encoding the cache; `amused-tune RECIPE.yaml --estimate`), the kit's peak
+row exists: bench/reference_h100.yaml), the memory estimator's prediction beside what is measured (`pred GB` the run's
+peak, `pred prep` its cache-building moment; `amused-tune RECIPE.yaml --estimate`), the kit's peak
 (torch.cuda.max_memory_allocated over the whole run, split into the training steps and the data preparation, and
 reserved; GB are 10^9 bytes), the median seconds per optimizer step after the warmup, and images/s.
 Checkpoints and final weights are not written (--save writes them): the steps are what is measured. Writes
