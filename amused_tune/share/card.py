@@ -50,8 +50,11 @@ def final_metrics(out: Path) -> dict | None:
     trained = [r for r in rows if "lr" in r and "loss" in r]
     if not trained:
         return None
-    last = [float(r["loss"]) for r in trained[-SMOOTH_STEPS:] if math.isfinite(float(r["loss"]))]
-    return {"step": int(trained[-1]["step"]), "loss": float(trained[-1]["loss"]),
+    def loss_of(row: dict) -> float:  # a skipped (non-finite) step is logged with "loss": null
+        return float("nan") if row["loss"] is None else float(row["loss"])
+
+    last = [loss_of(r) for r in trained[-SMOOTH_STEPS:] if math.isfinite(loss_of(r))]
+    return {"step": int(trained[-1]["step"]), "loss": loss_of(trained[-1]),
             "loss_mean": sum(last) / len(last) if last else float("nan"), "mean_of": len(last),
             "skipped": int(rows[-1].get("skipped_nonfinite", 0))}
 
