@@ -10,16 +10,31 @@ from dataclasses import fields
 from pathlib import Path
 
 
+def _field_help(cls) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal right after it), read from the class's source."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
 def _parser() -> argparse.ArgumentParser:
     from amused_tune.toy.build import BuildConfig
 
     parser = argparse.ArgumentParser(prog="python -m amused_tune.toy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="rebuild the toy pipeline from scratch (CPU, one thread, ~10 min)")
+    b = sub.add_parser("build", help="rebuild the toy pipeline from scratch (CPU, one thread, ~20 min on a busy 2-core machine)")
     b.add_argument("--out", default=None, help="output pipeline folder (default: amused_tune/toy/weights)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible, robust on a shared CPU)")
+    helps = _field_help(BuildConfig)
     for f in fields(BuildConfig):
-        b.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        b.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{helps.get(f.name, '')} (default: {f.default})")
     w = sub.add_parser("sets", help="write the fine-tuning sets: the new concept's imagefolder, the style image")
     w.add_argument("--root", default=".", help="the kit's folder (writes ROOT/assets/toy_concept, ROOT/assets/quickstart)")
     e = sub.add_parser("eval", help="caption-match rates of the toy base, or of a fine-tuning run on it")

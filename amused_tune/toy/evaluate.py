@@ -130,5 +130,8 @@ def evaluate(components: Components, n_prompts: int = 50, seeds=(0, 1), scales=S
              f"{steps} steps), {len(prompts)} prompts x {len(seeds)} seeds: {main.rate:.3f} (shape {main.shape_rate:.3f}, "
              f"colour {main.colour_rate:.3f}, background {main.background_rate:.3f})")
     print_fn(f"held-out colours drawn by the base: {held.rate:.3f} (colour {held.colour_rate:.3f})")
+    if 1.0 in results:
+        print_fn(f"guidance {g:g} vs 1: {main.rate:.3f} {'>=' if main.rate >= results[1.0].rate else '<'} "
+                 f"{results[1.0].rate:.3f}; at the defaults {'>=' if main.rate >= 0.9 else '<'} 0.90")
     return {"defaults": settings, "at_defaults": main.summary(), "sweep": {str(k): r.rate for k, r in results.items()},
             "held_out": held.summary(), "prompts": len(prompts), "seeds": list(seeds)}
