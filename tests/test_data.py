@@ -225,4 +225,4 @@ def test_quickstart_data_still_loads():
     recipe, _, _ = parse_recipe([str(REPO / "recipes" / "quickstart.yaml")])
     dataset, report = validated_dataset(resolve_config(recipe.data), 32)
     item = dataset[0]
-    assert item["pixels"].shape == (3, 32, 32) and item["prompt"] == "a mushroom in [v] style" and not report.bad
+    assert item["pixels"].shape == (3, 32, 32) and item["prompt"] == "a yellow square on a blue background in [v] style" and not report.bad

@@ -304,7 +304,7 @@ def test_unknown_key_in_the_yaml_file_fails(tmp_path, capsys):
 def test_print_config_shows_resolved_overrides(capsys):
     assert cli_main([str(REPO / "recipes/quickstart.yaml"), "--train.max_steps=7", "--print_config"]) == 0
     out = capsys.readouterr().out
-    assert "max_steps: 7" in out and "base: tiny" in out
+    assert "max_steps: 7" in out and "base: toy" in out
 
 
 def test_overrides_reach_the_recipe():

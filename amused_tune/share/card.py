@@ -32,6 +32,7 @@ MARKER = ("<!-- written by amused-tune; `amused-tune push` refreshes this card. 
 BASE_LICENSES = {"amused/amused-256": "openrail++", "amused/amused-512": "openrail++", "tiny": "apache-2.0",
                  "toy": "apache-2.0"}
 BUILT_IN_BASES = ("tiny", "toy")
+EVAL_SECTION = "eval.md"  # a run's measured results in Markdown, written by an evaluation; the card includes it
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_WIDGETS = 4
 SMOOTH_STEPS = 10  # the final loss reported is the mean of this many last steps: one step's loss is noisy
@@ -167,10 +168,9 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
 
     lines += ["", "## Samples", ""] + _samples_lines(out, base, validation)
     lines += ["", "## Training", ""] + _training_lines(out, recipe, data, lora)
-    if base == "toy":  # the toy's measured rates, from OUTPUT_DIR/eval.json (python -m amused_tune.toy eval --adapter)
-        from amused_tune.toy.report import eval_lines
-
-        lines += eval_lines(out)
+    section = Path(out) / EVAL_SECTION  # measured results an evaluation wrote (e.g. python -m amused_tune.toy eval)
+    if section.is_file():
+        lines += ["", *section.read_text().strip("\n").splitlines()]
     lines += ["", "## Use it", ""] + _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id)
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,9 @@ import yaml
 
 from amused_tune.models import Components
 from amused_tune.toy import world
+from amused_tune.share.card import EVAL_SECTION
 from amused_tune.toy.evaluate import _sampler_kwargs, eval_prompts, match_rate
+from amused_tune.toy.report import eval_lines
 
 EVAL_FILE = "eval.json"
 
@@ -143,6 +145,7 @@ def evaluate_run(base: Components, run: Path, settings: dict, print_fn=print, ba
         result["adapter_styledrop"] = {"lambda_a": sd[0], "lambda_b": sd[1],
                                        **finetune_numbers(tuned, settings, print_fn, styledrop=sd)}
     (run / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    (run / EVAL_SECTION).write_text("\n".join(eval_lines(run)) + "\n")  # the model card includes it
     side_by_side(run)
     if (run / "recipe.yaml").is_file():  # the model card shows these numbers: write it again
         from amused_tune.share.card import write_card
