@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import AmusedScheduler, UVit2DModel, VQModel
 from transformers import CLIPTextModelWithProjection
 
-from amused_tune.masking import mask_tokens
+from amused_tune.masking import mask_tokens, masked_cross_entropy
 from amused_tune.models import Components, encode_images, encode_prompts, micro_conditioning, tiny_text_encoder_config
 from amused_tune.toy import world
 from amused_tune.toy.text import build_toy_tokenizer
@@ -194,16 +194,6 @@ def vq_round_trip(vq: VQModel, specs: list[world.ShapeSpec]) -> dict:
 # --------------------------------------------------------------------------------------------- U-ViT
 
 
-def smoothed_masked_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                                  smoothing: float) -> torch.Tensor:
-    """Cross-entropy with label smoothing on the masked positions: mean per image, then over images."""
-    v = logits.shape[1]
-    per_token = F.cross_entropy(logits.permute(0, 2, 3, 1).reshape(-1, v).float(), tokens.reshape(-1),
-                                reduction="none", label_smoothing=smoothing).reshape(mask.shape)
-    m = mask.float()
-    return ((per_token * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)).mean()
-
-
 def _optimizer(comps: Components, lr: float) -> torch.optim.Optimizer:
     """AdamW; no weight decay on the text encoder's embedding tables, so that words never seen in pretraining
     (held-out colours, the style's words) keep their own distinct random embeddings."""
@@ -236,7 +226,7 @@ def pretrain(comps: Components, captions: list[str], tokens: torch.Tensor, cfg: 
         inp, mask = mask_tokens(tokens[idx], comps.mask_id, g)
         logits = comps.transformer(inp, micro_conds=micro, pooled_text_emb=out.text_embeds,
                                    encoder_hidden_states=out.hidden_states[-2])
-        loss = smoothed_masked_cross_entropy(logits, tokens[idx], mask, cfg.label_smoothing)
+        loss = masked_cross_entropy(logits, tokens[idx], mask, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], 1.0)

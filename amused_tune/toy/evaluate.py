@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from amused_tune.models import Components
+from amused_tune.sampling_defaults import SAMPLING_FILE, read_sampling_file
 from amused_tune.toy import world
 from amused_tune.toy.classify import Classification, classify
 
 SWEEP = (1.0, 2.0, 3.0, 5.0, 10.0)
-SAMPLING_FILE = "sampling.json"
 FALLBACK_DEFAULTS = {"guidance": 3.0, "guidance_schedule": "constant", "steps": 12, "temperature": [2.0, 0.0]}
 
 
@@ -35,8 +35,6 @@ def write_sampling_defaults(folder: Path, guidance: float, guidance_schedule: st
 
 def read_sampling_defaults(folder: Path) -> dict:
     """The base's `sampling.json`, read and checked by the kit (missing keys or file: `FALLBACK_DEFAULTS`)."""
-    from amused_tune.sampling_defaults import read_sampling_file
-
     path = Path(folder) / SAMPLING_FILE
     found = read_sampling_file(path) if path.is_file() else {}
     return {**FALLBACK_DEFAULTS, **found}
