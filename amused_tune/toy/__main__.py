@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(BuildConfig):
         b.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"{helps.get(f.name, '')} (default: {f.default})")
-    w = sub.add_parser("sets", help="write the fine-tuning sets: the new concept's imagefolder, the style image")
-    w.add_argument("--root", default=".", help="the kit's folder (writes ROOT/assets/toy_concept, ROOT/assets/quickstart)")
+    w = sub.add_parser("sets", help="write the fine-tuning sets: the new concept's imagefolder, the style images")
+    w.add_argument("--root", default=".", help="the kit's folder (writes ROOT/assets/toy_concept, ROOT/assets/quickstart, ROOT/assets/styledrop_toy)")
     e = sub.add_parser("eval", help="caption-match rates of the toy base, or of a fine-tuning run on it")
     e.add_argument("--dir", default=None, help="pipeline folder (default: the shipped toy weights)")
     e.add_argument("--adapter", default=None, help="a run folder of a fine-tuning run on model.base=toy")
@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         world.render(world.STYLE_EXAMPLE).save(style)
         print(f"wrote {folder} ({len(world.concept_finetune_specs())} images) and {style} "
               f"(caption: {world.caption(world.STYLE_EXAMPLE)!r})")
+        styles = root / "assets" / "styledrop_toy"
+        styles.mkdir(parents=True, exist_ok=True)
+        for name, spec in world.STYLE_IMAGES.items():
+            world.render(spec).save(styles / f"{name}.png")
+        (styles / "captions.json").write_text(json.dumps(
+            {f"{name}.png": world.caption(spec) for name, spec in world.STYLE_IMAGES.items()}, indent=2) + "\n")
+        print(f"wrote {len(world.STYLE_IMAGES)} single StyleDrop images to {styles} (captions in captions.json)")
         return 0
     if args.command == "build":
         from amused_tune.toy import WEIGHTS_DIR

@@ -8,10 +8,14 @@ placed inside the grid, never on its outer ring of cells, so the background can 
     >>> caption(spec)
     'a red circle on a blue background'
     >>> img = render(spec)            # PIL.Image, RGB, 32x32
+    >>> caption(ShapeSpec("circle", "red", "blue", frame="green"))
+    'a red circle on a blue background with a green frame'
 
 `WORLD_COLOURS` are what the toy base is pretrained on. `HELD_OUT_COLOURS` are never drawn in pretraining (the
 VQ knows them, the U-ViT does not): fine-tuning on them is a new concept the base cannot draw. The `[v]` style
-(`STYLE`, a grey frame on the outer ring of cells) is never drawn in pretraining either: StyleDrop teaches it.
+(`STYLE_COLOUR`, a grey frame on the outer ring of cells) is never drawn in pretraining either: StyleDrop teaches
+it. Pretraining does draw frames in world colours ("... with a green frame"), so the base knows that a frame is
+the outer ring and not the background, as a real base knows what a frame or an outline is.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ WORLD_COLOURS = ("red", "green", "blue", "yellow", "white", "black")
 HELD_OUT_COLOURS = ("purple", "orange")
 STYLE_COLOUR = "grey"
 STYLE_SUFFIX = " in [v] style"
+FRAME_WORDS = ("with", "a", "frame")  # " with a <colour> frame"
 SHAPES = ("circle", "square", "triangle")
 
 # 4x4-cell templates (row-major, 1 = shape colour).
@@ -58,8 +63,9 @@ POSITIONS = ((2, 2),)  # (row, col) of the template's top-left cell: one layout 
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One image: a shape of a colour on a background, its template's top-left cell at (row, col); `style`
-    draws the grey frame of the ``[v] style``."""
+    """One image: a shape of a colour on a background, its template's top-left cell at (row, col); `frame` paints
+    the outer ring of cells in a colour (captioned "with a <frame> frame"); `style` draws the grey frame of the
+    ``[v] style`` (captioned "in [v] style"; not together with `frame`)."""
 
     shape: str
     colour: str
@@ -67,22 +73,46 @@ class ShapeSpec:
     row: int = 2
     col: int = 2
     style: bool = False
+    frame: str | None = None
+
+    @property
+    def ring(self) -> str | None:
+        """The colour of the outer ring of cells when it is not the background (grey for the style)."""
+        return STYLE_COLOUR if self.style else self.frame
 
 
 def caption(spec: ShapeSpec) -> str:
     text = f"a {spec.colour} {spec.shape} on a {spec.background} background"
+    if spec.frame:
+        text += f" with a {spec.frame} frame"
     return text + STYLE_SUFFIX if spec.style else text
 
 
-def parse_caption(text: str) -> tuple[str, str, str]:
-    """(shape, colour, background) of a caption written by `caption` (with or without the style suffix)."""
+def _split(text: str) -> tuple[list[str], str | None]:
+    """(the seven words of the shape part, the frame's colour or None) of a caption; raises ValueError."""
     text = text.strip()
     if text.endswith(STYLE_SUFFIX):
         text = text[: -len(STYLE_SUFFIX)]
     words = text.split()
+    frame = None
+    if len(words) == 11 and (words[7], words[8], words[10]) == FRAME_WORDS:
+        words, frame = words[:7], words[9]
     if len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background":
         raise ValueError(f"not a toy-world caption: {text!r}")
+    return words, frame
+
+
+def parse_caption(text: str) -> tuple[str, str, str]:
+    """(shape, colour, background) of a caption written by `caption` (with or without a frame or the style)."""
+    words, _ = _split(text)
     return words[2], words[1], words[5]
+
+
+def caption_frame(text: str) -> str | None:
+    """The colour of the frame a caption asks for: grey for the ``[v] style``, the named colour for "with a
+    <colour> frame", None for no frame."""
+    _, frame = _split(text)
+    return STYLE_COLOUR if has_style(text) else frame
 
 
 def has_style(text: str) -> bool:
@@ -103,15 +133,19 @@ def cells(spec: ShapeSpec) -> np.ndarray:
     """The 8x8 grid of palette names of `spec`."""
     if spec.shape not in TEMPLATES:
         raise ValueError(f"unknown shape {spec.shape!r}; known: {', '.join(SHAPES)}")
-    for name in (spec.colour, spec.background):
+    if spec.style and spec.frame:
+        raise ValueError("a spec has either a frame or the [v] style's frame, not both")
+    if spec.ring is not None and spec.ring == spec.background:
+        raise ValueError(f"a {spec.ring} frame on a {spec.background} background is not a frame")
+    for name in (spec.colour, spec.background, *([spec.frame] if spec.frame else [])):
         if name not in PALETTE:
             raise ValueError(f"unknown colour {name!r}; known: {', '.join(PALETTE)}")
     t = TEMPLATES[spec.shape]
     if not (1 <= spec.row and spec.row + t.shape[0] <= GRID - 1 and 1 <= spec.col and spec.col + t.shape[1] <= GRID - 1):
         raise ValueError(f"a shape at cell ({spec.row}, {spec.col}) would touch the border ring")
     grid = np.full((GRID, GRID), spec.background, dtype=object)
-    if spec.style:
-        grid[0, :] = grid[-1, :] = grid[:, 0] = grid[:, -1] = STYLE_COLOUR
+    if spec.ring is not None:
+        grid[0, :] = grid[-1, :] = grid[:, 0] = grid[:, -1] = spec.ring
     window = grid[spec.row: spec.row + t.shape[0], spec.col: spec.col + t.shape[1]]
     window[t] = spec.colour
     return grid
@@ -127,14 +161,22 @@ def render(spec: ShapeSpec) -> Image.Image:
     return render_cells(cells(spec))
 
 
-def all_layouts(shape: str, colour: str, background: str, style: bool = False) -> list[ShapeSpec]:
+def all_layouts(shape: str, colour: str, background: str, style: bool = False,
+                frame: str | None = None) -> list[ShapeSpec]:
     """Every layout (position) of one (shape, colour, background)."""
-    return [ShapeSpec(shape, colour, background, r, c, style) for r, c in POSITIONS]
+    return [ShapeSpec(shape, colour, background, r, c, style, frame) for r, c in POSITIONS]
 
 
 def world_specs(colours: tuple[str, ...] = WORLD_COLOURS, style: bool = False) -> list[ShapeSpec]:
     """Every layout of every (shape, colour, background) over `colours`, in a fixed order."""
     return [spec for t in all_triples(colours) for spec in all_layouts(*t, style=style)]
+
+
+def framed_specs(colours: tuple[str, ...] = WORLD_COLOURS) -> list[ShapeSpec]:
+    """Every layout of every (shape, colour, background) over `colours` with a frame of each of `colours` other
+    than the background (it may be the shape's colour), in a fixed order."""
+    return [spec for s, c, b in all_triples(colours) for f in colours if f != b
+            for spec in all_layouts(s, c, b, frame=f)]
 
 
 def to_array(images: list[Image.Image]) -> np.ndarray:
@@ -182,4 +224,20 @@ def concept_finetune_specs(colour: str = CONCEPT) -> list[ShapeSpec]:
     return concept_split(colour)[0] + world_keep
 
 
-STYLE_EXAMPLE = ShapeSpec("square", "yellow", "blue", style=True)  # the single StyleDrop image
+STYLE_EXAMPLE = ShapeSpec("square", "yellow", "blue", style=True)  # the quickstart's single StyleDrop image
+
+# Single StyleDrop images of different content (each with the grey frame): every shape, and dark, light and
+# saturated backgrounds. The key names the PNG that `python -m amused_tune.toy sets` writes.
+STYLE_IMAGES: dict[str, ShapeSpec] = {
+    "yellow_square_on_blue": STYLE_EXAMPLE,
+    "red_circle_on_black": ShapeSpec("circle", "red", "black", style=True),
+    "blue_triangle_on_white": ShapeSpec("triangle", "blue", "white", style=True),
+    "white_triangle_on_green": ShapeSpec("triangle", "white", "green", style=True),
+    "black_circle_on_yellow": ShapeSpec("circle", "black", "yellow", style=True),
+    "green_square_on_red": ShapeSpec("square", "green", "red", style=True),
+}
+
+
+def style_examples() -> list[tuple[ShapeSpec, str]]:
+    """(spec, caption) of every single StyleDrop image of `STYLE_IMAGES`, in its order."""
+    return [(spec, caption(spec)) for spec in STYLE_IMAGES.values()]
