@@ -2,11 +2,13 @@
 
 Four stages, each deterministic (fixed seeds, one thread) and small enough for a laptop CPU:
 
-1. the world: every (shape, colour, background) of the six world colours, one layout each: 90 captions;
+1. the world: every (shape, colour, background) of the six world colours, one layout each: 90 captions, and
+   each of them with a frame of every world colour but the background: 450 framed captions (half of each batch);
 2. the VQ model (`VQModel`, 32 px -> 8x8 tokens, codebook of 16): one code per palette colour. Its codebook is a
    fixed set of orthonormal vectors, the encoder is trained to put each cell on its colour's code and the decoder
    to paint a flat cell from it, on random grids of all nine colours and on world images (held-out colours and
-   the style's frame included: the VQ is the tokenizer of everything fine-tuning may ask for);
+   the style's frame included: the VQ is the tokenizer of everything fine-tuning may ask for), or taken from
+   an earlier build (``--vq-from``) when the world's palette has not changed;
 3. the tokenizer (one token per word, `amused_tune.toy.text`) and a small CLIP text encoder;
 4. the U-ViT, pretrained on the world's captions and tokens together with the text encoder (which is then
    frozen): MaskGIT objective (`amused_tune.masking`) with label smoothing, condition dropout for
@@ -51,8 +53,13 @@ def log(msg: str) -> None:
 class BuildConfig:
     vq_steps: int = 400
     """VQ training steps (batch 32)."""
-    uvit_steps: int = 1200
+    uvit_steps: int = 2000
     """U-ViT + text-encoder pretraining steps."""
+    frame_share: float = 0.5
+    """Share of pretraining samples drawn from the framed captions ("... with a green frame"); the rest plain."""
+    vq_from: str = ""
+    """A toy pipeline folder to take the VQ from instead of training one (empty: train it). Its round trip is
+    still measured."""
     batch_size: int = 32
     """Pretraining batch size."""
     lr: float = 1.5e-3
@@ -178,7 +185,7 @@ def train_vq(vq: VQModel, steps: int, batch_size: int = 32, lr: float = 2e-3, se
 @torch.no_grad()
 def vq_round_trip(vq: VQModel, specs: list[world.ShapeSpec]) -> dict:
     """How exactly the VQ round trip keeps world images: codes equal to the cells' colours, images read right by
-    the classifier (shape, colour, background and style)."""
+    the classifier (shape, colour, background, frame and style)."""
     from amused_tune.models import decode_tokens
     from amused_tune.toy.classify import classify
 
@@ -186,7 +193,8 @@ def vq_round_trip(vq: VQModel, specs: list[world.ShapeSpec]) -> dict:
     tokens = encode_images(vq, pixels)
     want = torch.stack([cell_ids(s) for s in specs])
     rec = decode_tokens(vq, tokens)
-    read = [classify(r).matches_with_style(world.caption(s)) for r, s in zip(rec, specs)]
+    found = [classify(r) for r in rec]
+    read = [f.matches_with_style(world.caption(s)) and f.matches_with_frame(world.caption(s)) for f, s in zip(found, specs)]
     return {"codes_exact": float((tokens == want).all(-1).all(-1).float().mean()), "read_right": sum(read) / len(read),
             "max_pixel_error": float((rec - pixels).abs().max())}
 
@@ -204,9 +212,12 @@ def _optimizer(comps: Components, lr: float) -> torch.optim.Optimizer:
                              lr=lr, betas=(0.9, 0.99))
 
 
-def pretrain(comps: Components, captions: list[str], tokens: torch.Tensor, cfg: BuildConfig, seed: int = SEED) -> float:
-    """Train the U-ViT and the text encoder together on (caption, tokens [N, 8, 8]); returns the final loss."""
+def pretrain(comps: Components, captions: list[str], tokens: torch.Tensor, cfg: BuildConfig, seed: int = SEED,
+             weights: torch.Tensor | None = None) -> float:
+    """Train the U-ViT and the text encoder together on (caption, tokens [N, 8, 8]), drawing caption i with
+    probability proportional to weights[i] (default: uniform); returns the final loss."""
     g = torch.Generator().manual_seed(seed)
+    weights = torch.ones(len(captions)) if weights is None else weights.float()
     tok = comps.tokenizer
     ids = tok(captions + [""], padding="max_length", truncation=True, max_length=tok.model_max_length,
               return_tensors="pt").input_ids
@@ -219,7 +230,7 @@ def pretrain(comps: Components, captions: list[str], tokens: torch.Tensor, cfg: 
     comps.text_encoder.train()
     avg, t0 = None, time.time()
     for step in range(steps):
-        idx = torch.randint(len(captions), (cfg.batch_size,), generator=g)
+        idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=g)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
         batch_ids = torch.where(drop[:, None], empty[None], ids[idx])
         out = comps.text_encoder(batch_ids, output_hidden_states=True)
@@ -258,26 +269,31 @@ def caption_similarity(comps: Components, captions: list[str]) -> dict:
 
 def build(out: Path, cfg: BuildConfig) -> dict:
     """Build the toy pipeline from scratch into `out`; returns the build record (also in build_info.json)."""
-    from amused_tune.toy.evaluate import SWEEP, evaluate, write_sampling_defaults
-
     t0 = time.time()
     random.seed(SEED)
     np.random.seed(SEED)
     torch.manual_seed(SEED)
     out = Path(out)
 
-    log(f"stage 1/4: VQ ({cfg.vq_steps} steps)")
-    torch.manual_seed(SEED + 1)
-    vq = train_vq(new_vqvae(), cfg.vq_steps, seed=SEED + 1)
-    every = world.world_specs(tuple(world.PALETTE)[:-1])
-    round_trip = vq_round_trip(vq, every + [world.ShapeSpec(s.shape, s.colour, s.background, style=True) for s in every])
+    if cfg.vq_from:
+        log(f"stage 1/4: VQ from {cfg.vq_from}")
+        vq = VQModel.from_pretrained(Path(cfg.vq_from) / "vqvae").eval().requires_grad_(False)
+    else:
+        log(f"stage 1/4: VQ ({cfg.vq_steps} steps)")
+        torch.manual_seed(SEED + 1)
+        vq = train_vq(new_vqvae(), cfg.vq_steps, seed=SEED + 1)
+    colours = tuple(world.PALETTE)[:-1]
+    round_trip = vq_round_trip(vq, world.world_specs(colours) + world.world_specs(colours, style=True)
+                               + world.framed_specs(colours))
     log(f"VQ round trip: {round_trip}")
     t_vq = time.time() - t0
 
     log("stage 2/4: the world's captions and tokens")
-    specs = world.world_specs()
+    plain, framed = world.world_specs(), world.framed_specs()
+    specs = plain + framed
     captions = [world.caption(s) for s in specs]
     tokens = encode_images(vq, torch.from_numpy(world.to_array([world.render(s) for s in specs])))
+    weights = torch.tensor([(1 - cfg.frame_share) / len(plain)] * len(plain) + [cfg.frame_share / len(framed)] * len(framed))
 
     log("stage 3/4: tokenizer and text encoder")
     torch.manual_seed(SEED + 2)
@@ -286,13 +302,13 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     torch.nn.init.normal_(text_encoder.text_model.embeddings.token_embedding.weight, std=cfg.text_embed_std)
     torch.manual_seed(SEED + 3)
     comps = Components(new_transformer(cfg.res_blocks), vq, text_encoder, tokenizer, AmusedScheduler(mask_token_id=CODEBOOK))
-    sim_before = caption_similarity(comps, captions)
+    sim_before = caption_similarity(comps, captions[: len(plain)])
 
     log(f"stage 4/4: U-ViT + text encoder pretraining ({cfg.uvit_steps} steps of {cfg.batch_size})")
     t1 = time.time()
-    loss = pretrain(comps, captions, tokens, cfg, seed=SEED + 4)
+    loss = pretrain(comps, captions, tokens, cfg, seed=SEED + 4, weights=weights)
     t_uvit = time.time() - t1
-    sim_after = caption_similarity(comps, captions)
+    sim_after = caption_similarity(comps, captions[: len(plain)])
     log(f"caption-to-caption cosine similarity before {sim_before}, after {sim_after}")
 
     if out.exists():
@@ -301,9 +317,11 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     build_s = time.time() - t0
 
     log("evaluation (guidance sweep, then the defaults)")
+    from amused_tune.toy.evaluate import SWEEP, evaluate, write_sampling_defaults
+
     numbers = evaluate(comps, n_prompts=cfg.eval_prompts, scales=SWEEP, defaults=None, print_fn=log)
     best = numbers["defaults"]["guidance"]  # the best guidance > 1 of the sweep
-    write_sampling_defaults(out, guidance=best)
+    write_sampling_defaults(out, **numbers["defaults"])
     record = {
         "build_seconds": round(build_s, 1), "vq_seconds": round(t_vq, 1), "uvit_seconds": round(t_uvit, 1),
         "config": asdict(cfg), "uvit_final_loss": loss, "vq_round_trip": round_trip, "threads": torch.get_num_threads(),

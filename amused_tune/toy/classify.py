@@ -7,10 +7,14 @@ caption asked for.
 1. cells: each 4x4-pixel cell's median colour, named by the nearest palette colour;
 2. background: the most common colour of the second ring of cells (shapes never reach it; the first ring may
    carry the style's frame);
-3. style: the ``[v] style`` is drawn when at least `MIN_FRAME` of the outer ring's cells are the frame colour;
+3. frame: the most common colour of the outer ring when it covers at least `MIN_FRAME` of it and is not the
+   background (None otherwise); style: the ``[v] style`` is drawn when at least `MIN_FRAME` of the outer ring is
+   grey (whatever the background, as before frames were part of the world);
 4. shape: the non-background cells of the inside (6x6 cells) are compared with every shape's template at every
    position (IoU on cells); the best wins, ``"unknown"`` below `MIN_IOU` (a blob, noise, two shapes). The shape
    colour is the most common colour of those cells.
+
+`is_clean(image)`: the image is exactly (cell for cell) the world's rendering of what was read: no stray cell.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from amused_tune.toy.world import CELL, GRID, PALETTE, STYLE_COLOUR, TEMPLATES, has_style, parse_caption
+from amused_tune.toy.world import (
+    CELL, GRID, PALETTE, STYLE_COLOUR, TEMPLATES, ShapeSpec, caption_frame, cells, has_style, parse_caption,
+)
 
 MIN_IOU = 0.85  # one cell off a 12-cell shape still counts (12/13 = 0.92), two cells do not
 MIN_FRAME = 0.75
@@ -40,7 +46,10 @@ class Classification:
     colour: str  # palette name, or "unknown" when no shape was found
     background: str
     iou: float  # overlap (on cells) of the shape cells with the best-fitting template
-    style: bool = False  # the [v] style's frame is drawn
+    style: bool = False  # the [v] style's frame is drawn (>= MIN_FRAME of the outer ring grey)
+    frame: str | None = None  # the outer ring's colour when it is a frame (not the background)
+    row: int = 2  # top-left cell of the best-fitting template
+    col: int = 2
 
     def matches(self, text: str) -> bool:
         """Whether this is what the caption `text` asks for (shape, colour and background; style not included)."""
@@ -49,6 +58,10 @@ class Classification:
     def matches_with_style(self, text: str) -> bool:
         """`matches`, and the style is drawn exactly when the caption asks for it."""
         return self.matches(text) and self.style == has_style(text)
+
+    def matches_with_frame(self, text: str) -> bool:
+        """`matches`, and the frame is the one the caption asks for (grey for the style, none when not asked)."""
+        return self.matches(text) and self.frame == caption_frame(text)
 
 
 def _as_array(image) -> np.ndarray:
@@ -72,8 +85,8 @@ def cell_colours(image) -> np.ndarray:
     return np.array(_NAMES, dtype=object)[idx]
 
 
-def _best_template(shape_cells: np.ndarray) -> tuple[str, float]:
-    best, best_iou = "unknown", 0.0
+def _best_template(shape_cells: np.ndarray) -> tuple[str, float, int, int]:
+    best, best_iou, at = "unknown", 0.0, (2, 2)
     n = int(shape_cells.sum())
     for name, t in TEMPLATES.items():
         th, tw = t.shape
@@ -82,8 +95,8 @@ def _best_template(shape_cells: np.ndarray) -> tuple[str, float]:
                 inter = int(shape_cells[r: r + th, c: c + tw][t].sum())
                 iou = inter / (n + int(t.sum()) - inter)
                 if iou > best_iou:
-                    best, best_iou = name, iou
-    return best, best_iou
+                    best, best_iou, at = name, iou, (r, c)
+    return best, best_iou, *at
 
 
 def classify(image) -> Classification:
@@ -91,16 +104,28 @@ def classify(image) -> Classification:
     grid = cell_colours(image)
     background = Counter(grid[_RING1]).most_common(1)[0][0]
     style = float((grid[_RING0] == STYLE_COLOUR).mean()) >= MIN_FRAME
+    ring, count = Counter(grid[_RING0]).most_common(1)[0]
+    frame = ring if count >= MIN_FRAME * _RING0.sum() and ring != background else None
     inside = np.zeros((GRID, GRID), dtype=bool)
     inside[1:-1, 1:-1] = True
     shape_cells = inside & (grid != background)
     if not shape_cells.any():
-        return Classification("unknown", "unknown", background, 0.0, style)
+        return Classification("unknown", "unknown", background, 0.0, style, frame)
     colour = Counter(grid[shape_cells]).most_common(1)[0][0]
-    shape, iou = _best_template(shape_cells)
+    shape, iou, row, col = _best_template(shape_cells)
     if iou < MIN_IOU:
         shape = "unknown"
-    return Classification(shape, colour, background, round(iou, 4), style)
+    return Classification(shape, colour, background, round(iou, 4), style, frame, row, col)
+
+
+def is_clean(image, found: Classification | None = None) -> bool:
+    """Whether every cell of `image` is the cell of the world's rendering of what `classify` read from it (its
+    shape at its position, colour, background and frame): no stray cell anywhere. An unknown shape is not clean."""
+    found = found or classify(image)
+    if found.shape == "unknown" or found.colour == found.background:
+        return False
+    spec = ShapeSpec(found.shape, found.colour, found.background, found.row, found.col, frame=found.frame)
+    return bool((cell_colours(image) == cells(spec)).all())
 
 
 def caption_match_rate(images, captions: list[str]) -> float:
