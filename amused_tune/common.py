@@ -52,8 +52,17 @@ def torch_dtype(name: str):
 
 
 def place(module, device, dtype):
-    """Move a module to `device`; cast it to `dtype` only when it differs (diffusers warns on every cast)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
+    """Move a module to `device` in `dtype`; cast only when it differs (diffusers warns on every cast).
+
+    A narrowing cast (fp32 -> bf16) happens before the move, so the device never holds the wider copy: moving
+    amused-256's U-ViT in fp32 and casting it there would peak at 2.4 GB of GPU memory instead of 1.2 GB.
+    """
+    current = next(module.parameters()).dtype
+    if current != dtype and dtype.itemsize < current.itemsize:
         module.to(dtype)
+        module.to(device)
+    else:
+        module.to(device)
+        if current != dtype:
+            module.to(dtype)
     return module
