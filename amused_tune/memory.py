@@ -5,9 +5,11 @@ device (docs/memory.md):
 
 - weights: the U-ViT (frozen in `model.dtype`, or 8/4-bit with `model.quantize`, or fp32 when fully fine-tuned),
   the LoRA weights (fp32), the text encoder and the VQ model (or nothing, when `data.cache` moves them off the GPU);
-- gradients (fp32, one per trainable weight) and the optimizer state: AdamW keeps two fp32 moments per weight;
-  bitsandbytes' 8-bit AdamW one byte per element per moment plus an fp32 scale per 256-element block, except for
-  tensors under `min_8bit_size` (4096) elements, which keep fp32 moments;
+- gradients (fp32, one per trainable weight) and the optimizer state (`optimizers.state_bytes`): AdamW keeps two
+  fp32 moments per weight; bitsandbytes' 8-bit AdamW one byte per element per moment plus an fp32 scale per
+  256-element block, except for tensors under `min_8bit_size` (4096) elements, which keep fp32 moments; 8-bit Lion
+  one such moment; Prodigy four fp32 buffers; Adafactor a row and a column of each matrix; the EMA copy
+  (`train.ema_decay`) one fp32 copy of the trainable weights when `train.ema_device` keeps it on the GPU;
 - activations and transient buffers, measured by running one micro-step on meta tensors (`memory_trace`) at
   batch 1 and 2 and scaling linearly to the recipe's batch;
 - the optimizer step's temporary (torch's AdamW builds one fp32 copy of the trainable weights).
@@ -31,8 +33,6 @@ from pathlib import Path
 
 GB = 10**9  # decimal gigabytes, the unit of the reference measurements (docs/memory.md)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep fp32 state for smaller tensors
-ADAM8_BLOCK = 256  # one fp32 absmax per 256 elements per 8-bit state
 NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # 4-bit: one 8-bit absmax per 64 weights, one fp32 per 256 of those
 CODEBOOK = 8192  # the U-ViT's output classes
 CUDA_WORKSPACE = 32 * 2**20  # cuBLAS' workspace on recent GPUs, allocated through torch's caching allocator
@@ -73,6 +73,12 @@ class Plan:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v")
     loss: str = "kit"
     validation_images: int = 0  # the sample grid drawn between steps (validation.prompts x images_per_prompt)
+    optimizer: str | None = None  # optim.name (None: adamw, or adamw8bit with adam_8bit)
+    ema: str | None = None  # where the EMA copy of the trainable weights lives: "cuda", "cpu" or None (no EMA)
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.optimizer or ("adamw8bit" if self.adam_8bit else "adamw")
 
     def step_setup(self):
         from amused_tune.memory_trace import StepSetup
@@ -155,7 +161,16 @@ def plan_of(recipe) -> Plan:
         text_lora=a.kind == "lora" and a.text_encoder, quantize=recipe.model.quantize if a.kind == "lora" else None,
         adam_8bit=recipe.optim.adam_8bit, batch_size=t.batch_size, grad_accum=t.grad_accum, autocast=t.precision,
         grad_checkpointing=t.grad_checkpointing, lora_rank=a.rank, lora_targets=tuple(a.targets),
-        validation_images=len(recipe.validation.prompts) * recipe.validation.images_per_prompt)
+        validation_images=len(recipe.validation.prompts) * recipe.validation.images_per_prompt,
+        optimizer=recipe.optim.resolved_name, ema=ema_device(recipe))
+
+
+def ema_device(recipe) -> str | None:
+    """Where the run keeps its EMA weights on a GPU machine: "cuda", "cpu", or None without train.ema_decay."""
+    t = recipe.train
+    if not getattr(t, "ema_decay", 0):
+        return None
+    return "cpu" if t.ema_device == "cpu" else "cuda"
 
 
 def reference_plan(resolution: int, full: bool, adam_8bit: bool, batch_size: int, grad_accum: int) -> Plan:
@@ -187,23 +202,22 @@ def parameter_counts(resolution: int, rank: int, targets: tuple[str, ...]) -> di
         "uvit_linear_rows": sum(m.out_features for m in linears),
         "uvit_linear_bias": sum(m.bias.numel() for m in linears if m.bias is not None),
         "uvit_sizes": [p.numel() for p in uvit.parameters()],
+        "uvit_shapes": [tuple(p.shape) for p in uvit.parameters()],
         "text": sum(p.numel() for p in comps.text_encoder.parameters()),
         "text_buffers": sum(b.numel() for b in comps.text_encoder.buffers()),
         "vq": sum(p.numel() for p in comps.vqvae.parameters()),
     }
     attach_lora(uvit, rank, 2.0 * rank, list(targets))
     counts["lora_sizes"] = [p.numel() for n, p in uvit.named_parameters() if "lora_" in n]
+    counts["lora_shapes"] = [tuple(p.shape) for n, p in uvit.named_parameters() if "lora_" in n]
     return counts
 
 
 def adam_state_bytes(sizes: list[int], eight_bit: bool) -> int:
     """Optimizer state of AdamW (two fp32 moments) or bitsandbytes' AdamW8bit, for tensors of these sizes."""
-    if not eight_bit:
-        return sum(2 * 4 * n for n in sizes)
-    total = 2 * 256 * 4  # the two 256-entry quantization maps
-    for n in sizes:
-        total += 2 * 4 * n if n < MIN_8BIT_SIZE else 2 * (n + 4 * math.ceil(n / ADAM8_BLOCK))
-    return total
+    from amused_tune.optimizers import state_bytes
+
+    return state_bytes("adamw8bit" if eight_bit else "adamw", [(n,) for n in sizes])
 
 
 def quantized_uvit_bytes(counts: dict, bits: int, compute_bytes: int) -> int:
@@ -270,10 +284,15 @@ def estimate_plan(plan: Plan) -> Estimate:
     sizes = trainable_sizes(plan, counts)
     est = Estimate(plan, weight_rows(plan, counts))
     grads = 4 * sum(sizes)
-    state = adam_state_bytes(sizes, plan.adam_8bit)
-    kind = "8-bit AdamW: 1 B/element/moment + block scales" if plan.adam_8bit else "AdamW: 2 x fp32 moments"
+    from amused_tune.optimizers import DESCRIPTIONS, state_bytes
+
+    name = plan.optimizer_name
+    shapes = counts["uvit_shapes"] if plan.full else counts["lora_shapes"]
     est.rows.append(Row("gradients", f"{sum(sizes) / 1e6:.2f}M x fp32", grads))
-    est.rows.append(Row("optimizer state", kind, state))
+    est.rows.append(Row("optimizer state", DESCRIPTIONS[name], state_bytes(name, shapes)))
+    if plan.ema:
+        est.rows.append(Row("EMA weights", f"{sum(sizes) / 1e6:.2f}M x fp32, train.ema_device",
+                            4 * sum(sizes) if plan.ema == "cuda" else 0))
     est.rows.append(Row("CUDA workspace", "cuBLAS", CUDA_WORKSPACE))
     weights = sum(r.bytes for r in est.rows) - grads
     accumulating = plan.grad_accum > 1  # gradients stay between the micro-steps of an optimizer step
@@ -301,12 +320,23 @@ def estimate_plan(plan: Plan) -> Estimate:
         held = 4 * b * (plan.resolution // 16) ** 2 * CODEBOOK
         for moment in ("VQ encode (not cached)", "text encoder forward"):
             est.resident[moment] += held
-    temp = 0 if plan.adam_8bit else grads  # torch's foreach AdamW: sqrt of the second moments, one fp32 copy
-    est.moments["optimizer step"] = (temp, "AdamW's fp32 temporary" if temp else "8-bit AdamW updates in place")
+    temp, what = optimizer_temporary(name, grads, shapes)
+    est.moments["optimizer step"] = (temp, what)
     est.resident["optimizer step"] = weights + grads
     if plan.validation_images:
         add_validation(est, plan, counts, weights)
     return est
+
+
+def optimizer_temporary(name: str, grads: int, shapes: list[tuple[int, ...]]) -> tuple[int, str]:
+    """Bytes the optimizer step allocates on top of its state: torch's AdamW and Prodigy one fp32 copy of the
+    trainable weights (an upper bound for the fused AdamW), Adafactor one update of its largest tensor, the 8-bit
+    ones nothing (they update in place)."""
+    if name in ("adamw8bit", "lion8bit"):
+        return 0, "8-bit optimizer updates in place"
+    if name == "adafactor":
+        return 4 * max((math.prod(s) for s in shapes), default=0), "Adafactor: one tensor's update"
+    return grads, f"{'AdamW' if name == 'adamw' else 'Prodigy'}'s fp32 temporary"
 
 
 def add_validation(est: Estimate, plan: Plan, counts: dict, weights: int) -> None:

@@ -106,24 +106,52 @@ class AdapterConfig:
     """Modules of the text encoder that get a LoRA."""
 
 
+# (lr, betas) an optimizer gets when the recipe leaves optim.lr / optim.betas unset
+OPTIMIZER_DEFAULTS = {"adamw": (8.0e-4, (0.9, 0.999)), "adamw8bit": (8.0e-4, (0.9, 0.999)),
+                      "lion8bit": (1.0e-4, (0.9, 0.99)), "prodigy": (1.0, (0.9, 0.999)),
+                      "adafactor": (8.0e-4, (0.9, 0.999))}
+
+
 @dataclass
 class OptimConfig:
-    lr: float = 8.0e-4
-    """Peak learning rate."""
+    name: Literal["adamw", "adamw8bit", "lion8bit", "prodigy", "adafactor"] = "adamw"
+    """The optimizer: adamw (torch; fused on a GPU), adamw8bit (bitsandbytes, ~75% less optimizer memory),
+    lion8bit (bitsandbytes; one 8-bit moment, lr usually 3-10x below AdamW's), prodigy (the prodigyopt package:
+    estimates its own step size, lr 1.0), adafactor (transformers; factored second moment, least memory).
+    docs/options.md compares them."""
+    lr: Optional[float] = None
+    """Peak learning rate. Null: the optimizer's usual value (adamw, adamw8bit, adafactor 8e-4; lion8bit 1e-4;
+    prodigy 1.0, a multiplier of the step size it estimates)."""
     adam_8bit: bool = False
-    """Use bitsandbytes' 8-bit AdamW (optimizer state in 8 bits: ~75% less optimizer memory)."""
+    """Shorthand for optim.name=adamw8bit (bitsandbytes' 8-bit AdamW)."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    """Decoupled weight decay (of matrices only: biases and norm scales get none)."""
+    betas: Optional[tuple[float, float]] = None
+    """Moment decay rates (beta1, beta2). Null: (0.9, 0.99) for lion8bit, else (0.9, 0.999). Adafactor: unused."""
     eps: float = 1.0e-8
-    """AdamW epsilon."""
+    """AdamW / Prodigy epsilon."""
+    d_coef: float = 1.0
+    """prodigy: multiplies its estimated step size d (above 1 learns faster, below 1 slower)."""
+    use_bias_correction: bool = True
+    """prodigy: Adam-style bias correction of the step (recommended by Prodigy's authors for diffusion models)."""
+    safeguard_warmup: Optional[bool] = None
+    """prodigy: keep lr warmup out of the step-size estimate, so warmup does not inflate it. Null: true when
+    optim.warmup_steps > 0. (Prodigy's own estimate grows from d0=1e-6 over the first steps: a warmup of its own.)"""
     scheduler: Literal["constant", "cosine", "linear"] = "constant"
     """Learning-rate schedule after warmup."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to lr."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this value (0 disables clipping)."""
+
+    @property
+    def resolved_name(self) -> str:
+        """optim.name, with optim.adam_8bit turning adamw into adamw8bit."""
+        return "adamw8bit" if self.adam_8bit and self.name == "adamw" else self.name
+
+    @property
+    def resolved_safeguard_warmup(self) -> bool:
+        return self.warmup_steps > 0 if self.safeguard_warmup is None else self.safeguard_warmup
 
 
 @dataclass
@@ -220,7 +248,8 @@ class Recipe:
         self.output.dir = self._expand(self.output.dir)
         if isinstance(self.validation.prompts, str):  # one prompt
             self.validation.prompts = [self.validation.prompts]
-        _positive("optim", lr=self.optim.lr)
+        self._resolve_optimizer()
+        _positive("optim", lr=self.optim.lr, d_coef=self.optim.d_coef)
         _positive("train", batch_size=self.train.batch_size, grad_accum=self.train.grad_accum,
                   max_steps=self.train.max_steps, checkpoint_every=self.train.checkpoint_every,
                   log_every=self.train.log_every)
@@ -244,6 +273,16 @@ class Recipe:
         if self.output.push_to_hub and not self.output.hub_repo_id:
             raise RecipeError("output.push_to_hub=true needs output.hub_repo_id (e.g. user/my-lora)")
         return self
+
+    def _resolve_optimizer(self) -> None:
+        o = self.optim
+        if o.adam_8bit and o.name not in ("adamw", "adamw8bit"):
+            raise RecipeError(f"optim.adam_8bit=true asks for 8-bit AdamW but optim.name={o.name}: drop one of them")
+        lr, betas = OPTIMIZER_DEFAULTS[o.resolved_name]
+        o.lr = lr if o.lr is None else o.lr
+        o.betas = tuple(betas if o.betas is None else o.betas)
+        if not all(0 <= b < 1 for b in o.betas):
+            raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
 
     def _expand(self, template: str) -> str:
         def value(match: re.Match) -> str:

@@ -36,6 +36,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from amused_tune.common import RECIPE_FILE
+from amused_tune.optimizers import hyperparameters
 from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
 
@@ -308,7 +309,9 @@ def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator) 
                     path, meta["optimizer"], kind)
     o = recipe.optim
     for group in optimizer.param_groups:  # this recipe's hyperparameters (the same values when it is the same recipe)
-        group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        group.update({k: v for k, v in hyperparameters(o).items() if k in group})
+        if group["weight_decay"]:  # the decayed group (see optimizers.param_groups)
+            group["weight_decay"] = o.weight_decay
     lr_scheduler.load_state_dict(state["scheduler"])
     lambdas = getattr(lr_scheduler, "lr_lambdas", None)
     if lambdas is not None:  # the next step's lr from this recipe's schedule (max_steps may have changed)
