@@ -83,8 +83,12 @@ def save_lora(
     text_encoder: torch.nn.Module | None = None,
     adapter_name: str = "default",
     base_model: str | None = None,
+    record: dict | None = None,
 ) -> Path:
-    """Write the adapter in diffusers' format (alpha in the metadata) and in peft's format. Returns `out_dir`."""
+    """Write the adapter in diffusers' format (alpha in the metadata) and in peft's format. Returns `out_dir`.
+
+    `record` (amused_tune.provenance: the base and the sampling settings) goes into the safetensors metadata and
+    into amused_tune.json beside the weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = {"transformer": transformer}
@@ -99,7 +103,13 @@ def save_lora(
             packed[f"{prefix}.{key}"] = value
         for key, value in _config_dict(config, base_model).items():
             metadata[f"{prefix}.{key}"] = value
-    save_file(packed, out / DIFFUSERS_FILE, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    header = {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    if record is not None:
+        from amused_tune.provenance import METADATA_KEY as RECORD_KEY, write_record
+
+        header[RECORD_KEY] = json.dumps(record, sort_keys=True)
+        write_record(out, record)
+    save_file(packed, out / DIFFUSERS_FILE, metadata=header)
 
     for prefix, model in parts.items():
         folder = out if prefix == "transformer" else out / prefix

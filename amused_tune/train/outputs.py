@@ -11,6 +11,7 @@ from pathlib import Path
 
 from amused_tune import adapters
 from amused_tune.common import METRICS_FILE, RECIPE_FILE
+from amused_tune.provenance import run_record, write_record
 from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.share import hub
 from amused_tune.train import checkpoints
@@ -182,12 +183,14 @@ def final_written(out: Path, recipe: Recipe) -> bool:
 def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
     """The run's deliverables: the adapter (both formats) or the full U-ViT, and the loss plot."""
     written = {}
+    record = run_record(recipe.model.base, recipe.validation)  # the base and sampling settings travel with the weights
     if recipe.adapter.kind == "lora":
         text_encoder = comps.text_encoder if recipe.adapter.text_encoder else None
-        adapters.save_lora(out / "adapter", transformer, text_encoder, base_model=recipe.model.base)
+        adapters.save_lora(out / "adapter", transformer, text_encoder, base_model=recipe.model.base, record=record)
         written["adapter"] = str(out / "adapter")
     else:
         transformer.save_pretrained(out / "transformer")
+        write_record(out / "transformer", record)
         written["transformer"] = str(out / "transformer")
     if recipe.output.loss_plot:
         plot = write_loss_plot(out / METRICS_FILE, out / "loss.png")
