@@ -182,6 +182,8 @@ class TrainConfig:
     min_masking_rate: float = 0.0
     """Lowest share of an image's tokens masked per training example: the cosine-schedule rate is raised to at
     least this value (as diffusers' aMUSEd trainer does); 0 keeps the plain schedule."""
+    compile: bool = False
+    """torch.compile the U-ViT for training (the first steps compile; faster after, mostly on a GPU)."""
     skip_nonfinite: bool = False
     """On a non-finite loss or gradient, skip the step (counted in metrics) instead of stopping the run."""
     log_every: int = 1
@@ -226,7 +228,10 @@ class OutputConfig:
     hub_private: bool = False
     """Create the Hub repository as private."""
     tensorboard: bool = False
-    """Also log metrics and sample grids to tensorboard (OUTPUT_DIR/logs)."""
+    """Also log metrics and sample grids to TensorBoard (OUTPUT_DIR/logs); the same as log_with: [tensorboard]."""
+    log_with: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    """Experiment trackers that get the metrics and sample grids: tensorboard (OUTPUT_DIR/logs), wandb (each an
+    optional extra: pip install "amused-tune[tensorboard]" or "amused-tune[wandb]")."""
     loss_plot: bool = True
     """Write loss.png (the loss curve) at the end of the run."""
 

@@ -19,7 +19,8 @@ from amused_tune.recipe import Recipe
 RESUMABLE_CHANGES = {
     ("train", "max_steps"), ("train", "resume"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
     ("train", "log_every"), ("train", "device"), ("train", "skip_nonfinite"), ("train", "precision"),
-    ("train", "grad_checkpointing"), ("data", "num_workers"), ("data", "cache_dir"), ("validation", None), ("output", None),
+    ("train", "grad_checkpointing"), ("train", "compile"), ("data", "num_workers"), ("data", "cache_dir"),
+    ("validation", None), ("output", None),
 }
 VERSIONED = ("amused-tune", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -26,8 +25,9 @@ from amused_tune.models import Components, load_components
 from amused_tune.recipe import Recipe
 from amused_tune.train import checkpoints, outputs, report
 from amused_tune.train.progress import Reporter
+from amused_tune.optimizers import make_optimizer
 from amused_tune.train.setup import (EpochSampler, check_distributed, check_resolution, make_accelerator,
-                                     make_optimizer, place_encoders, setup_models)
+                                     make_scheduler, param_groups, place_encoders, setup_models)
 from amused_tune.train.step import Conditioning, train_step
 from amused_tune.train.stops import StopFlag, TrainingStopped  # noqa: F401 (TrainingStopped: what train raises)
 from amused_tune.train.validation import Validator
@@ -35,15 +35,21 @@ from amused_tune.train.validation import Validator
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """Everything one training run works with, once set up."""
+    """Everything one training run works with, built once by `set_up` and never re-bound.
+
+    `comps` holds the raw modules (LoRA attached, never replaced by a wrapper): saving, validation and checkpoints
+    use them. `transformer` and `text_encoder` are what the training step calls: the same modules, wrapped for
+    data parallelism (DDP) or compiled where the run asks for it.
+    """
 
     recipe: Recipe
     out: Path
     accelerator: Accelerator
-    comps: Components
-    transformer: torch.nn.Module  # the U-ViT as accelerate prepared it
+    comps: Components  # raw modules
+    transformer: torch.nn.Module  # the U-ViT as the step calls it (DDP-wrapped, compiled)
+    text_encoder: torch.nn.Module  # the text encoder as the step calls it (DDP-wrapped when it trains)
     trainable: list[torch.nn.Parameter]
     names: dict[int, str]  # id(parameter) -> its name in checkpoints
     dataset: Dataset
@@ -62,12 +68,17 @@ class Run:
         return self.accelerator.device
 
     @property
+    def wrapped(self) -> list[torch.nn.Module]:
+        """The modules whose gradients DDP all-reduces (no_sync during accumulation)."""
+        return [self.transformer] + ([self.text_encoder] if self.recipe.adapter.text_encoder else [])
+
+    @property
     def rngs(self) -> dict:
         """What a checkpoint saves of this process's randomness."""
         return {**self.generators, **checkpoints.dataset_rngs(self.dataset)}
 
     def validate(self, step: int) -> None:
-        self.validator(self.accelerator.unwrap_model(self.transformer), step, self.out, self.accelerator)
+        self.validator(self.comps.transformer, step, self.out, self.accelerator)
 
     def save(self, step: int, skipped: int) -> None:
         checkpoints.save(self.out, self.recipe, step, self.trainable, self.names, self.optimizer, self.lr_scheduler,
@@ -130,13 +141,16 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag) -> dict:
 
 
 def set_up(recipe: Recipe, components: Components | None) -> Run:
-    """Output folder, accelerate, the base (LoRA attached or unfrozen), validated data, optimizer and schedule."""
+    """Output folder, accelerate, the base (LoRA attached or unfrozen), validated data, optimizer and schedule, then
+    the wrappers. The order matters and lives here only: encoders placed before the data (the cache encodes with
+    them alone), LoRA attached once the data is ready, wrappers made last and kept apart from the raw modules."""
     recipe.validate()
     out = Path(recipe.output.dir)
     accelerator = make_accelerator(recipe)
     check_distributed(accelerator)
     outputs.prepare_output_dir(out, recipe, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # the main process may have discarded an old run (output.overwrite)
+    start_trackers(accelerator, recipe)
 
     if components is None:
         report.loading(recipe)
@@ -147,6 +161,7 @@ def set_up(recipe: Recipe, components: Components | None) -> Run:
     dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator)  # validates; may cache and offload
     set_seed(recipe.train.seed)  # the init of the LoRA weights, identical on every process
     trainable = setup_models(recipe, comps, device)
+    set_seed(recipe.train.seed, device_specific=True)  # then each process draws its own LoRA dropout
     names = {id(p): n for n, p in list(comps.transformer.named_parameters()) + [
         (f"text_encoder.{n}", p) for n, p in comps.text_encoder.named_parameters()]}
     report.banner(recipe, out, accelerator.num_processes)
@@ -155,16 +170,31 @@ def set_up(recipe: Recipe, components: Components | None) -> Run:
     if validator.defaults_message:
         accelerator.print(validator.defaults_message)
 
-    optimizer = make_optimizer(recipe, trainable)
-    lr_scheduler = get_scheduler(recipe.optim.scheduler, optimizer, num_warmup_steps=recipe.optim.warmup_steps,
-                                 num_training_steps=recipe.train.max_steps)
-    transformer, optimizer = accelerator.prepare(comps.transformer, optimizer)
-    if recipe.adapter.text_encoder:
-        comps.text_encoder = accelerator.prepare(comps.text_encoder)
+    optimizer = make_optimizer(recipe, param_groups([comps.transformer, comps.text_encoder], recipe.optim.weight_decay))
+    lr_scheduler = make_scheduler(recipe, optimizer)
+    transformer, text_encoder, optimizer = wrap(recipe, accelerator, comps, optimizer)
     seed = recipe.train.seed * 1_000_003 + accelerator.process_index
     generators = {"mask": torch.Generator().manual_seed(seed), "dropout": torch.Generator().manual_seed(seed + 1)}
-    return Run(recipe, out, accelerator, comps, transformer, trainable, names, dataset, empty, validator, optimizer,
-               lr_scheduler, generators)
+    return Run(recipe, out, accelerator, comps, transformer, text_encoder, trainable, names, dataset, empty,
+               validator, optimizer, lr_scheduler, generators)
+
+
+def wrap(recipe: Recipe, accelerator: Accelerator, comps: Components, optimizer):
+    """(U-ViT, text encoder, optimizer) as the training step uses them: DDP-wrapped by accelerate when the launch
+    is distributed, the U-ViT compiled with `train.compile`. `comps` keeps the raw modules."""
+    transformer, optimizer = accelerator.prepare(comps.transformer, optimizer)
+    text_encoder = accelerator.prepare(comps.text_encoder) if recipe.adapter.text_encoder else comps.text_encoder
+    if recipe.train.compile:
+        transformer = torch.compile(transformer)
+    return transformer, text_encoder, optimizer
+
+
+def start_trackers(accelerator: Accelerator, recipe: Recipe) -> None:
+    """TensorBoard / Weights & Biases (`output.log_with`): started once, with the recipe as their config."""
+    if accelerator.log_with:
+        flat = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+                for section, values in recipe.to_dict().items() for key, value in values.items()}
+        accelerator.init_trackers(Path(recipe.output.dir).name or "amused-tune", config=flat)
 
 
 def data_loader(run: Run, step: int) -> DataLoader:
@@ -182,7 +212,7 @@ def already_done(run: Run, step: int) -> dict:
                           f"step {step}): nothing to do; pass a larger --train.max_steps to train further")
     summary = {"step": step, "output_dir": str(run.out), "already_done": True}
     if run.main and not outputs.final_written(run.out, run.recipe):  # stopped between its last save and here
-        summary.update(outputs.write_final(run.out, run.recipe, run.accelerator.unwrap_model(run.transformer),
+        summary.update(outputs.write_final(run.out, run.recipe, run.comps.transformer,
                                            run.comps))
     return summary
 
@@ -192,7 +222,7 @@ def finish(run: Run, step: int, loss: float, skipped: int) -> dict:
     run.accelerator.wait_for_everyone()
     summary = {"step": step, "loss": loss, "output_dir": str(run.out), "skipped_nonfinite": skipped}
     if run.main:
-        summary.update(outputs.write_final(run.out, run.recipe, run.accelerator.unwrap_model(run.transformer),
+        summary.update(outputs.write_final(run.out, run.recipe, run.comps.transformer,
                                            run.comps))
     run.accelerator.end_training()
     return summary

@@ -19,6 +19,7 @@ class Reporter:
         self.metrics = outputs.MetricsFile(run.out / METRICS_FILE, resumed_step=step, enabled=run.main)
         self.bar = tqdm(total=t.max_steps, initial=step, disable=not run.main, desc="train", dynamic_ncols=True)
         self.images_per_step = t.batch_size * t.grad_accum * run.accelerator.num_processes
+        self.scaler_skipped = 0  # steps the fp16 loss scaler skipped (overflowing gradients), in this process's run
 
     def step(self, step: int, result: StepResult, skipped: int) -> dict:
         """Record optimizer step `step` (every train.log_every steps and the last); returns its metrics row."""
@@ -26,10 +27,13 @@ class Reporter:
         row = {"step": step, "loss": result.loss, "lr": self.run.lr_scheduler.get_last_lr()[0],
                "grad_norm": result.grad_norm, "images_per_s": self.images_per_step / result.seconds,
                "step_s": result.seconds, "peak_mem_gb": peak_memory_gb(), "skipped_nonfinite": skipped}
+        if result.loss_scale is not None:  # fp16: the loss scale, and whether the scaler skipped this step
+            self.scaler_skipped += result.scaler_skipped
+            row.update(loss_scale=result.loss_scale, scaler_skipped=self.scaler_skipped)
         if step % t.log_every == 0 or step == t.max_steps:
             self.metrics.write(row)
-            if self.run.recipe.output.tensorboard:
-                self.run.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            if self.run.accelerator.trackers:  # output.log_with: TensorBoard, Weights & Biases
+                self.run.accelerator.log({k: v for k, v in row.items() if k != "step" and v == v}, step=step)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{result.loss:.4f}", img_s=f"{row['images_per_s']:.1f}", lr=f"{row['lr']:.2e}")
         return row

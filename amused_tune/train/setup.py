@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import is_tensorboard_available, is_wandb_available
+from diffusers.optimization import get_scheduler
 from torch.utils.data import Sampler
 
 from amused_tune import adapters
@@ -20,15 +22,45 @@ from amused_tune.recipe import Recipe, RecipeError
 log = logging.getLogger(__name__)
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
+TRACKER_INSTALLED = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}  # as accelerate checks
+
+
+def trackers(recipe: Recipe) -> list[str]:
+    """The experiment trackers a run logs to: `output.log_with`, plus tensorboard when `output.tensorboard`."""
+    chosen = list(recipe.output.log_with) + (["tensorboard"] if recipe.output.tensorboard else [])
+    return list(dict.fromkeys(chosen))
+
+
+def check_trackers(names: list[str]) -> None:
+    """Refuse a tracker whose package is missing, in one line naming the extra that installs it."""
+    for name in names:
+        if not TRACKER_INSTALLED[name]():
+            raise RecipeError(f"output.log_with={name} needs the {name} package: pip install \"amused-tune[{name}]\" "
+                              f"(or drop {name} from output.log_with)")
+
+
+def autocast_precision(recipe: Recipe, cpu: bool) -> str:
+    """accelerate's mixed_precision for `train.precision` (fp16 falls back to bf16 on the CPU); refuses a half base
+    under the other half autocast (fp16 weights under bf16 autocast, or the reverse), which casts every matmul."""
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
-    cpu = recipe.train.device == "cpu" or (recipe.train.device is None and not torch.cuda.is_available())
     if cpu and precision == "fp16":
         log.warning("train.precision=fp16 needs a GPU: using bf16 on the CPU")
         precision = "bf16"
-    log_with = "tensorboard" if recipe.output.tensorboard else None
+    halves = {recipe.model.dtype, {"no": "fp32"}.get(precision, precision)} - {"fp32"}
+    if len(halves) > 1:
+        raise RecipeError(f"model.dtype={recipe.model.dtype} with train.precision={precision} mixes two half precisions "
+                          f"(on the CPU fp16 autocast becomes bf16): set model.dtype and train.precision to the same one")
+    return precision
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    cpu = recipe.train.device == "cpu" or (recipe.train.device is None and not torch.cuda.is_available())
+    precision = autocast_precision(recipe, cpu)
+    log_with = trackers(recipe)
+    check_trackers(log_with)
     return Accelerator(
-        mixed_precision=precision, cpu=cpu, log_with=log_with, project_dir=str(Path(recipe.output.dir) / "logs")
+        mixed_precision=precision, cpu=cpu, log_with=log_with or None,
+        project_dir=str(Path(recipe.output.dir) / "logs"),
     )
 
 
@@ -71,11 +103,12 @@ def enable_grad_checkpointing(transformer: torch.nn.Module) -> None:
 
 
 def place_encoders(recipe: Recipe, comps: Components, device: torch.device) -> None:
-    """The VQ model and the text encoder, frozen, on `device` in `model.dtype`: placed before the U-ViT, so that
-    building the cache encodes with them alone on the GPU (the cache then moves them to the CPU)."""
-    frozen_dtype = torch_dtype(recipe.model.dtype)
-    place(comps.vqvae.requires_grad_(False).eval(), device, frozen_dtype)
-    place(comps.text_encoder.requires_grad_(False).eval(), device, frozen_dtype)
+    """The VQ model and the text encoder, frozen, on `device`: placed before the U-ViT, so that building the cache
+    encodes with them alone on the GPU (the cache then moves them to the CPU). The text encoder is held in
+    `model.dtype`; the VQ model in fp32 whatever it is, so that an image's nearest codes do not depend on the
+    precision or the batch it is encoded in (the cache and the uncached path give the same tokens)."""
+    place(comps.vqvae.requires_grad_(False).eval(), device, torch.float32)
+    place(comps.text_encoder.requires_grad_(False).eval(), device, torch_dtype(recipe.model.dtype))
 
 
 def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> list[torch.nn.Parameter]:
@@ -108,13 +141,27 @@ def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> lis
     return trainable
 
 
-def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    o = recipe.optim
-    if o.adam_8bit:
-        import bitsandbytes as bnb
+def param_groups(models, weight_decay: float) -> list[dict]:
+    """The trainable parameters of `models` (a module or several) as AdamW groups: weight decay on weight matrices
+    and kernels only; norms, biases and embeddings (1-d tensors, or any weight of an embedding or norm layer) are
+    not decayed, as in the reference trainer. Empty groups are left out."""
+    decay, keep = [], []
+    for model in models if isinstance(models, (list, tuple)) else [models]:
+        for module in model.modules():
+            exempt = isinstance(module, torch.nn.Embedding) or "norm" in type(module).__name__.lower()
+            for name, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    (keep if exempt or p.ndim < 2 or name.endswith("bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
-        return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
+    """The learning-rate schedule: linear warmup over `optim.warmup_steps`, then `optim.scheduler` (diffusers'
+    "constant" ignores a warmup: a constant schedule with one is its "constant_with_warmup")."""
+    o = recipe.optim
+    name = "constant_with_warmup" if o.scheduler == "constant" and o.warmup_steps else o.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=recipe.train.max_steps)
 
 
 class EpochSampler(Sampler):

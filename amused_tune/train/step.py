@@ -33,38 +33,51 @@ def draw_dropout(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
 
 
 def batch_conditioning(
-    batch: dict, comps: Components, empty: Conditioning, drop: torch.Tensor, train_text: bool, device
+    batch: dict, comps: Components, empty: Conditioning, drop: torch.Tensor, train_text: bool, device,
+    text_encoder: torch.nn.Module | None = None,
 ) -> Conditioning:
-    """Text conditioning of a batch, with dropped samples given the empty prompt's hidden states and pooled."""
+    """Text conditioning of a batch, with dropped samples given the empty prompt's hidden states and pooled.
+    `text_encoder`: the encoder as the step calls it (DDP-wrapped when it trains); default the raw one."""
     if train_text:  # the text encoder learns: encode with gradients, dropped samples as the empty prompt
         prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
         ids = comps.tokenizer(prompts, padding="max_length", truncation=True,
                               max_length=comps.tokenizer.model_max_length, return_tensors="pt").input_ids
-        return Conditioning(*text_conditioning(comps.text_encoder, comps.tokenizer, ids.to(device)))
+        encoder = text_encoder if text_encoder is not None else comps.text_encoder
+        return Conditioning(*text_conditioning(encoder, comps.tokenizer, ids.to(device, non_blocking=True)))
     if "hidden" in batch:
-        hidden, pooled = batch["hidden"].to(device), batch["pooled"].to(device)
-    else:
-        hidden, pooled = encode_prompts(comps.text_encoder, comps.tokenizer, batch["prompt"])
+        hidden, pooled = batch["hidden"].to(device, non_blocking=True), batch["pooled"].to(device, non_blocking=True)
+    else:  # as the text cache encodes: the frozen encoder in its own dtype, outside the autocast
+        with torch.autocast(torch.device(device).type, enabled=False):
+            hidden, pooled = encode_prompts(comps.text_encoder, comps.tokenizer, batch["prompt"])
     d = drop.to(device)
     hidden = torch.where(d[:, None, None], empty.hidden.to(hidden.dtype), hidden)
     pooled = torch.where(d[:, None], empty.pooled.to(pooled.dtype), pooled)
     return Conditioning(hidden, pooled)
 
 
+def batch_tokens(batch: dict, comps: Components, device) -> torch.Tensor:
+    """The batch's VQ tokens: cached, or encoded now in fp32 outside any autocast, as the cache encodes them (the
+    nearest codes then depend neither on the training precision nor on the batch)."""
+    if "tokens" in batch:
+        return batch["tokens"].to(device, non_blocking=True)
+    with torch.autocast(torch.device(device).type, enabled=False):
+        return encode_images(comps.vqvae, batch["pixels"].to(device, non_blocking=True).float())
+
+
 def compute_loss(
     batch: dict, transformer, comps: Components, empty: Conditioning, recipe: Recipe,
-    generators: dict[str, torch.Generator], device,
+    generators: dict[str, torch.Generator], device, text_encoder: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """The MaskGIT loss of one micro-batch (masks and condition dropout drawn from `generators`)."""
-    tokens = batch["tokens"].to(device) if "tokens" in batch else encode_images(comps.vqvae, batch["pixels"])
+    tokens = batch_tokens(batch, comps, device)
     drop = draw_dropout(tokens.shape[0], recipe.train.cond_dropout, generators["dropout"])
-    cond = batch_conditioning(batch, comps, empty, drop, recipe.adapter.text_encoder, device)
+    cond = batch_conditioning(batch, comps, empty, drop, recipe.adapter.text_encoder, device, text_encoder)
     input_ids, mask = mask_tokens(tokens, comps.mask_id, generators["mask"], recipe.train.min_masking_rate)
     logits = transformer(
         input_ids,
         encoder_hidden_states=cond.hidden,
         pooled_text_emb=cond.pooled,
-        micro_conds=batch["micro_conds"].to(device),
+        micro_conds=batch["micro_conds"].to(device, non_blocking=True),
     )
     return masked_cross_entropy(logits, tokens, mask, recipe.train.label_smoothing)
 
@@ -72,12 +85,15 @@ def compute_loss(
 @dataclass
 class StepResult:
     """What one optimizer step did: its mean loss over every process, the gradient norm (before clipping), whether
-    both were finite (a non-finite step updates nothing) and its duration in seconds."""
+    both were finite (a non-finite step updates nothing) and its duration in seconds. Under fp16 loss scaling:
+    the scale after the step, and whether the scaler skipped the update (its gradients overflowed)."""
 
     loss: float
     grad_norm: float
     finite: bool
     seconds: float
+    loss_scale: float | None = None
+    scaler_skipped: bool = False
 
 
 def train_step(run, batches, step: int) -> StepResult:
@@ -87,25 +103,36 @@ def train_step(run, batches, step: int) -> StepResult:
     """
     t, accelerator = run.recipe.train, run.accelerator
     started = time.perf_counter()
-    total = torch.zeros((), device=run.device)
+    total = torch.zeros((), device=run.device)  # summed on the device: no host sync per micro-batch
     for micro in range(t.grad_accum):
         batch = next(batches)
         sync = micro == t.grad_accum - 1  # gradients are all-reduced on the last micro-batch only
-        with (contextlib.nullcontext() if sync else accelerator.no_sync(run.transformer)), accelerator.autocast():
-            loss = compute_loss(batch, run.transformer, run.comps, run.empty, run.recipe, run.generators, run.device)
-        accelerator.backward(loss / t.grad_accum)
+        with contextlib.ExitStack() as stack:
+            if not sync:
+                for module in run.wrapped:
+                    stack.enter_context(accelerator.no_sync(module))
+            with accelerator.autocast():
+                loss = compute_loss(batch, run.transformer, run.comps, run.empty, run.recipe, run.generators,
+                                    run.device, run.text_encoder)
+            accelerator.backward(loss / t.grad_accum)
         total += loss.detach() / t.grad_accum
     grad_norm = float(clip_gradients(run))
     loss_value = accelerator.gather(total[None]).mean().item()
-    # fp16 loss scaling overflows now and then: the scaler skips those steps itself and lowers its scale
-    finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or accelerator.scaler is not None)
+    scaler = accelerator.scaler
+    # fp16 loss scaling: the scaler skips a step whose gradients overflowed (inf or NaN) and lowers its scale;
+    # only a non-finite loss is the run's problem then
+    finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or scaler is not None)
     if not finite and not t.skip_nonfinite:
         raise TrainingStopped(nonfinite_message(run.out, step, loss_value, grad_norm), 1, error=True)
-    if finite:  # else (train.skip_nonfinite) the step counts for the data and the schedule but changes no weight
-        run.optimizer.step()
+    if finite or scaler is not None:  # the scaler must see every step it unscaled, to skip it and update itself
+        run.optimizer.step()  # else (train.skip_nonfinite) the step counts for the data and schedule, no weight
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_value, grad_norm, finite, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    if scaler is None:
+        return StepResult(loss_value, grad_norm, finite, seconds)
+    return StepResult(loss_value, grad_norm, finite, seconds, float(scaler.get_scale()),
+                      bool(run.optimizer.step_was_skipped))
 
 
 def clip_gradients(run) -> torch.Tensor:

@@ -51,12 +51,14 @@ class Validator:
         n = len(self.prompts)
         say(f"samples: writing {out / 'samples' / f'step-{step}.png'} ({n} image{'' if n == 1 else 's'}) ...")
         cond = self.cond if self.cond is not None else self._encode()
+        empty = self.empty if self.cond is not None else encode_prompts(  # a text-encoder LoRA changes it too
+            self.comps.text_encoder, self.comps.tokenizer, [""])
         was_training = transformer.training
         transformer.eval()
         res = self.comps.resolution
         with accelerator.autocast():
             tokens = sample_tokens(
-                transformer, cond, self.empty, self.seeds, micro_conds=micro_conditioning(res, res), **self.sampling,
+                transformer, cond, empty, self.seeds, micro_conds=micro_conditioning(res, res), **self.sampling,
             )
         transformer.train(was_training)
         vq = self.comps.vqvae
@@ -68,8 +70,14 @@ class Validator:
                  **self.sampling}
         tiles = viewable_tiles(to_pil(images), self.prompts)  # small bases: scaled up to be seen, and labelled
         path = save_grid(tiles, out / "samples" / f"step-{step}.png", texts, nrow=v.images_per_prompt)
-        if self.recipe.output.tensorboard:
-            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-            if tracker is not None:
-                tracker.add_images("samples", images, step)
+        log_grid(accelerator, images, tiles, step)
         return path
+
+
+def log_grid(accelerator, images: torch.Tensor, tiles, step: int) -> None:
+    """The grid's images to the run's trackers (output.log_with): TensorBoard gets the tensors, W&B the tiles."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("samples", images, step)
+        elif tracker.name == "wandb":
+            tracker.log_images({"samples": list(tiles)}, step=step)
