@@ -42,9 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="a run folder of a fine-tuning run on model.base=toy")
     e.add_argument("--styledrop-sweep", action="store_true",
                    help="with --adapter: style rates under plain guidance and StyleDrop guidance (lambda_a, lambda_b)")
-    e.add_argument("--prompts", type=int, default=50)
+    e.add_argument("--styledrop", action="store_true",
+                   help="train a single-image StyleDrop recipe on each style image of the world and print each one's "
+                        "rates on new content and the worst image's (see amused_tune/toy/styledrop_eval.py)")
+    e.add_argument("--recipe", default=None, help="with --styledrop: the recipe to train (default recipes/quickstart.yaml)")
+    e.add_argument("--images", default=None, help="with --styledrop: comma-separated style image names (default all)")
+    e.add_argument("--out", default=None, help="with --styledrop: write the numbers to this JSON file "
+                                               "(default styledrop_eval.json)")
+    e.add_argument("--prompts", type=int, default=50, help="world prompts (with --styledrop: new-content prompts, "
+                                                           "default 30)")
     e.add_argument("--seeds", type=int, default=2)
     e.add_argument("--threads", type=int, default=1)
+    for p in (parser, b, w, e):  # options are named in full: --prompt is a mistake, not --prompts
+        p.allow_abbrev = False
     return parser
 
 
@@ -100,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     from amused_tune.toy import toy_dir
     from amused_tune.toy.evaluate import evaluate, read_sampling_defaults
 
+    if args.styledrop:
+        from amused_tune.toy.styledrop_eval import DEFAULT_RECIPE, styledrop_eval
+
+        styledrop_eval(args.recipe or DEFAULT_RECIPE, args.out or "styledrop_eval.json",
+                       30 if args.prompts == 50 else args.prompts, tuple(range(args.seeds)),
+                       args.images.split(",") if args.images else None)
+        return 0
     folder = Path(args.dir) if args.dir else toy_dir()
     comps = _load_folder(folder)
     if args.adapter and args.styledrop_sweep:
