@@ -190,6 +190,14 @@ class TrainConfig:
     """Write metrics.jsonl every N optimizer steps."""
     device: Optional[str] = None
     """Force a device (cpu, cuda); None: what accelerate picks."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights with this decay (e.g. 0.999; 0: none). The
+    average is what is saved (adapter/ or transformer/; the last trained weights go to adapter-raw/), sampled in
+    validation and pushed; checkpoints hold both. Warm-up: after optimizer step n the decay is
+    min(ema_decay, (1 + n) / (10 + n))."""
+    ema_device: Literal["same", "cpu"] = "same"
+    """Where the EMA copy (fp32, one per trainable weight) lives: same (next to the weights, the GPU when training
+    on one) or cpu (no GPU memory; the update copies the weights to the CPU every step)."""
 
 
 @dataclass
@@ -207,6 +215,12 @@ class ValidationConfig:
     schedule up to g), ramp1 (1 -> g). Null: the base's sampling.json, else constant."""
     temperature: Optional[tuple[float, float]] = None
     """Gumbel temperature (START, END), linear over the steps (null: the base's sampling.json, else (2.0, 0.0))."""
+    min_p: Optional[float] = None
+    """Truncation: codes less likely than min_p x the most likely code are never drawn (0: off; null: the base's
+    sampling.json, else 0). Keeps a model trained with label smoothing from drawing stray cells."""
+    top_k: Optional[int] = None
+    """Truncation: only the top_k most likely codes of each token can be drawn (0: off; null: the base's
+    sampling.json, else 0)."""
     seed: int = 0
     """Seed of the first image; image i uses seed + i."""
     images_per_prompt: int = 1
@@ -261,12 +275,18 @@ class Recipe:
         _positive("validation", every=self.validation.every)
         if self.validation.steps is not None:
             _positive("validation", steps=self.validation.steps)
+        if self.validation.min_p is not None and not 0 <= self.validation.min_p < 1:
+            raise RecipeError(f"validation.min_p must be in [0, 1) (0: off), got {self.validation.min_p}")
+        if self.validation.top_k is not None and self.validation.top_k < 0:
+            raise RecipeError(f"validation.top_k must be >= 0 (0: off), got {self.validation.top_k}")
         if self.adapter.kind == "lora":
             _positive("adapter", rank=self.adapter.rank, alpha=self.adapter.alpha)
         if not 0 <= self.train.cond_dropout <= 1:
             raise RecipeError(f"train.cond_dropout must be in [0, 1], got {self.train.cond_dropout}")
         if not 0 <= self.train.label_smoothing < 1:
             raise RecipeError(f"train.label_smoothing must be in [0, 1), got {self.train.label_smoothing}")
+        if not 0 <= self.train.ema_decay < 1:
+            raise RecipeError(f"train.ema_decay must be in [0, 1) (0: no EMA; usual 0.99-0.9999), got {self.train.ema_decay}")
         if not 0 <= self.train.min_masking_rate <= 1:
             raise RecipeError(f"train.min_masking_rate must be in [0, 1], got {self.train.min_masking_rate}")
         if self.train.keep_checkpoints < 1:

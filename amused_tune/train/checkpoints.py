@@ -251,13 +251,16 @@ class Resumed:
     rng: list[dict]
 
 
-def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generators, skipped=0) -> None:
+def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generators, skipped=0,
+         ema=None) -> None:
     """Checkpoint `step`. Every process's RNG states are gathered; the main process writes; all wait for it."""
     rng = rng_state(generators)
     rngs = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
     if accelerator.is_main_process:
         t = recipe.train
         state = {"optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(), "rng": rngs}
+        if ema is not None:  # train.ema_decay: the average, next to the trained weights that resume continues
+            state["ema"] = ema.state_dict()
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
         weights = {names[id(p)]: p for p in trainable}
@@ -276,7 +279,7 @@ def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerat
     accelerator.wait_for_everyone()
 
 
-def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator) -> Resumed | None:
+def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator, ema=None) -> Resumed | None:
     """Restore weights, optimizer, schedule and scaler from the checkpoint `train.resume` names (auto: the newest
     readable one of output.dir; corrupt ones are skipped with a warning). None: nothing to resume from.
 
@@ -301,6 +304,7 @@ def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator) 
     with torch.no_grad():
         for name, p in by_name.items():
             p.copy_(weights[name].to(p.dtype))
+    resume_ema(ema, state, path)
     kind = type(getattr(optimizer, "optimizer", optimizer)).__name__
     if meta.get("optimizer", kind) == kind:
         optimizer.load_state_dict(state["optimizer"])
@@ -329,6 +333,17 @@ def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator) 
     accelerator.print(f"resumed from {path} (step {meta['step']})")
     return Resumed(path, int(meta["step"]), int(meta.get("skipped_nonfinite", 0)),
                    rng if isinstance(rng, list) else [rng])
+
+
+def resume_ema(ema, state: dict, path: Path) -> None:
+    """The EMA from the checkpoint; one that holds none (EMA turned on when resuming) starts from its weights."""
+    if ema is None:
+        return
+    if "ema" in state:
+        ema.load_state_dict(state["ema"])
+        return
+    log.warning("checkpoint %s holds no EMA (train.ema_decay was 0): the average starts from its weights", path)
+    ema.load_state_dict({"updates": 0, "weights": {n: p.detach() for n, p in zip(ema.names, ema.params)}})
 
 
 def _check_weights(path: Path, saved: dict[str, torch.Tensor], wanted: dict[str, torch.nn.Parameter]) -> None:

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from amused_tune import adapters
 from amused_tune.common import RECIPE_FILE
 from amused_tune.data.datasets import collate, prepare_training_data
 from amused_tune.models import Components, load_components
@@ -31,6 +32,7 @@ from amused_tune.train.setup import (EpochSampler, check_distributed, check_reso
 from amused_tune.train.step import Conditioning, train_step
 from amused_tune.train.stops import StopFlag, TrainingStopped  # noqa: F401 (TrainingStopped: what train raises)
 from amused_tune.train.validation import Validator
+from amused_tune.ema import EMA, make_ema, swap
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     generators: dict[str, torch.Generator]  # mask and condition-dropout draws, per process
+    ema: EMA | None = None  # train.ema_decay: the average of the trainable weights
 
     @property
     def main(self) -> bool:
@@ -78,11 +81,13 @@ class Run:
         return {**self.generators, **checkpoints.dataset_rngs(self.dataset)}
 
     def validate(self, step: int) -> None:
+        swap(self.ema)  # the grid is drawn with the EMA weights
         self.validator(self.comps.transformer, step, self.out, self.accelerator)
+        swap(self.ema)  # back to the trained weights
 
     def save(self, step: int, skipped: int) -> None:
         checkpoints.save(self.out, self.recipe, step, self.trainable, self.names, self.optimizer, self.lr_scheduler,
-                         self.accelerator, self.rngs, skipped)
+                         self.accelerator, self.rngs, skipped, ema=self.ema)
 
 
 def train(recipe: Recipe, components: Components | None = None) -> dict:
@@ -105,7 +110,7 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag) -> dict:
     run = set_up(recipe, components)
     t = recipe.train
     resumed = None if t.resume == "none" else checkpoints.resume(
-        run.out, recipe, run.trainable, run.names, run.optimizer, run.lr_scheduler, run.accelerator)
+        run.out, recipe, run.trainable, run.names, run.optimizer, run.lr_scheduler, run.accelerator, ema=run.ema)
     step, skipped = (resumed.step, resumed.skipped) if resumed else (0, 0)
     if step >= t.max_steps:
         return already_done(run, step)
@@ -118,6 +123,8 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag) -> dict:
     loss = float("nan")
     while step < t.max_steps:
         result = train_step(run, batches, step + 1)
+        if result.finite and run.ema is not None:
+            run.ema.update()
         step, loss = step + 1, result.loss
         if not result.finite:  # train.skip_nonfinite: counted, and said
             skipped += 1
@@ -176,7 +183,7 @@ def set_up(recipe: Recipe, components: Components | None) -> Run:
     seed = recipe.train.seed * 1_000_003 + accelerator.process_index
     generators = {"mask": torch.Generator().manual_seed(seed), "dropout": torch.Generator().manual_seed(seed + 1)}
     return Run(recipe, out, accelerator, comps, transformer, text_encoder, trainable, names, dataset, empty,
-               validator, optimizer, lr_scheduler, generators)
+               validator, optimizer, lr_scheduler, generators, make_ema(recipe, trainable, names))
 
 
 def wrap(recipe: Recipe, accelerator: Accelerator, comps: Components, optimizer):
@@ -221,8 +228,12 @@ def finish(run: Run, step: int, loss: float, skipped: int) -> dict:
     """The deliverables (adapter or U-ViT, loss plot, model card, push) once every process is done; the summary."""
     run.accelerator.wait_for_everyone()
     summary = {"step": step, "loss": loss, "output_dir": str(run.out), "skipped_nonfinite": skipped}
+    if run.main and run.ema is not None and run.recipe.adapter.kind == "lora":  # the last trained weights too
+        adapters.save_lora(run.out / "adapter-raw", run.comps.transformer, base_model=run.recipe.model.base)
+    swap(run.ema)  # the EMA weights are the deliverable
     if run.main:
         summary.update(outputs.write_final(run.out, run.recipe, run.comps.transformer,
                                            run.comps))
+    swap(run.ema)
     run.accelerator.end_training()
     return summary
