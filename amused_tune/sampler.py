@@ -7,6 +7,11 @@ Confidence is log p(sampled token) plus Gumbel noise whose temperature falls lin
 default). How a step's logits are made (no guidance, classifier-free guidance with a schedule, StyleDrop) is a
 small strategy from `amused_tune.guidance`.
 
+Truncation (`min_p`, `top_k`; off by default, as in diffusers): before a token is drawn, codes less likely than
+min_p times the most likely code, and all but the top_k most likely, get probability 0 (the rest renormalised).
+A model trained with label smoothing puts a little mass on every code; drawn from the full distribution over
+every cell, some cell of most images gets a stray code. Truncation keeps the draws to the codes the model means.
+
 Randomness: each image has its own CPU `torch.Generator`, and every random number of that image comes from it, in a
 fixed order, so an image depends on its prompt and seed only, not on the rest of the batch. Two ways to draw:
 
@@ -87,6 +92,28 @@ def make_generators(seeds: Sequence[int | torch.Generator]) -> list[torch.Genera
     if any(g.device.type != "cpu" for g in gens):
         raise SampleError("generators must live on the CPU (draws are made there, then copied)")
     return gens
+
+
+def check_truncation(min_p: float, top_k: int) -> None:
+    """Raise SampleError unless 0 <= min_p < 1 and top_k is an integer >= 0 (0: off)."""
+    if not (isinstance(min_p, (int, float)) and 0.0 <= min_p < 1.0):
+        raise SampleError(f"min_p must be in [0, 1) (0: off), got {min_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise SampleError(f"top_k must be an integer >= 0 (0: off), got {top_k}")
+
+
+def truncate(probs: torch.Tensor, min_p: float = 0.0, top_k: int = 0) -> torch.Tensor:
+    """`probs` [..., V] without the unlikely codes: those under min_p x the most likely code's probability and
+    all but the top_k most likely (ties kept) get 0, and the rest is renormalised. Both off: `probs` itself."""
+    if min_p <= 0.0 and (top_k <= 0 or top_k >= probs.shape[-1]):
+        return probs
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if min_p > 0.0:
+        keep &= probs >= min_p * probs.amax(-1, keepdim=True)
+    if 0 < top_k < probs.shape[-1]:
+        keep &= probs >= probs.topk(top_k, -1).values[..., -1:]
+    kept = torch.where(keep, probs, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------- compile, threads
@@ -173,12 +200,15 @@ def _start_tokens(
 
 
 def _decode_step(x: torch.Tensor, logits: torch.Tensor, draws: _Draws, k: int, last: bool, temperature: float,
-                 keep_share: float, count: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """One MaskGIT step: sample every masked token, then re-mask all but the most confident of them so that
-    floor(count * keep_share) stay masked (at least 1, fewer than were masked); the last step keeps them all."""
+                 keep_share: float, count: torch.Tensor, mask_id: int, truncation: tuple[float, int] = (0.0, 0),
+                 ) -> torch.Tensor:
+    """One MaskGIT step: sample every masked token (from the `truncation` (min_p, top_k) of its distribution),
+    then re-mask all but the most confident of them so that floor(count * keep_share) stay masked (at least 1,
+    fewer than were masked); the last step keeps them all."""
     b, v = logits.shape[:2]
     n = x.shape[1]
     probs = logits.reshape(b, v, n).permute(0, 2, 1).softmax(-1)  # [B, N, V], the layout diffusers uses
+    probs = truncate(probs, *truncation)
     sampled, noise = draws(probs, k, last)
     unknown = x == mask_id
     pred = torch.where(unknown, sampled, x)
@@ -212,6 +242,8 @@ def sample_tokens(
     styledrop: StyleDropGuidance | tuple[float, float] | None = None,
     draws: str = "exact",
     grid: tuple[int, int] | None = None,
+    min_p: float = 0.0,
+    top_k: int = 0,
 ) -> torch.Tensor:
     """Generate VQ tokens [B, h, w] from precomputed text embeddings (no text encoder or VQ model needed).
 
@@ -223,7 +255,9 @@ def sample_tokens(
     strength: run the last round(strength * steps) steps, masking the share of `region` the schedule has masked
     at that point (1.0: all of it, like text-to-image; 0.0: returns init_tokens).
     styledrop: StyleDropGuidance or (lambda_a, lambda_b), replaces `guidance`.
+    min_p, top_k: truncation of each token's distribution before it is drawn (see the module docstring; 0: off).
     """
+    check_truncation(min_p, top_k)
     if draws not in DRAWS:
         raise SampleError(f"draws must be one of {DRAWS}, got {draws!r}")
     if region is not None and init_tokens is None:
@@ -250,7 +284,8 @@ def sample_tokens(
         with cpu_threads_for(base, device):
             for i in range(first, steps):
                 logits = strategy.logits(passes, x, i)
-                x = _decode_step(x, logits, draw, i - first, i == steps - 1, temps[i], ratios[i], count, mask_id)
+                x = _decode_step(x, logits, draw, i - first, i == steps - 1, temps[i], ratios[i], count, mask_id,
+                                 (min_p, top_k))
     finally:
         base.train(was_training)
     return x.reshape(-1, h, w)
@@ -300,6 +335,8 @@ def generate(
     prompt_embeds: Embeds | None = None,
     styledrop: StyleDropGuidance | tuple[float, float] | None = None,
     draws: str = "exact",
+    min_p: float = 0.0,
+    top_k: int = 0,
     aesthetic_score: float = 6.0,
     crop: tuple[int, int] = (0, 0),
     torch_compile: bool = False,
@@ -307,7 +344,8 @@ def generate(
     """Text-to-image, image variation (`image`, `strength`) or inpainting (`image` + `mask`, white = regenerate).
 
     One image per seed; a single prompt is used for every seed. `prompt_embeds` (hidden, pooled) replaces encoding
-    `prompts`. `guidance_schedule`: constant, linear, cosine or ramp1 (`amused_tune.guidance`). The defaults are
+    `prompts`. `guidance_schedule`: constant, linear, cosine or ramp1 (`amused_tune.guidance`). `min_p`, `top_k`:
+    truncate each token's distribution before drawing (0: off; see the module docstring). The defaults are
     diffusers'; `resolve_sampling(base, ...)` gives a base's own (its sampling.json). Returns (tokens [B, h, w],
     images [B, 3, H, W] in [0, 1]).
     """
@@ -338,6 +376,6 @@ def generate(
             micro_conds=micro_conditioning(res, res, crop[0], crop[1], aesthetic_score),
             steps=steps, guidance=guidance, guidance_schedule=guidance_schedule, schedule=schedule,
             temperature=temperature, init_tokens=init, region=region, strength=strength, styledrop=styledrop,
-            draws=draws,
+            draws=draws, min_p=min_p, top_k=top_k,
         )
         return tokens, decode_tokens(components.vqvae, tokens)

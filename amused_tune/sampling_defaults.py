@@ -2,11 +2,12 @@
 
 A base folder may hold ``sampling.json`` with any subset of::
 
-    {"guidance": 3.0, "guidance_schedule": "constant", "steps": 12, "temperature": [2.0, 0.0]}
+    {"guidance": 3.0, "guidance_schedule": "constant", "steps": 12, "temperature": [2.0, 0.0], "min_p": 0.1,
+     "top_k": 0}
 
 `resolve_sampling(base, guidance=None, ...)` fills every value the caller did not give (None) from that file, then
-from diffusers' defaults (guidance 10, constant schedule, 12 steps, temperature 2 -> 0), and says which values came
-from the base. `amused-tune sample`, the validation grids of a run and its model card all resolve this way, so one
+from diffusers' defaults (guidance 10, constant schedule, 12 steps, temperature 2 -> 0, no truncation: min_p 0
+and top_k 0, see `amused_tune.sampler`), and says which values came from the base. `amused-tune sample`, the validation grids of a run and its model card all resolve this way, so one
 base's recommended settings reach all three. The file is looked up in a local pipeline folder, in the toy base's
 folder, and for a Hub id in the Hugging Face cache only (nothing is downloaded for it). Torch-free.
 """
@@ -19,7 +20,8 @@ from pathlib import Path
 
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine", "ramp1")
 SAMPLING_FILE = "sampling.json"
-DIFFUSERS_DEFAULTS = {"guidance": 10.0, "guidance_schedule": "constant", "steps": 12, "temperature": (2.0, 0.0)}
+DIFFUSERS_DEFAULTS = {"guidance": 10.0, "guidance_schedule": "constant", "steps": 12, "temperature": (2.0, 0.0),
+                      "min_p": 0.0, "top_k": 0}
 
 
 class SamplingDefaultsError(ValueError):
@@ -60,6 +62,10 @@ def _check(key: str, value: object) -> object:
         return value
     if key == "steps" and isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
+    if key == "min_p" and _number(value) and 0 <= value < 1:
+        return float(value)
+    if key == "top_k" and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
     if key == "temperature":
         if _number(value):
             return float(value)
@@ -69,7 +75,8 @@ def _check(key: str, value: object) -> object:
 
 
 EXPECTED = {"guidance": "a number >= 0", "guidance_schedule": f"one of {', '.join(GUIDANCE_SCHEDULES)}",
-            "steps": "an integer >= 1", "temperature": "a number or [start, end]"}
+            "steps": "an integer >= 1", "temperature": "a number or [start, end]",
+            "min_p": "a number in [0, 1) (0: off)", "top_k": "an integer >= 0 (0: off)"}
 
 
 def read_sampling_file(path: Path) -> dict:

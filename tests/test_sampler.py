@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from amused_tune.cli import sample as sample_cli
 from amused_tune.models import build_tiny, decode_tokens, encode_images
 from amused_tune.sampler import (
+    SampleError,
     StyleDropGuidance,
     adapters_disabled,
     empty_prompt_embeds,
@@ -23,6 +25,7 @@ from amused_tune.sampler import (
     save_grid,
     start_step,
     step_plan,
+    truncate,
 )
 from amused_tune.sampling_defaults import SamplingDefaultsError, describe_taken, resolve_sampling, sampling_defaults
 
@@ -88,6 +91,27 @@ def test_schedule_plan_and_strength_steps():
     assert temps[0] == 2.0 and temps[-1] == 0.0 and len(temps) == 12
     assert step_plan(4, "linear")[0] == pytest.approx([0.75, 0.5, 0.25, 0.0])
     assert (start_step(12, 1.0), start_step(12, 0.0), start_step(12, 0.6), start_step(12, 0.01)) == (0, 12, 5, 11)
+
+
+def test_truncation_drops_unlikely_codes_and_is_off_by_default():
+    probs = torch.tensor([[0.70, 0.20, 0.06, 0.04]])
+    assert truncate(probs) is probs and truncate(probs, 0.0, 4) is probs  # off: the distribution itself
+    assert torch.allclose(truncate(probs, min_p=0.1), torch.tensor([[0.70, 0.20, 0.0, 0.0]]) / 0.9)
+    assert torch.allclose(truncate(probs, top_k=1), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(truncate(probs, min_p=0.05, top_k=3), torch.tensor([[0.70, 0.20, 0.06, 0.0]]) / 0.96)
+
+
+@pytest.mark.parametrize("draws", ["exact", "fast"])
+def test_truncated_sampling_draws_only_the_kept_codes(tiny, draws):
+    """top_k=1 draws each token's most likely code: the same tokens whatever the seed; min_p=0 is the default."""
+    default, _ = generate(tiny, ["a cat"], [0], draws=draws)
+    assert torch.equal(generate(tiny, ["a cat"], [0], draws=draws, min_p=0.0, top_k=0)[0], default)
+    greedy = [generate(tiny, ["a cat"], [seed], steps=1, guidance=1.0, draws=draws, top_k=1)[0] for seed in (0, 1)]
+    assert torch.equal(greedy[0], greedy[1])
+    with pytest.raises(SampleError, match="min_p must be in"):
+        generate(tiny, ["a cat"], [0], min_p=1.5)
+    with pytest.raises(SampleError, match="top_k must be an integer"):
+        generate(tiny, ["a cat"], [0], top_k=-2)
 
 
 # --------------------------------------------------------------------------------------------- variation, inpainting
@@ -214,25 +238,30 @@ def test_base_sampling_json_fills_only_what_is_not_given(tmp_path):
     base = str(write_sampling(tmp_path / "base", '{"guidance": 3, "steps": 4, "temperature": [1.5, 0.5]}'))
     assert sampling_defaults(base) == {"guidance": 3.0, "steps": 4, "temperature": (1.5, 0.5)}
     values, taken = resolve_sampling(base)
-    assert values == {"guidance": 3.0, "guidance_schedule": "constant", "steps": 4, "temperature": (1.5, 0.5)}
+    assert values == {"guidance": 3.0, "guidance_schedule": "constant", "steps": 4, "temperature": (1.5, 0.5),
+                      "min_p": 0.0, "top_k": 0}
     assert describe_taken(base, taken) == f"sampling defaults from {base}: guidance 3.0, steps 4, temperature 1.5 0.5"
     values, taken = resolve_sampling(base, guidance=5.0, guidance_schedule="cosine", steps=None, temperature=(2.0, 0.0))
-    assert values == {"guidance": 5.0, "guidance_schedule": "cosine", "steps": 4, "temperature": (2.0, 0.0)}
+    assert values == {"guidance": 5.0, "guidance_schedule": "cosine", "steps": 4, "temperature": (2.0, 0.0),
+                      "min_p": 0.0, "top_k": 0}
     assert taken == {"steps": 4}
     # no file (or the tiny base): diffusers' defaults, nothing said
     assert resolve_sampling("tiny") == ({"guidance": 10.0, "guidance_schedule": "constant", "steps": 12,
-                                         "temperature": (2.0, 0.0)}, {})
+                                         "temperature": (2.0, 0.0), "min_p": 0.0, "top_k": 0}, {})
     assert describe_taken("tiny", {}) is None
 
 
 def test_toy_base_samples_with_guidance_on_by_default():
     values, taken = resolve_sampling("toy")
     assert taken["guidance"] > 1.0 and values["guidance"] == taken["guidance"]
-    assert set(taken) <= {"guidance", "guidance_schedule", "steps", "temperature"}
+    assert set(taken) <= {"guidance", "guidance_schedule", "steps", "temperature", "min_p", "top_k"}
 
 
 @pytest.mark.parametrize("text, needle", [
-    ('{"guidence": 3.0}', "unknown key 'guidence'; valid keys: guidance, guidance_schedule, steps, temperature"),
+    ('{"guidence": 3.0}', "unknown key 'guidence'; valid keys: guidance, guidance_schedule, steps, temperature, "
+                          "min_p, top_k"),
+    ('{"min_p": 1.0}', "min_p must be a number in [0, 1) (0: off), got 1.0"),
+    ('{"top_k": -1}', "top_k must be an integer >= 0 (0: off), got -1"),
     ('{"steps": 0}', "steps must be an integer >= 1, got 0"),
     ('{"steps": 12.5}', "steps must be an integer >= 1, got 12.5"),
     ('{"guidance": "high"}', 'guidance must be a number >= 0, got "high"'),
@@ -345,6 +374,24 @@ def test_cli_takes_what_is_not_given_from_the_base_and_says_so(tmp_path, capsys,
         "2", "4.0", "linear", "[1.0, 0.0]")
 
 
+def test_cli_truncation_flags_reach_the_sampler_and_the_png(tmp_path):
+    argv = ["--base", "tiny", "--prompt", "a cat", "--out", str(tmp_path), "--min-p", "0.2", "--top-k", "3"]
+    assert sample_cli.main(argv) == 0
+    meta = Image.open(tmp_path / "000-seed0.png").text
+    assert (meta["min_p"], meta["top_k"]) == ("0.2", "3")
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("min_p", 1.0, "validation.min_p must be in [0, 1) (0: off), got 1.0"),
+    ("top_k", -1, "validation.top_k must be >= 0 (0: off), got -1"),
+])
+def test_recipe_refuses_out_of_range_truncation(key, value, needle):
+    from amused_tune.recipe import Recipe, RecipeError, ValidationConfig
+
+    with pytest.raises(RecipeError, match=re.escape(needle)):
+        Recipe(validation=ValidationConfig(**{key: value})).validate()
+
+
 def test_cli_toy_uses_its_own_defaults_with_guidance_on(tmp_path, capsys):
     assert sample_cli.main(["--base", "toy", "--prompt", "a red square on a blue background",
                             "--out", str(tmp_path)]) == 0
@@ -385,6 +432,7 @@ def test_validation_grid_and_card_use_the_base_defaults(tmp_path, capsys, image_
     (["--mask", "m.png"], "--mask needs --image"),
     (["--quantize", "8bit", "--device", "cpu"], "CUDA"),
     (["--adapter", "nowhere/at/all"], "nowhere/at/all"),
+    (["--min-p", "1.5"], "min_p must be in [0, 1) (0: off), got 1.5"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, extra, needle):
     rc = sample_cli.main(["--base", "tiny", "--prompt", "x", "--out", str(tmp_path), *extra])

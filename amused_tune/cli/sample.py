@@ -38,6 +38,11 @@ def build_parser() -> SubcommandParser:
     p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
                    help="Gumbel temperature: START END (linear over the steps), or one value (START, 0.01) "
                         "(default: the base's sampling.json, else 2 0)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="truncation: never draw a code less likely than MIN_P x the most likely one, in [0, 1) "
+                        "(0: off; default: the base's sampling.json, else 0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="truncation: draw only from the K most likely codes (0: off; default: the base's, else 0)")
     p.add_argument("--image", default=None, help="input image for variation / inpainting")
     p.add_argument("--strength", type=float, default=None,
                    help="0..1, share of the schedule to rerun (default 0.6 with --image, 1.0 with --mask)")
@@ -82,7 +87,8 @@ def _sampling_settings(args) -> dict:
     stderr), else diffusers' defaults."""
     t = args.temperature
     given = dict(steps=args.steps, guidance=args.guidance, guidance_schedule=args.guidance_schedule,
-                 temperature=None if t is None else tuple(t) if len(t) == 2 else t[0])
+                 temperature=None if t is None else tuple(t) if len(t) == 2 else t[0], min_p=args.min_p,
+                 top_k=args.top_k)
     values, taken = resolve_sampling(args.base, **given)
     if taken:
         print(describe_taken(args.base, taken), file=sys.stderr)

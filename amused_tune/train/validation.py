@@ -31,7 +31,7 @@ class Validator:
         self.seeds = [v.seed + i for i in range(len(self.prompts))]
         self.empty = empty
         self.cond = self._encode() if self.enabled and not recipe.adapter.text_encoder else None
-        given = {k: getattr(v, k) for k in ("guidance", "guidance_schedule", "steps", "temperature")}
+        given = {k: getattr(v, k) for k in ("guidance", "guidance_schedule", "steps", "temperature", "min_p", "top_k")}
         self.sampling, taken = resolve_sampling(recipe.model.base, **given) if self.enabled else ({}, {})
         self.defaults_message = describe_taken(recipe.model.base, taken)  # values the base's sampling.json gave
 
