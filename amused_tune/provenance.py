@@ -154,6 +154,16 @@ def same_base(a: str, b: str) -> bool:
     return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
 
+def mismatch_warning(source, record: dict | None, base: str) -> str | None:
+    """The warning for weights used on another base than the one they recorded; None when it is that base, or when
+    `base` names a folder that does not exist (the loader's error says so on its own)."""
+    if not record or same_base(base, record["base"]) or same_base(base, loadable_base(record)):
+        return None
+    if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
+        return None
+    return f"warning: {source} was trained on {record['base']}, not on {base} (--base): it may draw differently, or not load"
+
+
 def recorded_sampling(record: dict | None) -> dict:
     """The record's sampling settings as the sampler takes them ({} when it has none)."""
     values = dict((record or {}).get("sampling") or {})

@@ -136,7 +136,6 @@ def test_merge_errors_are_one_line(lora_run, tmp_path, capsys):
         (["merge", str(lora_run), "--out", str(full)], "exists and is not empty"),
         (["merge", str(lora_run), "--out", str(lora_run), "--overwrite"], "would overwrite the run"),
         (["merge", str(lora_run), "--out", str(lora_run.parent), "--overwrite"], "would overwrite the run"),
-        (["merge", str(lora_run / "adapter"), "--out", str(tmp_path / "a")], "pass --base"),
         (["merge", str(lora_run), "--out", str(tmp_path / "b"), "--base", "./no/such/folder"], "does not exist"),
         (["merge", str(tmp_path / "missing"), "--out", str(tmp_path / "c")], "does not exist"),
         (["merge", str(lora_run)], "--out"),

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "push": "amused_tune.cli.push",
     "merge": "amused_tune.cli.merge",
     "styledrop-round2": "amused_tune.cli.styledrop_round2",
+    "ui": "amused_tune.ui.command",  # the web page: the layer above the commands, loaded by name (docs/layout.md)
 }
 
 
@@ -46,9 +47,17 @@ class SubcommandParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", DefaultsFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # an option is named in full: --num is a mistake, not --num-images
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
+        unknown = re.match(r"unrecognized arguments: (--[\w-]+)", message)
+        if unknown:
+            flag = unknown.group(1)
+            options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            longer = [o for o in options if o.startswith(flag)]  # the start of an option: the one it begins
+            hint = f" did you mean {longer[0]}?" if len(longer) == 1 else did_you_mean(flag, options)
+            message = f"unrecognized option {flag}:{hint or ''} see {self.prog} --help"
         raise UsageError(message)
 
     def parse_or_exit_code(self, argv: list[str]) -> tuple[argparse.Namespace | None, int]:
@@ -74,6 +83,7 @@ def build_parser():
         description="Fine-tune aMUSEd from a YAML recipe. Every recipe key can be overridden: --train.max_steps=10",
         exit_on_error=False,
         default_env=False,
+        allow_abbrev=False,  # keys are exact, as in the YAML file: --train.max_s is a mistake, not max_steps
     )
     parser.add_argument("--config", action=ActionConfigFile, help="the recipe YAML (also accepted positionally)")
     parser.add_class_arguments(Recipe, fail_untyped=True, sub_configs=True)

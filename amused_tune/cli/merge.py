@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from amused_tune.cli.args import SubcommandParser, fail, quiet_libraries
@@ -15,7 +16,8 @@ def build_parser() -> SubcommandParser:
                          description="Fuse a run's LoRA into its base U-ViT; write a pipeline folder AmusedPipeline loads.")
     p.add_argument("run", metavar="OUTPUT_DIR", help="the run's output.dir (or an adapter folder / .safetensors file)")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
-    p.add_argument("--base", default=None, help="base model (default: model.base of OUTPUT_DIR/recipe.yaml)")
+    p.add_argument("--base", default=None,
+                   help="base model (default: the base the run recorded, e.g. toy; an adapter without a record needs it)")
     p.add_argument("--scale", type=float, default=1.0, help="LoRA strength (1.0: as trained)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="precision of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -34,12 +36,27 @@ def main(argv: list[str]) -> int:
 
     quiet_libraries()
     try:
+        announce_base(Path(args.run).expanduser(), args.base)
         merge_run(args.run, args.out, base=args.base, scale=args.scale, dtype=args.dtype, overwrite=args.overwrite)
     except (MergeError, AdapterError) as err:
         return fail(err)
     print(f"merged {args.run} into {args.out}: load it with AmusedPipeline.from_pretrained({str(args.out)!r}) "
           f"or amused-tune sample --base {args.out}")
     return 0
+
+
+def announce_base(run: Path, base: str | None) -> None:
+    """One line on stderr: the base chosen and why; a warning when --base is not the one the run recorded."""
+    from amused_tune.provenance import mismatch_warning
+    from amused_tune.share.merge import choose_base
+
+    if not run.exists():
+        return
+    chosen, record = choose_base(run, base)
+    if base is None:
+        print(f"base: {chosen} (recorded by {run})", flush=True)
+    elif mismatch_warning(run, record, base):
+        print(mismatch_warning(run, record, base), file=sys.stderr)
 
 
 def inputs_problem(run: Path, out: str) -> str | None:

@@ -22,7 +22,10 @@ from amused_tune.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsEr
 
 def build_parser() -> SubcommandParser:
     p = SubcommandParser(prog="amused-tune sample", description="Generate images with aMUSEd (+ LoRA adapters).")
-    p.add_argument("--base", default="amused/amused-256", help="Hub id, local pipeline folder, 'tiny' or 'toy'")
+    p.add_argument("--base", default=None,
+                   help="Hub id, local pipeline folder, 'toy' (the small pretrained base that ships with the kit) or "
+                        "'tiny' (random weights: plumbing only, draws noise) (default: the base the --adapter was "
+                        "trained on, as it recorded; without an adapter, amused/amused-256)")
     p.add_argument("--prompt", action="append", required=True, help="repeatable; each gets --num-images images")
     p.add_argument("--negative-prompt", default=None, help="what the images should not show")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -82,14 +85,52 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _sampling_settings(args) -> dict:
-    """steps, guidance, guidance_schedule, temperature: the flags given, else the base's sampling.json (said on
-    stderr), else diffusers' defaults."""
+DEFAULT_BASE = "amused/amused-256"
+
+
+def choose_base(args) -> dict | None:
+    """Set args.base when it was not given: the base the first adapter recorded, else DEFAULT_BASE; say which, in
+    one line. Warn when an explicit --base differs from the recorded one. Returns the record the settings come from
+    (None when the adapters record nothing, or were trained on another base than the one used)."""
+    from amused_tune.provenance import loadable_base, mismatch_warning, read_record, same_base
+
+    found = [(a, read_record(a)) for a in args.adapter]
+    found = [(a, r) for a, r in found if r]
+    recorded = {r["base"] for _, r in found}
+    if len(recorded) > 1:
+        which = ", ".join(f"{a}: {r['base']}" for a, r in found)
+        raise SampleError(f"the adapters were trained on different bases ({which}): pass --base")
+    source, record = found[0] if found else (None, None)
+    if args.base is None:
+        args.base = loadable_base(record) if record else DEFAULT_BASE
+        why = f"recorded by the adapter {source}" if record else (
+            "the default: pass --base" if not args.adapter else f"the default: {args.adapter[0]} records no base")
+        print(f"base: {args.base} ({why})", flush=True)
+        args.recorded_base = record["base"] if record else None
+        return record
+    args.recorded_base = record["base"] if record else None
+    if record and not (same_base(args.base, record["base"]) or same_base(args.base, loadable_base(record))):
+        warning = mismatch_warning(source, record, args.base)
+        if warning:
+            print(warning, file=sys.stderr)
+        return None
+    return record
+
+
+def _sampling_settings(args, record: dict | None) -> dict:
+    """steps, guidance, guidance_schedule, temperature: the flags given, else the settings the adapter recorded
+    (those it was validated with), else the base's sampling.json, else diffusers' defaults; what did not come from
+    a flag is said on stderr."""
+    from amused_tune.provenance import recorded_sampling
+
     t = args.temperature
     given = dict(steps=args.steps, guidance=args.guidance, guidance_schedule=args.guidance_schedule,
                  temperature=None if t is None else tuple(t) if len(t) == 2 else t[0], min_p=args.min_p,
                  top_k=args.top_k)
-    values, taken = resolve_sampling(args.base, **given)
+    from_adapter = {k: v for k, v in recorded_sampling(record).items() if given.get(k) is None}
+    values, taken = resolve_sampling(args.base, **{**given, **from_adapter})
+    if from_adapter:
+        print(describe_taken(f"the adapter (validated on {record['base']})", from_adapter), file=sys.stderr)
     if taken:
         print(describe_taken(args.base, taken), file=sys.stderr)
     return values
@@ -117,10 +158,16 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        sampling = _sampling_settings(args)
+        record = choose_base(args)
+        sampling = _sampling_settings(args, record)
         comps = load_models(args, device, dtype, scales)
         images = sample_images(args, comps, prompts, seeds, sampling, device)
-    except (SampleError, BaseModelError, AdapterError, FileNotFoundError, SamplingDefaultsError) as err:
+    except AdapterError as err:
+        recorded = getattr(args, "recorded_base", None)
+        hint = (f" (it was trained on {recorded}: pass --base {recorded}, or leave --base out)"
+                if recorded and recorded != args.base else "")
+        return _fail(f"{err}{hint}")
+    except (SampleError, BaseModelError, FileNotFoundError, SamplingDefaultsError) as err:
         return _fail(str(err))
 
     common = {
