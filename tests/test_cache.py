@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,8 @@ def test_interrupted_encoding_resumes_at_the_first_missing_shard(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         cached(tmp_path, folder)
     (shards,) = [list(p.iterdir()) for p in (tmp_path / "cache").glob("tokens-*")]
-    assert sorted(p.name for p in shards) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(p.name for p in shards if not p.name.startswith(".")) == [
+        "shard-00000.safetensors", "shard-00001.safetensors"]
     encoded.clear()
     monkeypatch.setattr(cache, "encode_shard", lambda source, records, *args: (encoded.append(1), real(source, records, *args))[1])
     dataset, _, _ = cached(tmp_path, folder)
@@ -198,3 +200,139 @@ def test_a_run_sharing_the_cache_with_another_recipe_trains_as_without_cache(tmp
     shared = run("later", later, True)
     uncached = run("later-uncached", later, False)
     assert len(shared) == 3 and shared == pytest.approx(uncached, rel=1e-6, abs=0)  # (float noise of batching)
+
+
+# --------------------------------------------------------------------------------------------- the key, in one place
+
+# a changed value of each data setting that applies to an imagefolder: (base value, changed value)
+PERTURBED = {
+    "caption_column": ("text", "alt"), "prompt": (None, "a photo in sks style"), "prompt_prefix": ("", "sks, "),
+    "prompt_template": ("{caption}", "a painting of {caption}"), "center_crop": (False, True),
+    "random_flip": (False, True), "min_image_size": (None, 0), "random_crops": (2, 3), "cache": (True, False),
+    "cache_dir": ("a", "b"), "on_bad_sample": ("skip", "error"), "num_workers": (0, 2),
+    "card": (None, "local_imagefolder"), "path": ("data", "moved"),
+}
+NOT_FOR_AN_IMAGEFOLDER = {"source", "split", "image_column"}  # (hub, and the source kind: covered by its identity)
+
+
+def cache_contents(cfg, folder: Path, comps) -> tuple:
+    """What a token shard holds for these settings (tokens, micro_conds, captions), and the finished prompts."""
+    from amused_tune.data.preprocess import make_prompt
+
+    source = open_source(cfg)
+    tensors, meta = cache.encode_shard(source, source.records, cfg, 32, cache.min_image_size(cfg, 32), comps,
+                                       types.SimpleNamespace(update=lambda n: None))
+    return tensors["tokens"], tensors["micro_conds"], meta["captions"]
+
+
+def test_the_token_key_covers_every_data_setting_that_changes_pixels_or_captions(tmp_path):
+    """Each data setting, changed alone: if what the token cache would hold changes, the key changes. And every
+    DataConfig setting is either in the key or listed, with why, in NOT_IN_TOKEN_KEY."""
+    import dataclasses
+    import shutil
+
+    folder = two_column_images(tmp_path / "data")
+    shutil.copytree(folder, tmp_path / "moved", copy_function=shutil.copy2)
+    comps = build_tiny()
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    assert set(PERTURBED) | NOT_FOR_AN_IMAGEFOLDER == names, "a new data setting: add it to PERTURBED"
+    assert set(cache.NOT_IN_TOKEN_KEY) <= names
+
+    def settings(**changed):
+        values = {k: base for k, (base, _) in PERTURBED.items()}
+        values.update(changed)
+        values["path"] = str(tmp_path / values["path"])
+        values["cache_dir"] = str(tmp_path / values["cache_dir"])
+        return resolve_config(DataConfig(source="imagefolder", **values))
+
+    def key(cfg):
+        return cache.token_key(cfg, open_source(cfg), 32, comps.vqvae)
+
+    base = settings()
+    base_contents = cache_contents(base, folder, comps)
+    for name, (_, value) in PERTURBED.items():
+        changed = settings(**{name: value})
+        contents = cache_contents(changed, folder, comps)
+        same = all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                   for a, b in zip(contents, base_contents))
+        if not same:
+            assert key(changed) != key(base), f"data.{name} changes what the cache holds but not its key"
+        if name not in cache.NOT_IN_TOKEN_KEY:
+            assert key(changed) != key(base), f"data.{name} is meant to be in the key"
+    assert key(settings(random_crops=3, center_crop=True)) == key(settings(center_crop=True))  # no effect: same key
+
+
+def test_an_unreadable_shard_is_encoded_again_and_orphaned_temp_files_removed(tmp_path):
+    folder = make_images(tmp_path / "data", n=3)
+    first, _, _ = cached(tmp_path, folder)
+    (tokens_dir,) = (tmp_path / "cache").glob("tokens-*")
+    shard = tokens_dir / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a crash left it truncated
+    orphan = tokens_dir / ".shard-00000.safetensors.tmp99999"
+    orphan.write_bytes(b"half a shard")
+    again, _, _ = cached(tmp_path, folder)
+    assert torch.equal(again.tokens, first.tokens) and again.prompts == first.prompts
+    assert not orphan.exists() and cache.readable(shard)
+
+
+def test_encoding_streams_one_encode_batch_at_a_time(tmp_path, monkeypatch):
+    """The shard's pixels are never all held: each encode batch is encoded before the next images are read."""
+    folder = make_images(tmp_path / "data", n=4)
+    events, real_load, real_encode = [], cache.load_image, cache.encode_images
+    monkeypatch.setattr(cache, "cache_batches", lambda resolution: (2, 1))
+    monkeypatch.setattr(cache, "load_image", lambda *a: (events.append("load"), real_load(*a))[1])
+    monkeypatch.setattr(cache, "encode_images", lambda vq, px: (events.append(len(px)), real_encode(vq, px))[1])
+    dataset, _, _ = cached(tmp_path, folder, random_flip=True)  # 2 variants per image: one batch per image
+    assert events == ["load", 2, "load", 2, "load", 2, "load", 2]
+    assert dataset.tokens.shape == (4, 2, 8, 8)
+
+
+RUNNER = r"""
+import sys, time
+from amused_tune.data import cache
+from amused_tune.recipe import *
+from amused_tune.train.loop import train
+real = cache.encode_shard
+def slow(*args):
+    with open(sys.argv[3], "a") as log:
+        log.write("encode\n")
+    time.sleep(3)  # long enough for the other run to reach the lock
+    return real(*args)
+cache.encode_shard = slow
+train(Recipe(model=ModelConfig(base="tiny"),
+             data=DataConfig(source="imagefolder", path=sys.argv[1], cache_dir=sys.argv[2], random_flip=True),
+             adapter=AdapterConfig(rank=4, alpha=4),
+             train=TrainConfig(max_steps=2, batch_size=2, precision="fp32", checkpoint_every=100),
+             output=OutputConfig(dir=sys.argv[4], loss_plot=False)))
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_on_one_cache_encode_once_and_train_like_a_sequential_run(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    folder = make_images(tmp_path / "data", n=4)
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+
+    def start(cache_dir: str, name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(folder), str(tmp_path / cache_dir),
+                                 str(tmp_path / f"{cache_dir}.log"), str(tmp_path / name)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    both = [start("shared", "a"), start("shared", "b")]
+    outs = [p.communicate(timeout=300)[0] for p in both]
+    assert [p.returncode for p in both] == [0, 0], outs
+    assert (tmp_path / "shared.log").read_text().split() == ["encode"]  # one shard, encoded once
+    assert sum("waiting for it" in out for out in outs) <= 1
+    alone = start("alone", "sequential")
+    assert alone.wait(timeout=300) == 0
+    weights = [load_file(tmp_path / n / "adapter" / "pytorch_lora_weights.safetensors")
+               for n in ("a", "b", "sequential")]
+    for name, w in weights[2].items():
+        assert torch.equal(weights[0][name], w) and torch.equal(weights[1][name], w), name

@@ -35,17 +35,19 @@ def launch(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_processes_train_save_once_and_resume_exactly(tmp_path):
+    """Two processes, with a LoRA on the U-ViT (with dropout) and on the text encoder, and a validation grid on the
+    main process: the run ends, saves both adapters once, resumes exactly."""
     data = make_images(tmp_path / "data")
     out = tmp_path / "run"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"base": "tiny", "dtype": "fp32"},
         "data": {"source": "imagefolder", "path": str(data), "cache": False, "random_flip": True},
-        "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0},
+        "adapter": {"kind": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.1, "text_encoder": True},
         "optim": {"lr": 2e-3},
         "train": {"batch_size": 1, "grad_accum": 2, "max_steps": 4, "precision": "fp32", "checkpoint_every": 2,
                   "keep_checkpoints": 3, "cond_dropout": 0.5},
-        "validation": {"prompts": []},
+        "validation": {"prompts": ["a red square"], "every": 2, "steps": 2},
         "output": {"dir": str(out), "loss_plot": False},
     }))
     done = launch(recipe)
@@ -55,8 +57,8 @@ def test_two_processes_train_save_once_and_resume_exactly(tmp_path):
     # the main process wrote everything, once
     rows = outputs.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors",
+            "text_encoder"} <= {p.name for p in (out / "adapter").iterdir()}
     assert [p.name for p in checkpoints.list_checkpoints(out / "checkpoints")] == ["step-2", "step-4"]
     assert not list((out / "checkpoints").glob(".*"))
     # images per step count both processes: 1 image x 2 micro-batches x 2 processes
@@ -66,6 +68,12 @@ def test_two_processes_train_save_once_and_resume_exactly(tmp_path):
     state = torch.load(out / "checkpoints" / "step-4" / "state.pt", weights_only=True)
     assert len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["generators"]["mask"], state["rng"][1]["generators"]["mask"])
+    # ... and its own LoRA dropout: the processes' torch RNGs (seeded per process after the LoRA init) differ
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    # both adapters saved: the U-ViT's and the text encoder's
+    saved = load_file(out / "adapter" / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("transformer.") for k in saved)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0.png", "step-2.png", "step-4.png"]
 
     # stop after step 2 (as if killed), resume with two processes: the same weights and losses as straight through
     reference = load_file(out / "checkpoints" / "step-4" / "trainable.safetensors")

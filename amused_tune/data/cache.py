@@ -8,13 +8,17 @@ Layout, under `data.cache_dir` (default $AMUSED_TUNE_CACHE, else $XDG_CACHE_HOME
   text-<fingerprint>/shard-00000.safetensors ...     hidden [m, 77, D] + pooled [m, P] of 256 distinct prompts each
                                                      (the empty prompt included)
 
-Every key covers exactly what its folder holds. The tokens' covers the data (file names, sizes and mtimes, or the
-Hub dataset's fingerprint and files), the captions stored with them (`data.prompt`, else `data.caption_column`),
-the preprocessing (resolution, crops, flips, minimum size) and the VQ model (class, config and a sample of every
-weight, in the dtype it runs in); the text's covers the finished prompts (prefix and template applied), the text
-encoder and the tokenizer.
-Anything else changed means a new folder, never a stale cache. Each shard is written aside and renamed, so an
-interrupted encoding resumes at the first missing shard.
+Every key covers exactly what its folder holds, and is made in one place each (`token_key`, `text_key`). The
+tokens' covers the data (file names, sizes and mtimes, or the Hub dataset's fingerprint and files), every resolved
+data setting except the few `NOT_IN_TOKEN_KEY` lists with the reason (so a new preprocessing key is in the key
+unless someone says why not), the resolution and the VQ model (class, config and a sample of every weight); the
+text's covers the finished prompts (prefix and template applied), the text encoder and the tokenizer.
+Anything else changed means a new folder, never a stale cache.
+
+Several runs may share a folder at once: one encodes under the folder's lock while the others wait, then read.
+Each shard is written aside, synced to disk and renamed, so an interrupted encoding resumes at the first missing
+shard; a shard that cannot be read (a crash before the rename was durable, a full disk) is encoded again, and
+temporary files left by a killed run are removed. Encoding streams: it holds one encode batch of pixels at a time.
 
 V variants per image: every flip (random_flip: unflipped and flipped) of every crop (the centre crop, or
 `data.random_crops` random crops drawn from the sample's name, so the same crops come back on every run).
@@ -23,12 +27,19 @@ Training picks one variant per access.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
+from dataclasses import fields
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # no POSIX file locks (Windows): runs sharing a cache folder at once may both encode
+    fcntl = None
 
 import torch
 from safetensors import safe_open
@@ -45,8 +56,22 @@ from amused_tune.recipe import DataConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when what a shard holds, or what its key covers, changes
+CACHE_VERSION = 3  # bump when what a shard holds, or what its key covers, changes
 SHARD = 256
+
+# The data settings the token cache's key leaves out, each with why it changes no pixel and no stored caption.
+# Every other setting of DataConfig is in the key (tests/test_cache.py checks both halves).
+NOT_IN_TOKEN_KEY = {
+    "card": "resolved into the other settings before the key is made",
+    "source": "the kind of source it resolved to (folder: imagefolder or captionfolder) is in the key",
+    "path": "the source's identity covers the files themselves (names, sizes, mtimes): a moved folder keeps its cache",
+    "prompt_prefix": "applied to the captions after the cache; the text cache's key covers the finished prompts",
+    "prompt_template": "applied to the captions after the cache; the text cache's key covers the finished prompts",
+    "cache": "whether to cache, not what",
+    "cache_dir": "where the cache is, not what it holds",
+    "num_workers": "how fast training reads, not what",
+    "on_bad_sample": "what a bad sample does to the run; every shard records its bad samples either way",
+}
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -80,14 +105,60 @@ def tokenizer_digest(tokenizer) -> str:
 
 
 def save_atomic(tensors: dict, meta: dict, path: Path) -> None:
+    """Write aside, sync the bytes to disk, rename into place, sync the folder: a crash leaves the shard whole or
+    absent (at worst a temporary file, which `locked` removes)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def read_meta(path: Path) -> dict:
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["meta"])
+
+
+def readable(path: Path) -> bool:
+    """Whether a shard exists and reads (header, every tensor's extent, its meta); a bad one is removed."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            json.loads(f.metadata()["meta"])
+            for name in f.keys():
+                f.get_slice(name).get_shape()
+        return True
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        log.warning("cache: %s cannot be read (%s): encoding it again", path, err)
+        path.unlink(missing_ok=True)
+        return False
+
+
+@contextlib.contextmanager
+def locked(folder: Path):
+    """Hold `folder`'s lock: one run encodes into it while the others wait. Temporary files in it then belong to
+    no live writer (a killed run's): they are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("cache: another run is encoding into %s: waiting for it", folder)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        for orphan in folder.glob(".*.tmp*"):
+            orphan.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------- VQ tokens
@@ -104,9 +175,20 @@ def variants(key: str, cfg: DataConfig) -> list[tuple[random.Random | None, bool
 
 def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolution: int, min_size: int,
                  comps: Components, progress) -> tuple[dict, dict]:
-    """Validate and encode one shard of samples: (tensors, meta with keys, captions, bad and conversions)."""
+    """Validate and encode one shard of samples: (tensors, meta with keys, captions, bad and conversions).
+
+    Streams: pixels are encoded as soon as an encode batch is full, so memory holds one batch of pixels (and one
+    decoded image), not the shard's."""
     report = Report()
-    pixels, micro, keys, captions = [], [], [], []
+    micro, keys, captions, tokens, pending = [], [], [], [], []
+    dtype = torch.int16 if comps.vqvae.config.num_vq_embeddings <= 32767 else torch.int32
+    batch = cache_batches(resolution)[0]  # few at a time: building the cache holds less than a training step
+
+    def encode_pending():
+        if pending:
+            tokens.append(encode_images(comps.vqvae, torch.stack(pending)).cpu().to(dtype))
+            pending.clear()
+
     for record in records:
         try:
             caption = check_caption(record, cfg)
@@ -121,53 +203,63 @@ def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolut
         captions.append(caption)
         for rng, flip in variants(record.key, cfg):
             px, mc = preprocess(image, resolution, rng, flip)
-            pixels.append(px)
+            pending.append(px)
             micro.append(mc)
+            if len(pending) == batch:
+                encode_pending()
+    encode_pending()
     n_var = len(variants("", cfg))
     side = resolution // comps.vae_scale
-    dtype = torch.int16 if comps.vqvae.config.num_vq_embeddings <= 32767 else torch.int32
-    batch = cache_batches(resolution)[0]  # few at a time: building the cache holds less than a training step
-    tokens = [encode_images(comps.vqvae, torch.stack(pixels[i : i + batch])).cpu()
-              for i in range(0, len(pixels), batch)]
     tensors = {
-        "tokens": (torch.cat(tokens) if tokens else torch.zeros(0, side, side)).to(dtype).reshape(-1, n_var, side, side),
+        "tokens": (torch.cat(tokens) if tokens else torch.zeros(0, side, side, dtype=dtype)).reshape(-1, n_var, side, side),
         "micro_conds": (torch.stack(micro) if micro else torch.zeros(0, 5)).reshape(-1, n_var, 5),
     }
     meta = {"keys": keys, "captions": captions, "bad": report.bad, "converted": dict(report.converted)}
     return tensors, meta
 
 
-def caption_key(cfg: DataConfig) -> list:
-    """What decides the captions a token shard stores (and so which samples have one): `data.prompt`, which
-    replaces every caption, else the column they are read from. Prefix and template are applied after the cache
-    and are covered by the text cache's key (the finished prompts)."""
-    return ["prompt", cfg.prompt] if cfg.prompt is not None else ["column", cfg.caption_column]
+def min_image_size(cfg: DataConfig, resolution: int) -> int:
+    return resolution if cfg.min_image_size is None else cfg.min_image_size
+
+
+def token_key(cfg: DataConfig, source: Source, resolution: int, vqvae: torch.nn.Module) -> str:
+    """The token cache's key, the one place it is made: the source's identity, the resolution, every resolved data
+    setting but those `NOT_IN_TOKEN_KEY` names (settings with no effect are normalised away), the VQ model."""
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IN_TOKEN_KEY}
+    if cfg.center_crop:  # one centre crop, whatever random_crops says
+        settings["random_crops"] = None
+    if cfg.prompt is not None:  # the prompt replaces every caption: the column is not read
+        settings["caption_column"] = None
+    return digest(CACHE_VERSION, source.kind, source.identity, resolution, min_image_size(cfg, resolution), settings,
+                  model_digest(vqvae))
+
+
+def text_key(prompts: list[str], text_encoder: torch.nn.Module, tokenizer) -> str:
+    """The text cache's key: the finished prompts, the text encoder (in its dtype) and the tokenizer."""
+    return digest(CACHE_VERSION, prompts, model_digest(text_encoder), tokenizer_digest(tokenizer))
 
 
 def token_cache(source: Source, cfg: DataConfig, resolution: int, comps: Components,
                 show_progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[str], Report]:
     """Tokens [N, V, h, w], micro_conds [N, V, 5] and captions of the usable samples, encoding missing shards."""
-    min_size = resolution if cfg.min_image_size is None else cfg.min_image_size
-    key = digest(CACHE_VERSION, source.kind, source.identity, resolution, min_size, cfg.center_crop,
-                 None if cfg.center_crop else cfg.random_crops, cfg.random_flip, caption_key(cfg),
-                 model_digest(comps.vqvae))
-    folder = cache_root(cfg) / f"tokens-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
+    min_size = min_image_size(cfg, resolution)
+    folder = cache_root(cfg) / f"tokens-{token_key(cfg, source, resolution, comps.vqvae)}"
     shards = [folder / f"shard-{i:05d}.safetensors" for i in range(-(-len(source.records) // SHARD))]
-    todo = [i for i, path in enumerate(shards) if not path.is_file()]
     report = Report(total=len(source.records))
-    if cfg.on_bad_sample == "error":  # a skip-mode cache may hold bad samples: stop on them as a fresh run would
-        for i, path in enumerate(shards):
-            if i not in todo and read_meta(path)["bad"]:
-                bad_sample(report, cfg, *read_meta(path)["bad"][0])
-    if todo:
-        count = sum(len(source.records[i * SHARD : (i + 1) * SHARD]) for i in todo)
-        log.info("data: encoding %d images to VQ tokens into %s", count, folder)
-        with tqdm(total=count, desc="cache: VQ tokens", disable=not show_progress, dynamic_ncols=True) as bar:
-            for i in todo:
-                tensors, meta = encode_shard(source, source.records[i * SHARD : (i + 1) * SHARD], cfg, resolution,
-                                             min_size, comps, bar)
-                save_atomic(tensors, meta, shards[i])
+    with locked(folder):  # another run encoding the same data: wait for it, then read what it wrote
+        todo = [i for i, path in enumerate(shards) if not readable(path)]
+        if cfg.on_bad_sample == "error":  # a skip-mode cache may hold bad samples: stop on them as a fresh run would
+            for i, path in enumerate(shards):
+                if i not in todo and read_meta(path)["bad"]:
+                    bad_sample(report, cfg, *read_meta(path)["bad"][0])
+        if todo:
+            count = sum(len(source.records[i * SHARD : (i + 1) * SHARD]) for i in todo)
+            log.info("data: encoding %d images to VQ tokens into %s", count, folder)
+            with tqdm(total=count, desc="cache: VQ tokens", disable=not show_progress, dynamic_ncols=True) as bar:
+                for i in todo:
+                    tensors, meta = encode_shard(source, source.records[i * SHARD : (i + 1) * SHARD], cfg,
+                                                 resolution, min_size, comps, bar)
+                    save_atomic(tensors, meta, shards[i])
     tokens, micro, captions = [], [], []
     for path in shards:
         data, meta = load_file(str(path)), read_meta(path)
@@ -205,10 +297,14 @@ class TextStore:
 def text_cache(prompts: list[str], cfg: DataConfig, comps: Components, show_progress: bool) -> TextStore:
     """Encode the distinct prompts (and the empty one) not cached yet; returns the store."""
     unique = sorted(set(prompts) | {""})
-    key = digest(CACHE_VERSION, unique, model_digest(comps.text_encoder), tokenizer_digest(comps.tokenizer))
-    folder = cache_root(cfg) / f"text-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(-(-len(unique) // SHARD)) if not (folder / f"shard-{i:05d}.safetensors").is_file()]
+    folder = cache_root(cfg) / f"text-{text_key(unique, comps.text_encoder, comps.tokenizer)}"
+    with locked(folder):
+        _encode_text(folder, unique, comps, show_progress)
+    return TextStore(folder, unique)
+
+
+def _encode_text(folder: Path, unique: list[str], comps: Components, show_progress: bool) -> None:
+    todo = [i for i in range(-(-len(unique) // SHARD)) if not readable(folder / f"shard-{i:05d}.safetensors")]
     count = sum(len(unique[i * SHARD : (i + 1) * SHARD]) for i in todo)
     with tqdm(total=count, desc="cache: text", disable=not show_progress or not todo, dynamic_ncols=True) as bar:
         for i in todo:
@@ -220,7 +316,6 @@ def text_cache(prompts: list[str], cfg: DataConfig, comps: Components, show_prog
             save_atomic({"hidden": hidden, "pooled": pooled}, {"prompts": chunk},
                         folder / f"shard-{i:05d}.safetensors")
             bar.update(len(chunk))
-    return TextStore(folder, unique)
 
 
 # --------------------------------------------------------------------------------------------- dataset
