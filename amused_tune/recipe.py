@@ -225,6 +225,10 @@ class ValidationConfig:
     """Seed of the first image; image i uses seed + i."""
     images_per_prompt: int = 1
     """Images per prompt in the grid."""
+    holdout: int = 0
+    """Hold this many images out of training and log their masked-token loss (fixed mask rates and seeds, so
+    comparable step to step) every `every` steps: metrics.jsonl `heldout_loss`, loss.png, TensorBoard, the card.
+    When it rises while the training loss falls, the run overfits (docs/options.md)."""
 
 
 @dataclass
@@ -273,6 +277,8 @@ class Recipe:
                   max_steps=self.train.max_steps, checkpoint_every=self.train.checkpoint_every,
                   log_every=self.train.log_every)
         _positive("validation", every=self.validation.every)
+        if self.validation.holdout < 0:
+            raise RecipeError(f"validation.holdout must be >= 0 (images held out of training), got {self.validation.holdout}")
         if self.validation.steps is not None:
             _positive("validation", steps=self.validation.steps)
         if self.validation.min_p is not None and not 0 <= self.validation.min_p < 1:

@@ -57,7 +57,20 @@ def final_metrics(out: Path) -> dict | None:
     last = [loss_of(r) for r in trained[-SMOOTH_STEPS:] if math.isfinite(loss_of(r))]
     return {"step": int(trained[-1]["step"]), "loss": loss_of(trained[-1]),
             "loss_mean": sum(last) / len(last) if last else float("nan"), "mean_of": len(last),
-            "skipped": int(rows[-1].get("skipped_nonfinite", 0))}
+            "skipped": int(trained[-1].get("skipped_nonfinite", 0))}
+
+
+def heldout_line(out: Path) -> list[str]:
+    """The held-out loss (validation.holdout) of metrics.jsonl: its lowest value and step, and the last."""
+    path = Path(out) / METRICS_FILE
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    held = [(r["step"], r["heldout_loss"]) for r in rows if r.get("heldout_loss") is not None]
+    if not held:
+        return []
+    best = min(held, key=lambda sl: sl[1])
+    return ["", f"Held-out loss (images kept out of training, fixed masks): lowest **{best[1]:.4f}** at step "
+                f"{best[0]}, {held[-1][1]:.4f} at step {held[-1][0]}"
+                + (" (risen since: the run overfits after its minimum)." if held[-1][1] > best[1] else ".")]
 
 
 def sample_grids(out: Path) -> list[tuple[int, str]]:
@@ -191,9 +204,9 @@ def _samples_lines(out: Path, base: str, validation: dict) -> list[str]:
 
 CARD_KEYS = [("model", "base"), ("model", "resolution"), ("data", "card"), ("data", "source"), ("data", "path"),
              ("adapter", "kind"), ("adapter", "rank"), ("adapter", "alpha"), ("adapter", "targets"),
-             ("adapter", "text_encoder"), ("optim", "lr"), ("optim", "adam_8bit"), ("optim", "scheduler"),
+             ("adapter", "text_encoder"), ("optim", "name"), ("optim", "lr"), ("optim", "adam_8bit"), ("optim", "scheduler"),
              ("optim", "warmup_steps"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
-             ("train", "precision"), ("train", "cond_dropout"), ("train", "seed")]
+             ("train", "precision"), ("train", "cond_dropout"), ("train", "seed"), ("train", "ema_decay")]
 
 
 def _training_lines(out: Path, recipe: dict, data: dict, lora: bool) -> list[str]:
@@ -207,6 +220,7 @@ def _training_lines(out: Path, recipe: dict, data: dict, lora: bool) -> list[str
                  f"(masked cross-entropy, metrics.jsonl{skipped})."]
     else:
         lines = ["No metrics were recorded."]
+    lines += heldout_line(out)
     if (out / "loss.png").is_file():
         lines += ["", "![loss curve](loss.png)"]
     lines += ["", "| recipe key | value |", "|---|---|"]

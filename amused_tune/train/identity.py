@@ -33,6 +33,8 @@ def recipe_fingerprint(recipe: Recipe) -> str:
             d.pop(section, None)
         else:
             d[section].pop(key, None)
+    if recipe.validation.holdout:  # held-out images are not trained on: a different holdout is a different run
+        d["holdout"] = recipe.validation.holdout
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -33,6 +33,7 @@ from amused_tune.train.step import Conditioning, train_step
 from amused_tune.train.stops import StopFlag, TrainingStopped  # noqa: F401 (TrainingStopped: what train raises)
 from amused_tune.train.validation import Validator
 from amused_tune.ema import EMA, make_ema, swap
+from amused_tune.train import heldout
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Run:
     lr_scheduler: object
     generators: dict[str, torch.Generator]  # mask and condition-dropout draws, per process
     ema: EMA | None = None  # train.ema_decay: the average of the trainable weights
+    heldout: heldout.HeldOut | None = None  # validation.holdout: the images kept out of training
 
     @property
     def main(self) -> bool:
@@ -120,6 +122,8 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag) -> dict:
     stop.install()
     if run.main and step == 0 and run.validator.enabled:
         run.validate(0)
+    if step == 0:
+        heldout.record(run, reporter.metrics, 0)
     loss = float("nan")
     while step < t.max_steps:
         result = train_step(run, batches, step + 1)
@@ -133,6 +137,7 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag) -> dict:
         reporter.step(step, result, skipped)
         if run.main and run.validator.due(step):
             run.validate(step)
+        heldout.record(run, reporter.metrics, step)
         stopping = stop.agreed(run.accelerator)  # every process stops after the same step
         if step % t.checkpoint_every == 0 or step == t.max_steps or stopping:
             run.save(step, skipped)
@@ -166,6 +171,7 @@ def set_up(recipe: Recipe, components: Components | None) -> Run:
     device = accelerator.device
     place_encoders(recipe, comps, device)  # the U-ViT waits: building the cache holds only the encoders
     dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator)  # validates; may cache and offload
+    dataset, held = heldout.split(dataset, recipe.validation.holdout, recipe.train.seed)
     set_seed(recipe.train.seed)  # the init of the LoRA weights, identical on every process
     trainable = setup_models(recipe, comps, device)
     set_seed(recipe.train.seed, device_specific=True)  # then each process draws its own LoRA dropout
@@ -183,7 +189,8 @@ def set_up(recipe: Recipe, components: Components | None) -> Run:
     seed = recipe.train.seed * 1_000_003 + accelerator.process_index
     generators = {"mask": torch.Generator().manual_seed(seed), "dropout": torch.Generator().manual_seed(seed + 1)}
     return Run(recipe, out, accelerator, comps, transformer, text_encoder, trainable, names, dataset, empty,
-               validator, optimizer, lr_scheduler, generators, make_ema(recipe, trainable, names))
+               validator, optimizer, lr_scheduler, generators, make_ema(recipe, trainable, names),
+               heldout.make(held, recipe, comps, device))
 
 
 def wrap(recipe: Recipe, accelerator: Accelerator, comps: Components, optimizer):

@@ -18,7 +18,7 @@ from amused_tune.train import checkpoints
 from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
 
 # what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
-RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "samples", "adapter", "transformer", "loss.png", "logs")
+RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "samples", "adapter", "adapter-raw", "transformer", "loss.png", "logs")
 
 
 def prepare_output_dir(out: Path, recipe: Recipe, main: bool) -> None:
@@ -164,6 +164,11 @@ def write_loss_plot(metrics: Path, png: Path) -> Path | None:
         smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
                   for i in range(len(losses))]
         ax.plot(steps, smooth, lw=2, label=f"mean of {window}")
+    held = [(r["step"], r["heldout_loss"]) for r in read_metrics(metrics) if r.get("heldout_loss") is not None]
+    if held:  # validation.holdout: its minimum marks the step whose weights generalise best
+        best = min(held, key=lambda sl: sl[1])
+        ax.plot(*zip(*held), "o-", lw=1.5, ms=3, color="black", label="held-out")
+        ax.axvline(best[0], ls=":", lw=1, color="black", label=f"held-out minimum (step {best[0]})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("masked cross-entropy")
     ax.legend()
