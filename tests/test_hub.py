@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 TOKEN = "hf_fakeAliceToken0123456789abcdef"
 PROMPT = "a mushroom in [v] style"
 ADAPTER_FILES = {"pytorch_lora_weights.safetensors", "adapter_config.json", "adapter_model.safetensors",
-                 "text_encoder/adapter_config.json", "text_encoder/adapter_model.safetensors"}
+                 "text_encoder/adapter_config.json", "text_encoder/adapter_model.safetensors",
+                 "amused_tune.json"}  # the base and sampling settings the adapter was trained and validated with
 
 
 def train_run(out: Path, data: Path, **overrides):
@@ -202,7 +203,7 @@ def test_push_uploads_the_run_in_one_commit_without_checkpoints_or_token(run_cop
     result = push(run_copy, "--repo-id", "alice/pixel-lora", "--token-from-env", endpoint=fake_hub.endpoint,
                   home=tmp_path / "hf-home")
     assert result.returncode == 0, result.stderr
-    assert "pushed 10 files to" in result.stdout
+    assert "pushed 11 files to" in result.stdout
 
     repo = fake_hub.repos["alice/pixel-lora"]
     assert not repo.private and len(repo.commits) == 1

@@ -184,7 +184,8 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     section = Path(out) / EVAL_SECTION  # measured results an evaluation wrote (e.g. python -m amused_tune.toy eval)
     if section.is_file():
         lines += ["", *section.read_text().strip("\n").splitlines()]
-    lines += ["", "## Use it", ""] + _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id)
+    lines += ["", "## Use it", ""] + _recorded_lines(out, lora)
+    lines += _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id)
     return "\n".join(lines) + "\n"
 
 
@@ -200,6 +201,23 @@ def _samples_lines(out: Path, base: str, validation: dict) -> list[str]:
             f"{sampling['steps']} MaskGIT steps, guidance {sampling['guidance']} "
             f"({sampling['guidance_schedule']} schedule), seeds from {validation.get('seed')} (also in the PNG's "
             f"text chunks){'; ' + describe_taken(base, taken) if taken else ''}."]
+
+
+def _recorded_lines(out: Path, lora: bool) -> list[str]:
+    """What the weights record about their base and sampling settings (amused_tune.json beside them)."""
+    from amused_tune.provenance import INFO_FILE, read_record
+
+    record = read_record(out / ("adapter" if lora else "transformer"))
+    sampling = (record or {}).get("sampling")
+    if not record or not sampling:
+        return []
+    temperature = sampling.get("temperature")
+    shown = " -> ".join(map(str, temperature)) if isinstance(temperature, list) else temperature
+    return [f"The weights record the base they were trained on (`{record['base']}`) and the sampling settings "
+            f"they were validated with (guidance {sampling.get('guidance')}, {sampling.get('guidance_schedule')} "
+            f"schedule, {sampling.get('steps')} steps, temperature {shown}) in `{INFO_FILE}` beside them: "
+            f"`amused-tune sample --adapter ...` and `amused-tune merge` use them when you pass no `--base` "
+            "and no settings.", ""]
 
 
 CARD_KEYS = [("model", "base"), ("model", "resolution"), ("data", "card"), ("data", "source"), ("data", "path"),
