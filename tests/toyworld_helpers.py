@@ -4,7 +4,8 @@
 
 `classify(image)` names the shape, colour, background and style of a 32x32 toy-world image exactly (PIL image,
 HxWx3 array or a [3, H, W] tensor in [0, 1]); `caption_match_rate(images, captions)` is the fraction of images that
-show what their caption asks for. `toy_components()` loads the shipped toy base once per test session (copies are
+show what their caption asks for; `is_clean(image)` / `clean_rate(images)` whether / how many samples hold no stray
+cell (each is cell for cell the rendering of what was read). `toy_components()` loads the shipped toy base once per test session (copies are
 cheap: use `fresh_toy()` before training, since training changes the weights in place).
 """
 
@@ -14,13 +15,13 @@ import copy
 from functools import lru_cache
 
 from amused_tune.toy import world
-from amused_tune.toy.classify import Classification, caption_match_rate, classify
-from amused_tune.toy.evaluate import eval_prompts, match_rate
+from amused_tune.toy.classify import Classification, caption_match_rate, classify, is_clean
+from amused_tune.toy.evaluate import clean_rate, eval_prompts, match_rate
 from amused_tune.toy.world import ShapeSpec, caption, parse_caption, render
 
 __all__ = [
-    "Classification", "ShapeSpec", "caption", "caption_match_rate", "classify", "eval_prompts", "fresh_toy",
-    "match_rate", "parse_caption", "render", "toy_components", "world",
+    "Classification", "ShapeSpec", "caption", "caption_match_rate", "classify", "clean_rate", "eval_prompts",
+    "fresh_toy", "is_clean", "match_rate", "parse_caption", "render", "toy_components", "world",
 ]
 
 
