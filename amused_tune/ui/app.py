@@ -1,0 +1,170 @@
+"""The page's handlers: what each button and each poll of the Runs tab does, on top of runs.py, prepare.py,
+processes.py and actions.py (which call the kit's own functions and commands). layout.py places and wires them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from amused_tune.ui import actions, prepare, processes, runs as runs_mod
+
+POLL_S = 2.0
+CSS = """
+#run-status p, #new-run-message p, #compare-message p, #share-message p { font-size: 1.05rem; }
+.error-line { color: #b91c1c; }
+"""
+
+
+class Page:
+    """The page's state: the runs folder; handlers are its methods (so the tests can call them without a browser)."""
+
+    def __init__(self, runs_dir: str | Path):
+        self.runs = Path(runs_dir)
+
+    # ------------------------------------------------------------------------------------------ Runs
+    def listing(self) -> list[runs_mod.RunInfo]:
+        return runs_mod.list_runs(self.runs, processes.alive_runs(self.runs))
+
+    def table(self):
+        found = self.listing()
+        names = [r.name for r in found]
+        return [r.row() for r in found], names
+
+    def refresh_list(self, current: str | None):
+        rows, names = self.table()
+        chosen = current if current in names else (names[0] if names else None)
+        return gr.update(value=rows or None), gr.update(choices=names, value=chosen)
+
+    def folder_of(self, name: str | None) -> Path | None:
+        if not name:
+            return None
+        return next((r.path for r in self.listing() if r.name == name), None)
+
+    def run_view(self, name: str | None, grid_index: float | None):
+        """status line, loss chart, grid slider, grid image, eval table, log tail for the chosen run."""
+        path = self.folder_of(name)
+        if path is None:
+            return ("No runs yet under " + str(self.runs) + ": start one from New run.", None,
+                    gr.update(maximum=1, value=0), None, "", "")
+        alive = processes.alive_runs(self.runs).get(str(path.resolve()))
+        info = runs_mod.run_info(path, alive)
+        series = runs_mod.metric_series(path)
+        grids = runs_mod.grids(path)
+        index = len(grids) - 1 if grid_index is None or grid_index >= len(grids) - 1 else int(grid_index)
+        grid = grids[index] if grids else None
+        slider = gr.update(minimum=0, maximum=max(len(grids) - 1, 1), value=max(index, 0),
+                           label=f"validation grid: step {grid[0]}" if grid else "validation grid: none yet")
+        return (runs_mod.summary_line(info, series), loss_frame(series), slider,
+                str(grid[1]) if grid else None, runs_mod.eval_markdown(path), processes.log_tail(self.runs, path))
+
+    def card(self, name: str | None) -> str:
+        path = self.folder_of(name)
+        return runs_mod.card_markdown(path, lambda p: f"/gradio_api/file={p.resolve()}") if path else ""
+
+    def stop(self, name: str | None) -> str:
+        path = self.folder_of(name)
+        return processes.stop(self.runs, path) if path else "pick a run"
+
+    # ------------------------------------------------------------------------------------------ New run
+    def form(self, recipe, upload, data_path, prompt, max_steps, output_dir, extra) -> prepare.Form:
+        chosen = upload if upload else recipe or ""
+        return prepare.Form(str(chosen), data_path or "", prompt or "", int(max_steps) if max_steps else None,
+                            output_dir or "", extra or "")
+
+    def check(self, *fields):
+        form = self.form(*fields)
+        command = processes.command_for(form.argv())[1]
+        recipe, error = prepare.parse(form)
+        if error:
+            return command, f"error: {error}", [], "", None
+        view = prepare.check_data(recipe)
+        text, rows = prepare.estimate_text(recipe)
+        return (command, "\n\n".join(view.lines), [(img, cap) for img, cap in view.images], text,
+                rows or None)
+
+    def start(self, *fields):
+        form = self.form(*fields)
+        command = processes.command_for(form.argv())[1]
+        recipe, error = prepare.parse(form)
+        if error:
+            return command, f"error: {error}"
+        out = Path(recipe.output.dir)
+        try:
+            record = processes.start(self.runs, out, form.argv())
+        except RuntimeError as err:
+            return command, f"error: {err}"
+        inside = out.resolve().is_relative_to(self.runs.resolve())
+        where = "" if inside else f" (its folder {out} is outside {self.runs}: the Runs tab does not list it)"
+        return command, (f"started `{out.name}` (pid {record['pid']}); it trains in its own process, so closing this "
+                         f"page does not stop it. Watch it in Runs{where}.")
+
+    def stop_started(self, *fields):
+        recipe, error = prepare.parse(self.form(*fields))
+        return f"error: {error}" if error else processes.stop(self.runs, Path(recipe.output.dir))
+
+    # ------------------------------------------------------------------------------------------ Compare
+    def adapter_runs(self) -> list[str]:
+        return [r.name for r in self.listing() if (r.path / "adapter").is_dir()]
+
+    def base_of(self, names: list[str]) -> str:
+        for name in names or []:
+            path = self.folder_of(name)
+            base = (runs_mod._recipe(path).get("model") or {}).get("base") if path else None
+            if base:
+                return str(base)
+        return "toy"
+
+    def compare(self, base, chosen, paths, prompt, seed, scale, guidance, steps, use_sd, lam_a, lam_b):
+        adapters = [str(self.folder_of(n)) for n in (chosen or []) if self.folder_of(n)]
+        adapters += [p.strip() for p in (paths or "").splitlines() if p.strip()]
+        if len(adapters) > actions.MAX_ADAPTERS:
+            return [], f"error: up to {actions.MAX_ADAPTERS} runs or adapters at a time, got {len(adapters)}"
+        settings = actions.Settings(base or "toy", prompt or "", int(seed or 0), int(steps) if steps else None,
+                                    float(guidance) if guidance not in (None, "") else None, float(scale),
+                                    (float(lam_a), float(lam_b)) if use_sd else None)
+        columns = actions.compare(self.runs, settings, adapters)
+        gallery = [(str(c.image), c.label) for c in columns if c.image]
+        lines = []
+        for c in columns:
+            lines.append(f"**{c.label}**: " + (f"error: {c.error}" if c.error else f"`{c.image}`"))
+            lines.append(f"`{c.command}`")
+        return gallery, "\n\n".join(lines)
+
+    # ------------------------------------------------------------------------------------------ Share
+    def merge(self, name, out, scale, overwrite):
+        path = self.folder_of(name)
+        if path is None:
+            return "error: pick a run"
+        return actions.merge(str(path), out or f"{path}-merged", float(scale), bool(overwrite))
+
+    def push(self, name, repo_id, private, dry_run):
+        path = self.folder_of(name)
+        if path is None:
+            return "error: pick a run"
+        return actions.push(str(path), repo_id or "", bool(private), bool(dry_run))
+
+
+def loss_frame(series: dict):
+    """Long-form rows (step, loss, curve) for the chart: raw, smoothed and, when logged, held-out."""
+    import pandas as pd
+
+    rows = [(s, v, "loss") for s, v in zip(series["step"], series["loss"])]
+    rows += [(s, v, f"mean of {runs_mod.SMOOTH}") for s, v in zip(series["step"], series["smoothed"])]
+    rows += [(s, v, "held-out") for s, v in zip(series["heldout_step"], series["heldout_loss"])]
+    return pd.DataFrame(rows, columns=["step", "loss", "curve"]) if rows else None
+
+
+def guarded(fn, outputs: int):
+    """`fn` with any unexpected exception turned into one line on the page (gr.Error), never a traceback."""
+    def call(*args):
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except Exception as err:  # noqa: BLE001 - the browser gets one line; the server log keeps the traceback
+            import logging
+
+            logging.getLogger(__name__).exception("ui handler failed")
+            raise gr.Error(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    return call

@@ -1,0 +1,132 @@
+"""The web page in a real headless Chromium (the system's `chromium`, driven by playwright), against the running
+`amused-tune ui` on the toy base: start the quickstart from New run, watch it train, stop it, resume it, then compare
+base and adapter and check the adapter's image is the one `amused-tune sample` writes for the same command.
+Skipped when gradio, playwright or chromium is missing (CI installs them: .ci/run)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio")
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no system chromium")]
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+PROMPT = "a red circle on a white background in [v] style"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`amused-tune ui` on a free loopback port, its runs folder in tmp_path; yields (url, runs, seconds to start)."""
+    runs, port = tmp_path / "runs", free_port()
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "amused_tune.cli", "ui", "--runs", str(runs), "--port", str(port)],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() - start < 60, "the page did not start within 60 s"
+            time.sleep(0.2)
+    yield url, runs, time.monotonic() - start
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def status(page) -> str:
+    return page.locator("#run-status").inner_text()
+
+
+def step_of(page) -> int:
+    found = re.search(r"step (\d+) of", status(page))
+    return int(found[1]) if found else -1
+
+
+def wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_quickstart(page, out: Path, max_steps: int) -> None:
+    page.get_by_role("tab", name="New run").click()
+    page.locator("#max-steps input").fill(str(max_steps))
+    page.locator("#output-dir textarea, #output-dir input").first.fill(str(out))
+    page.locator("#start-run").click()
+    wait_for(lambda: "started" in page.locator("#new-run-message").inner_text(), 30, "the run to start")
+    assert page.locator("#command textarea, #command input").first.input_value().startswith("amused-tune ")
+    page.get_by_role("tab", name="Runs").click()
+
+
+def test_quickstart_from_the_page_trains_stops_resumes_and_compares(server, tmp_path):
+    url, runs, startup_s = server
+    out = runs / "quickstart-lora"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url)
+        page.wait_for_selector("#run-status")
+        start_quickstart(page, out, max_steps=400)  # stopped long before its end
+
+        first = wait_for(lambda: step_of(page) > 0 and step_of(page), 120, "the step counter")
+        wait_for(lambda: step_of(page) > first, 60, "the step counter to move")
+        wait_for(lambda: page.locator("#loss-plot canvas, #loss-plot svg").count() > 0, 30, "the loss curve")
+        page.locator("#stop-run").click()
+        wait_for(lambda: "stopped" in status(page), 60, "the run to stop")
+        stopped_at = step_of(page)
+        assert 0 < stopped_at < 400 and (out / "checkpoints" / f"step-{stopped_at}").is_dir()
+
+        # Start again: the run resumes from its checkpoint (max_steps is not part of a run's identity: train 10 more)
+        start_quickstart(page, out, max_steps=stopped_at + 10)
+        wait_for(lambda: f"resumed from" in page.locator("#run-log textarea").input_value(), 90, "the resume line")
+        assert f"(step {stopped_at})" in page.locator("#run-log textarea").input_value()
+        wait_for(lambda: "finished" in status(page), 150, "the run to finish")
+        assert step_of(page) == stopped_at + 10
+
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-paths textarea").fill(str(out))
+        page.locator("#compare-prompt textarea").fill(PROMPT)
+        page.locator("#compare-generate").click()
+        wait_for(lambda: page.locator("#compare-gallery img").count() >= 2, 120, "two images")
+        message = page.locator("#compare-message").inner_text()
+        browser.close()
+    paths = re.findall(r"(/\S+/000-seed0\.png)", message)
+    commands = re.findall(r"(amused-tune sample .*)", message)
+    assert len(paths) == 2 and len(commands) == 2, message
+    base_img, adapter_img = (np.asarray(Image.open(p).convert("RGB")) for p in paths)
+    assert (base_img != adapter_img).any()
+    # the adapter's command, as the page shows it, run on the command line into another folder
+    argv = shlex.split(commands[1])[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli")
+    subprocess.run([sys.executable, "-m", "amused_tune.cli", *argv], check=True, env=ENV, cwd=tmp_path,
+                   capture_output=True)
+    cli_img = np.asarray(Image.open(tmp_path / "cli" / "000-seed0.png").convert("RGB"))
+    assert np.array_equal(cli_img, adapter_img)
+    assert startup_s < 30  # generous here; bench/ui_startup.py measures it (docs/ui.md)
