@@ -86,6 +86,17 @@ class DataConfig:
     OUTPUT_DIR/data_report.json) or stop before training, naming the file."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process)."""
+    trigger_word: Optional[str] = None
+    """Written in front of every training prompt as its first tag ("sks, a photo of a dog"); never shuffled."""
+    shuffle_tags: bool = False
+    """Shuffle the comma-separated tags of each prompt every time it is drawn (after the trigger word and the first
+    keep_tags). The text encoder then encodes each batch (the text-embedding cache is not used; tokens still are)."""
+    keep_tags: int = 0
+    """With shuffle_tags: how many leading tags stay in place (after the trigger word)."""
+    caption_dropout: Optional[float] = None
+    """Probability that a sample is trained with the empty prompt instead of its caption. The same mechanism as
+    train.cond_dropout (which this value replaces when set): the sample's text conditioning becomes the empty
+    prompt's, for that sample and draw only."""
 
 
 @dataclass
@@ -287,6 +298,7 @@ class Recipe:
             raise RecipeError(f"validation.top_k must be >= 0 (0: off), got {self.validation.top_k}")
         if self.adapter.kind == "lora":
             _positive("adapter", rank=self.adapter.rank, alpha=self.adapter.alpha)
+        self._resolve_captions()
         if not 0 <= self.train.cond_dropout <= 1:
             raise RecipeError(f"train.cond_dropout must be in [0, 1], got {self.train.cond_dropout}")
         if not 0 <= self.train.label_smoothing < 1:
@@ -314,6 +326,17 @@ class Recipe:
         o.betas = tuple(betas if o.betas is None else o.betas)
         if not all(0 <= b < 1 for b in o.betas):
             raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+
+    def _resolve_captions(self) -> None:
+        d = self.data
+        if d.caption_dropout is not None:
+            if not 0 <= d.caption_dropout <= 1:
+                raise RecipeError(f"data.caption_dropout must be in [0, 1], got {d.caption_dropout}")
+            self.train.cond_dropout = d.caption_dropout  # one mechanism: the empty prompt's conditioning
+        if d.keep_tags < 0:
+            raise RecipeError(f"data.keep_tags must be >= 0, got {d.keep_tags}")
+        if d.keep_tags and not d.shuffle_tags:
+            raise RecipeError(f"data.keep_tags={d.keep_tags} only applies to shuffled tags: set data.shuffle_tags=true")
 
     def _expand(self, template: str) -> str:
         def value(match: re.Match) -> str:

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from amused_tune.data import cache
+from amused_tune.data.captions import with_caption_rules
 from amused_tune.data.cards import resolve_config
 from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
@@ -91,18 +92,20 @@ def prepare_training_data(recipe, comps, accelerator) -> tuple[Dataset, tuple[to
     """
     cfg = resolve_config(recipe.data)
     resolution = comps.resolution
+    live_text = recipe.adapter.text_encoder or cfg.shuffle_tags  # no text-embedding cache
     if cfg.cache:
         with accelerator.main_process_first():
             dataset, empty, report = cache.cached_dataset(
-                cfg, resolution, comps, train_text=recipe.adapter.text_encoder, seed=recipe.train.seed,
+                cfg, resolution, comps, train_text=live_text, seed=recipe.train.seed,
                 show_progress=accelerator.is_main_process)
         comps.vqvae.to("cpu")
-        if not recipe.adapter.text_encoder:
+        if not live_text:
             comps.text_encoder.to("cpu")
         empty = tuple(t.to(accelerator.device) for t in empty)
     else:
         dataset, report = validated_dataset(cfg, resolution, comps.tokenizer, recipe.train.seed)
         empty = encode_prompts(comps.text_encoder, comps.tokenizer, [""])
+    dataset = with_caption_rules(dataset, cfg)  # data.shuffle_tags
     path = Path(recipe.output.dir) / "data_report.json"
     if accelerator.is_main_process:
         report.log(path)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from amused_tune.data.captions import with_trigger
 from amused_tune.models import micro_conditioning
 from amused_tune.recipe import DataConfig
 
@@ -24,7 +25,8 @@ def item_draws(key, rng: random.Random) -> tuple[int, random.Random]:
 
 
 def make_prompt(cfg: DataConfig, caption: str) -> str:
-    return cfg.prompt_prefix + cfg.prompt_template.replace("{caption}", caption)
+    """The training prompt of a caption: prefix + template, with `data.trigger_word` as its first tag."""
+    return with_trigger(cfg.prompt_prefix + cfg.prompt_template.replace("{caption}", caption), cfg.trigger_word)
 
 
 def crop_origin(width: int, height: int, resolution: int, rng: random.Random | None) -> tuple[int, int, int, int]:
