@@ -163,3 +163,38 @@ def test_command_line_keys_are_exact(capsys, argv, prefix, fragment):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"{prefix}: error: ") and fragment in err[0], err
+
+
+# --------------------------------------------------------------------------------------------- data.path vs data.source
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("captioned") / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "red").save(folder / "a.png")
+    (folder / "a.txt").write_text("a red square")
+    return folder
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["my_folder", "--data.path={image}"], ["is a file, but data.source=folder needs a folder",
+                                            "use --data.source=single_image --data.prompt="]),
+    (["quickstart", "--data.path={jsonl}"], ["is a folder, but data.source=single_image needs one image file",
+                                             "use --data.source=folder (it has a metadata.jsonl"]),
+    (["quickstart", "--data.path={txt}"], ["use --data.source=folder (it has .txt captions"]),
+    (["my_folder", "--data.source=imagefolder", "--data.path={txt}"], ["has no metadata.jsonl",
+                                                                       "use --data.source=folder"]),
+    (["my_folder", "--data.source=captionfolder", "--data.path={jsonl}"], ["has no .txt captions",
+                                                                           "use --data.source=folder"]),
+])
+def test_data_path_is_checked_against_data_source_before_any_model_loads(capsys, monkeypatch, captioned, argv,
+                                                                         fragments):
+    import amused_tune.models
+
+    monkeypatch.setattr(amused_tune.models, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    kit = Path(__file__).resolve().parent.parent / "assets"
+    paths = dict(image=kit / "quickstart" / "toy_style.png", jsonl=kit / "toy_concept", txt=captioned)
+    assert cli_main([a.format(**paths) for a in argv] + ["--model.base=toy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(f in err[0] for f in fragments), err

@@ -116,4 +116,37 @@ def data_path_problem(data) -> str | None:
     if cfg.source != "hub" and not resolve_path(cfg.path).exists():
         return (f"data.path={cfg.path} does not exist: set data.path in the recipe to your images (a folder, or one "
                 "image for data.source=single_image), or pass --data.path=...")
+    return None if cfg.source == "hub" else source_problem(cfg.source, cfg.path, resolve_path(cfg.path))
+
+
+def fitting_source(path: Path) -> str:
+    """The data.source that reads what is at `path`, as a hint ("--data.source=... (why)"), or ""."""
+    from amused_tune.data.sources import IMAGE_SUFFIXES
+
+    if path.is_file():
+        return ('--data.source=single_image --data.prompt="its caption" (one image)'
+                if path.suffix.lower() in IMAGE_SUFFIXES else "")
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        return "--data.source=hub (a dataset saved with save_to_disk)"
+    if (path / "metadata.jsonl").is_file():
+        return "--data.source=folder (it has a metadata.jsonl; imagefolder reads it too)"
+    if next(path.rglob("*.txt"), None) is not None:
+        return "--data.source=folder (it has .txt captions; captionfolder reads them too)"
+    return ""
+
+
+def source_problem(source: str, shown: str, path: Path) -> str | None:
+    """Why data.source cannot read what is at data.path (a file for a folder source, a folder for single_image, a
+    folder without the captions the source expects), with the source that fits; None when it can."""
+    fits = fitting_source(path)
+    hint = f": use {fits}" if fits else ""
+    if source == "single_image" and path.is_dir():
+        return (f"data.path={shown} is a folder, but data.source=single_image needs one image file"
+                f"{hint or ': for a folder of captioned images use --data.source=folder (a .txt per image, or a metadata.jsonl)'}")
+    if source != "single_image" and path.is_file():
+        return f"data.path={shown} is a file, but data.source={source} needs a folder{hint or ': pass a folder'}"
+    if source == "imagefolder" and not (path / "metadata.jsonl").is_file():
+        return f"data.path={shown} has no metadata.jsonl, which data.source=imagefolder reads{hint}"
+    if source == "captionfolder" and "metadata.jsonl" in fits:
+        return f"data.path={shown} has no .txt captions, which data.source=captionfolder reads{hint}"
     return None
