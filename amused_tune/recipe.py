@@ -243,6 +243,24 @@ class ValidationConfig:
 
 
 @dataclass
+class PriorConfig:
+    """Prior preservation (DreamBooth's class-prior loss): at the start of a run the base itself, before any
+    adapter, draws images for prompts without the new token (at its sampling defaults); they are cached in
+    OUTPUT_DIR/prior/ and every micro-batch trains on them too, so the adapter changes only what the new token
+    asks for. Loss = loss on the training images + weight x loss on the prior images. No prompts: off."""
+
+    prompts: Union[list[str], str] = field(default_factory=list)
+    """Prompts without the new token, e.g. ['a cat', 'a house']: a list, or the path of a text file with one
+    prompt per line (relative paths are tried from the working directory, then from the kit's folder)."""
+    images_per_prompt: int = 1
+    """Images the base draws per prompt."""
+    weight: float = 1.0
+    """lambda: the weight of the prior images' loss against the training images' loss."""
+    seed: int = 0
+    """Seed of the first prior image; image i uses seed + i."""
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/default"
     """Output folder: recipe.yaml, adapter/ or transformer/, checkpoints/, samples/, metrics.jsonl, README.md.
@@ -275,6 +293,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> "Recipe":
@@ -298,6 +317,9 @@ class Recipe:
             raise RecipeError(f"validation.top_k must be >= 0 (0: off), got {self.validation.top_k}")
         if self.adapter.kind == "lora":
             _positive("adapter", rank=self.adapter.rank, alpha=self.adapter.alpha)
+        if self.prior.images_per_prompt < 1 or self.prior.weight < 0:
+            raise RecipeError(f"prior.images_per_prompt must be >= 1 and prior.weight >= 0, got "
+                              f"{self.prior.images_per_prompt} and {self.prior.weight}")
         self._resolve_captions()
         if not 0 <= self.train.cond_dropout <= 1:
             raise RecipeError(f"train.cond_dropout must be in [0, 1], got {self.train.cond_dropout}")

@@ -10,9 +10,10 @@ import pytest
 
 from amused_tune.data.captions import shuffle_tags, with_trigger
 from amused_tune.recipe import DataConfig, Recipe, RecipeError
-from amused_tune.train.loop import set_up, train
+from amused_tune.train.loop import set_up
 from conftest import make_images, reset_accelerate
-from test_resume import assert_same_run, recipe_for
+from test_optimizers import resumed_equals_straight
+from test_resume import recipe_for
 
 CAPTION = "a red square, big, left, shiny, old"
 
@@ -79,13 +80,7 @@ def test_a_run_draws_shuffled_prompts_with_the_trigger_and_no_cached_text(tmp_pa
 
 
 def test_resume_with_shuffled_tags_is_bit_exact(tmp_path, data):
-    train(caption_recipe(tmp_path / "straight", data, 4))
-    reset_accelerate()
-    train(caption_recipe(tmp_path / "resumed", data, 2))
-    reset_accelerate()
-    train(caption_recipe(tmp_path / "resumed", data, 4))
-    reset_accelerate()
-    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    resumed_equals_straight(tmp_path, lambda out, steps: caption_recipe(out, data, steps))
 
 
 def test_caption_keys_round_trip_through_print_config(capsys, tmp_path):

@@ -14,9 +14,9 @@ from amused_tune.cli.args import parse_recipe
 from amused_tune.ema import EMA, decay_at
 from amused_tune.recipe import Recipe, RecipeError, TrainConfig
 from amused_tune.train import checkpoints
-from amused_tune.train.loop import train
-from conftest import make_images, reset_accelerate
-from test_resume import assert_same_run, recipe_for
+from conftest import make_images
+from test_optimizers import resumed_equals_straight
+from test_resume import recipe_for
 
 
 def test_decay_warms_up_as_min_of_decay_and_1_plus_n_over_10_plus_n():
@@ -81,13 +81,7 @@ def ema_recipe(out, data, steps):
 def test_the_ema_is_saved_and_resumes_bit_exactly(tmp_path, data):
     """4 steps straight == 2 + 2 resumed (trained weights, losses and the EMA); adapter/ holds the EMA of the last
     checkpoint, adapter-raw/ its trained weights."""
-    train(ema_recipe(tmp_path / "straight", data, 4))
-    reset_accelerate()
-    train(ema_recipe(tmp_path / "resumed", data, 2))
-    reset_accelerate()
-    train(ema_recipe(tmp_path / "resumed", data, 4))
-    reset_accelerate()
-    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+    resumed_equals_straight(tmp_path, lambda out, steps: ema_recipe(out, data, steps))
     states = []
     for run in ("straight", "resumed"):
         last = checkpoints.list_checkpoints(tmp_path / run / "checkpoints")[-1]

@@ -115,6 +115,11 @@ def test_resume_is_bit_exact(tmp_path, data, name):
         r.optim = OptimConfig(name=name, lr=None if name == "prodigy" else 2e-3)
         return r
 
+    resumed_equals_straight(tmp_path, recipe)
+
+
+def resumed_equals_straight(tmp_path, recipe) -> None:
+    """`recipe(out, max_steps)` run 4 steps straight, and 2 steps then resumed to 4: the same weights and losses."""
     train(recipe(tmp_path / "straight", 4))
     reset_accelerate()
     train(recipe(tmp_path / "resumed", 2))

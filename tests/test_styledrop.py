@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -92,3 +93,102 @@ def test_round2_errors_are_one_line(tmp_path, capsys):
     assert "no recipe.yaml" in capsys.readouterr().err
     assert round2_main([str(tmp_path)]) == 2
     assert "--prompts" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- prior preservation
+
+
+def _prior_recipe(out: Path, data: Path, steps: int, weight: float = 0.5):
+    from test_resume import recipe_for
+
+    from amused_tune.recipe import PriorConfig
+
+    recipe = recipe_for(out, data, max_steps=steps)
+    recipe.prior = PriorConfig(prompts=["a cat", "a red house"], images_per_prompt=2, weight=weight, seed=3)
+    return recipe
+
+
+def test_prior_images_are_the_bases_own_cached_with_the_run_and_resume_bit_exactly(tmp_path):
+    """The base (no adapter) draws prior.images_per_prompt images per prompt with the kit's sampler at its sampling
+    defaults, as tokens in OUTPUT_DIR/prior/; 4 steps straight == 2 + 2 resumed, and the resumed run reuses the
+    cached images instead of drawing them again."""
+    from conftest import make_images, reset_accelerate
+    from safetensors.torch import load_file
+    from test_resume import assert_same_run
+
+    from amused_tune.models import build_tiny
+    from amused_tune.sampler import generate
+    from amused_tune.sampling_defaults import resolve_sampling
+    from amused_tune.train.loop import train
+
+    data = make_images(tmp_path / "data")
+    train(_prior_recipe(tmp_path / "straight", data, 4))
+    reset_accelerate()
+    train(_prior_recipe(tmp_path / "resumed", data, 2))
+    reset_accelerate()
+    cached = tmp_path / "resumed" / "prior" / "prior.safetensors"
+    drawn_at = cached.stat().st_mtime_ns
+    train(_prior_recipe(tmp_path / "resumed", data, 4))
+    reset_accelerate()
+    assert cached.stat().st_mtime_ns == drawn_at  # reused, not drawn again
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+    stored = load_file(cached)
+    prompts = ["a cat", "a cat", "a red house", "a red house"]
+    sampling, _ = resolve_sampling("tiny")
+    expected, _ = generate(build_tiny(), prompts, [3, 4, 5, 6], **sampling)
+    assert stored["tokens"].shape == expected.shape == (4, 8, 8)
+    assert torch.equal(stored["tokens"], expected)
+    info = json.loads((cached.parent / "prior.json").read_text())
+    assert info["prompts"] == ["a cat", "a red house"] and info["images_per_prompt"] == 2
+
+
+def test_prior_loss_is_the_training_loss_plus_weight_times_the_prior_images_loss():
+    from amused_tune.models import build_tiny, encode_prompts, micro_conditioning
+    from amused_tune.train.step import Conditioning, compute_loss
+
+    comps = build_tiny()
+    recipe = _prior_recipe(Path("unused"), Path("unused"), 1, weight=0.25)
+    recipe.train.cond_dropout = 0.0
+
+    def batch(prompts, seed):
+        hidden, pooled = encode_prompts(comps.text_encoder, comps.tokenizer, prompts)
+        tokens = torch.randint(0, 64, (len(prompts), 8, 8), generator=torch.Generator().manual_seed(seed))
+        return {"tokens": tokens, "hidden": hidden, "pooled": pooled, "prompt": prompts,
+                "micro_conds": micro_conditioning(32, 32).expand(len(prompts), -1)}
+
+    empty = Conditioning(*encode_prompts(comps.text_encoder, comps.tokenizer, [""]))
+    style, prior = batch(["a b in [v] style"] * 2, 0), batch(["a cat", "a dog"], 1)
+
+    def gens():
+        return {"mask": torch.Generator().manual_seed(7), "dropout": torch.Generator().manual_seed(8)}
+
+    with torch.no_grad():
+        both = compute_loss({**style, "prior": prior}, comps.transformer, comps, empty, recipe, gens(), "cpu")
+        g = gens()
+        alone = compute_loss(style, comps.transformer, comps, empty, recipe, g, "cpu")
+        prior_loss = compute_loss(prior, comps.transformer, comps, empty, recipe, g, "cpu")
+    assert torch.allclose(both, alone + 0.25 * prior_loss)
+    assert prior_loss > 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--prior.weight=-1", "prior.weight >= 0"),
+    ("--prior.images_per_prompt=0", "prior.images_per_prompt must be >= 1"),
+])
+def test_bad_prior_values_are_one_line_errors(override, message):
+    from amused_tune.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe([str(REPO / "recipes" / "quickstart.yaml"), override])
+
+
+def test_prior_prompts_from_a_file_and_a_missing_file(tmp_path):
+    from amused_tune.data.prior import prior_prompts
+    from amused_tune.recipe import RecipeError
+
+    (tmp_path / "p.txt").write_text("# a comment\na cat\n\na dog\n")
+    assert prior_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    assert prior_prompts(["a cat", " "]) == ["a cat"]
+    with pytest.raises(RecipeError, match="no such file"):
+        prior_prompts(str(tmp_path / "missing.txt"))

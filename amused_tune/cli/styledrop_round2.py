@@ -49,16 +49,9 @@ def _fail(message) -> int:
 
 
 def read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if file.is_dir():
-        raise ValueError(f"--prompts {path} is a folder: pass a text file, one prompt per line")
-    if not file.is_file():
-        raise ValueError(f"--prompts {path}: no such file")
-    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise ValueError(f"--prompts {path}: no prompts in it (one per line)")
-    return prompts
+    from amused_tune.data.prior import read_prompt_file
+
+    return read_prompt_file(path, "--prompts")
 
 
 def main(argv: list[str] | None = None) -> int:

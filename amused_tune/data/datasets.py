@@ -29,6 +29,7 @@ from amused_tune.data import cache
 from amused_tune.data.captions import with_caption_rules
 from amused_tune.data.cards import resolve_config
 from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
+from amused_tune.data.prior import with_prior
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
 from amused_tune.models import encode_prompts
@@ -111,7 +112,7 @@ def prepare_training_data(recipe, comps, accelerator) -> tuple[Dataset, tuple[to
         report.log(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    return dataset, empty
+    return with_prior(recipe, comps, dataset, accelerator), empty  # prior.prompts: the base's own images paired in
 
 
 def collate(items: list[dict]) -> dict:
@@ -119,5 +120,8 @@ def collate(items: list[dict]) -> dict:
     out = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        if isinstance(values[0], dict):  # a nested item (prior preservation's "prior")
+            out[key] = collate(values)
+        else:
+            out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out

@@ -79,7 +79,11 @@ def compute_loss(
         pooled_text_emb=cond.pooled,
         micro_conds=batch["micro_conds"].to(device, non_blocking=True),
     )
-    return masked_cross_entropy(logits, tokens, mask, recipe.train.label_smoothing)
+    loss = masked_cross_entropy(logits, tokens, mask, recipe.train.label_smoothing)
+    if "prior" in batch:  # prior preservation (data/prior.py): the base's own images, weighted by prior.weight
+        loss = loss + recipe.prior.weight * compute_loss(batch["prior"], transformer, comps, empty, recipe,
+                                                         generators, device, text_encoder)
+    return loss
 
 
 @dataclass
