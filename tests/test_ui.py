@@ -1,0 +1,250 @@
+"""`amused-tune ui` without a browser: the command's checks (gradio missing, busy port, who can reach the page), the
+Runs tab's reading of run folders, the New run form as a command line, and the page's errors being the commands'
+own one-line messages. The page in a real browser: tests/test_ui_browser.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amused_tune.cli import main as cli_main
+from amused_tune.ui import command, prepare, processes, runs as runs_mod
+
+
+def fake_run(root: Path, name: str, steps: int, max_steps: int = 100, finished: bool = False, age_s: float = 0,
+             heldout: bool = False) -> Path:
+    """A run folder as the trainer leaves it: recipe.yaml, metrics.jsonl, maybe the adapter and a grid."""
+    out = root / name
+    (out / "samples").mkdir(parents=True)
+    (out / "recipe.yaml").write_text(f"model:\n  base: toy\ntrain:\n  max_steps: {max_steps}\nadapter:\n  kind: lora\n")
+    rows = [{"step": s, "loss": 2.0 / s, "lr": 1e-3, "images_per_s": 10.0, "peak_mem_gb": 0.5} for s in
+            range(1, steps + 1)]
+    if heldout:
+        rows.append({"step": steps, "heldout_loss": 1.5})
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "samples" / "step-0.png").write_bytes(b"")
+    if finished:
+        (out / "adapter").mkdir()
+        (out / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    stamp = time.time() - age_s
+    for path in (out / "recipe.yaml", out / "metrics.jsonl"):
+        os.utime(path, (stamp, stamp))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+
+def test_ui_listens_on_loopback_unless_asked_and_warns_when_asked():
+    args = command.build_parser().parse_args([])
+    assert (args.host, args.port, args.share, args.runs) == ("127.0.0.1", 7860, False, "runs")
+    assert command.exposure_warning("127.0.0.1", False) is None
+    assert "any machine" in command.exposure_warning("0.0.0.0", False)
+    assert "public link" in command.exposure_warning("127.0.0.1", True)
+
+
+def test_ui_without_gradio_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
+    assert cli_main(["ui"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'amused-tune ui: error: the web page needs gradio: pip install "amused-tune[ui]"'
+
+
+def test_ui_on_a_busy_port_is_one_line(capsys):
+    pytest.importorskip("gradio")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli_main(["ui", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"amused-tune ui: error: port {port} on 127.0.0.1 is in use: pass --port with a free one, or stop "
+                   "what listens there"]
+
+
+def test_ui_runs_that_is_a_file_is_one_line(tmp_path, capsys):
+    pytest.importorskip("gradio")
+    (tmp_path / "f").write_text("")
+    assert cli_main(["ui", "--runs", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err.strip().endswith("is a file: pass the folder that holds your runs")
+
+
+# --------------------------------------------------------------------------------------------- the Runs tab
+
+
+def test_runs_are_listed_newest_first_with_their_status(tmp_path):
+    fake_run(tmp_path, "old-finished", 100, finished=True, age_s=3600)
+    fake_run(tmp_path, "stopped", 40, age_s=600)
+    fake_run(tmp_path, "live", 7, age_s=1)
+    (tmp_path / ".ui" / "compare").mkdir(parents=True)  # the page's own files are no run
+    found = runs_mod.list_runs(tmp_path)
+    assert [(r.name, r.status, r.step, r.max_steps) for r in found] == [
+        ("live", "running", 7, 100), ("stopped", "stopped", 40, 100), ("old-finished", "finished", 100, 100)]
+    assert found[0].row()[:4] == ["live", "running", "7 of 100", f"{2 / 7:.4f}"]
+
+
+def test_a_process_the_page_started_decides_running_or_not(tmp_path):
+    live = fake_run(tmp_path, "live", 7, age_s=1)
+    found = runs_mod.list_runs(tmp_path, {str(live.resolve()): False})
+    assert found[0].status == "stopped"  # its process ended: a fresh metrics.jsonl does not make it running
+
+
+def test_a_hundred_runs_are_all_listed(tmp_path):
+    for k in range(100):
+        fake_run(tmp_path, f"run-{k:03d}", 5 + k, age_s=1000 - k)
+    found = runs_mod.list_runs(tmp_path)
+    assert len(found) == 100 and found[0].name == "run-099" and found[-1].name == "run-000"
+
+
+def test_metric_series_has_raw_smoothed_and_heldout_loss(tmp_path):
+    series = runs_mod.metric_series(fake_run(tmp_path, "r", 20, heldout=True))
+    assert series["step"] == list(range(1, 21)) and series["loss"][0] == 2.0
+    assert series["smoothed"][-1] == pytest.approx(sum(2.0 / s for s in range(11, 21)) / 10)
+    assert series["heldout_step"] == [20] and series["heldout_loss"] == [1.5]
+    line = runs_mod.summary_line(runs_mod.run_info(tmp_path / "r"), series)
+    assert "step 20 of 100" in line and "lr 1.00e-03" in line and "10.0 images/s" in line and "0.50 GB" in line
+    assert "held-out loss 1.5000" in line
+
+
+def test_the_card_is_shown_without_front_matter_and_with_its_images(tmp_path):
+    out = fake_run(tmp_path, "r", 3)
+    (out / "README.md").write_text("---\nbase_model: toy\n---\n# r\n\n![grid](samples/step-0.png)\n![x](missing.png)\n")
+    text = runs_mod.card_markdown(out, lambda p: f"/file={p.name}")
+    assert text.startswith("# r") and "![grid](/file=step-0.png)" in text and "![x](missing.png)" in text
+
+
+# --------------------------------------------------------------------------------------------- New run
+
+
+def test_the_form_is_the_command_line(tmp_path):
+    image = tmp_path / "cat.png"
+    image.write_bytes(b"")
+    form = prepare.Form("quickstart", data_path=str(image), prompt="a cat in [v] style", max_steps=30,
+                        output_dir="runs/cat", extra="--adapter.rank=4")
+    argv = form.argv()
+    assert argv[0].endswith("recipes/quickstart.yaml") and argv[1:] == [
+        "--data.source=single_image", f"--data.path={image}", "--data.prompt=a cat in [v] style",
+        "--train.max_steps=30", "--output.dir=runs/cat", "--adapter.rank=4"]
+    assert prepare.Form("quickstart", data_path=str(tmp_path)).argv()[1] == "--data.source=folder"
+    assert processes.command_for(["x.yaml", "--data.prompt=a b"])[1] == "amused-tune x.yaml '--data.prompt=a b'"
+
+
+def test_new_run_errors_are_the_commands_lines(tmp_path, capsys):
+    _, error = prepare.parse(prepare.Form("quickstart", data_path=str(tmp_path / "nope")))
+    assert cli_main(prepare.Form("quickstart", data_path=str(tmp_path / "nope")).argv()) == 2
+    assert capsys.readouterr().err.strip() == f"amused-tune: error: {error}"
+    assert error.startswith(f"data.path={tmp_path / 'nope'} does not exist")
+    _, error = prepare.parse(prepare.Form("quickstart", extra="--train.max_stepz=3"))
+    assert error.startswith("train.max_stepz is not a recipe key: did you mean train.max_steps?")
+
+
+def test_the_data_check_says_what_would_be_skipped_and_why(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64), "red").save(folder / f"{name}.png")
+    (folder / "a.txt").write_text("a red square")
+    (folder / "c.png").write_text("not an image")
+    (folder / "c.txt").write_text("broken")
+    recipe, error = prepare.parse(prepare.Form("quickstart", data_path=str(folder), extra="--data.prompt=null"))
+    assert error is None
+    view = prepare.check_data(recipe)
+    assert view.lines[0].startswith(f"3 samples in {folder} (captionfolder): 1 usable, 2 would be skipped")
+    assert any("b.png: no caption" in line for line in view.lines)
+    assert any("c.png: not an image" in line for line in view.lines)
+    assert view.images == [(str(folder / "a.png"), "a red square")]
+
+
+def test_the_estimate_lists_each_card_size(monkeypatch):
+    from amused_tune import memory, memory_fit
+
+    class Est:
+        peak_bytes, peak_gb = int(7.0 * memory.GB), 7.0
+
+        def table(self):
+            return "breakdown"
+
+    def fit(recipe, budget, say):
+        if budget < 8 * memory.GB:
+            raise memory.EstimateError("nothing fits in 6.0 GB")
+        say("--max-memory: train.grad_checkpointing: False -> True")
+
+    monkeypatch.setattr(memory, "estimate", lambda recipe: Est())
+    monkeypatch.setattr(memory_fit, "fit", fit)
+    text, rows = prepare.estimate_text(object())
+    assert text == "predicted peak 7.00 GB\nbreakdown"
+    assert rows == [["6 GB", "no", "nothing fits in 6.0 GB"],
+                    ["8 GB", "yes", "nothing to change"], ["12 GB", "yes", "nothing to change"],
+                    ["16 GB", "yes", "nothing to change"], ["24 GB", "yes", "nothing to change"]]
+    Est.peak_bytes = int(9.0 * memory.GB)
+    assert prepare.estimate_text(object())[1][1] == ["8 GB", "with --max-memory 8GB",
+                                                     "train.grad_checkpointing: False -> True"]
+
+
+def test_the_toy_base_has_no_estimate_and_says_why():
+    recipe, _ = prepare.parse(prepare.Form("quickstart"))
+    text, rows = prepare.estimate_text(recipe)
+    assert rows == [] and text.startswith("model.base=toy: the memory estimate covers the real-size aMUSEd bases")
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+def test_stop_sends_sigint_to_the_process_the_page_started(tmp_path):
+    out = tmp_path / "run"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        (tmp_path / ".ui").mkdir()
+        (tmp_path / ".ui" / "run.json").write_text(json.dumps({"pid": sleeper.pid, "out": str(out.resolve()),
+                                                              "command": "amused-tune x", "log": "none"}))
+        assert processes.alive_runs(tmp_path) == {str(out.resolve()): True}
+        assert processes.stop(tmp_path, out).startswith("stopping run: it finishes this step, writes a checkpoint")
+        assert sleeper.wait(timeout=10) == -signal.SIGINT
+        assert processes.alive_runs(tmp_path) == {str(out.resolve()): False}
+        assert processes.stop(tmp_path, out) == "run is not running"
+    finally:
+        sleeper.kill()
+    assert "the page did not start this run" in processes.stop(tmp_path, tmp_path / "other")
+
+
+# --------------------------------------------------------------------------------------------- Compare and Share
+
+
+def test_compare_with_an_empty_prompt_is_the_sample_commands_line(tmp_path):
+    from amused_tune.ui import actions
+
+    columns = actions.compare(tmp_path, actions.Settings(base="toy", prompt=""), [])
+    assert [c.error for c in columns] == ["amused-tune sample: error: the following arguments are required: --prompt"]
+
+
+def test_compare_with_a_broken_adapter_is_the_sample_commands_line(tmp_path):
+    from amused_tune.cli.checks import adapter_problem
+    from amused_tune.ui import actions
+
+    broken = tmp_path / "bad.safetensors"
+    broken.write_bytes(b"not safetensors")
+    columns = actions.compare(tmp_path, actions.Settings(base="toy", prompt="a red circle", steps=1), [str(broken)])
+    assert columns[0].error is None and columns[0].image.is_file()
+    assert columns[1].error == f"amused-tune sample: error: {adapter_problem(str(broken))}"
+    assert columns[1].command.startswith("amused-tune sample --base toy --prompt 'a red circle' --seed 0 --out ")
+
+
+def test_push_and_merge_errors_are_the_commands_lines(tmp_path):
+    from amused_tune.ui import actions
+
+    out = fake_run(tmp_path, "r", 3)
+    assert actions.push(str(out), "not a repo id", dry_run=True).startswith(
+        "amused-tune: error: --repo-id 'not a repo id' must look like user/name")
+    assert actions.merge(str(tmp_path / "missing"), str(tmp_path / "m")) == (
+        f"amused-tune: error: {tmp_path / 'missing'} does not exist: pass a run's output.dir, an adapter folder or a "
+        ".safetensors file")
