@@ -85,8 +85,9 @@ def styledrop_sweep(base: Components, run: Path, settings: dict, print_fn=print)
     return rows
 
 
-def _apply_run(comps: Components, run: Path) -> Components:
-    """A copy of `comps` with the run's result in it: its LoRA loaded (unmerged), or its full U-ViT."""
+def _apply_run(comps: Components, run: Path, adapter: str = "adapter") -> Components:
+    """A copy of `comps` with the run's result in it: its LoRA loaded (unmerged; `adapter`: the folder, adapter-raw
+    for a run's last trained weights when it kept an EMA), or its full U-ViT."""
     from amused_tune.adapters import load_lora
 
     comps = copy.copy(comps)
@@ -94,9 +95,9 @@ def _apply_run(comps: Components, run: Path) -> Components:
         from diffusers import UVit2DModel
 
         comps.transformer = UVit2DModel.from_pretrained(run / "transformer", use_safetensors=True).eval()
-    elif (run / "adapter").is_dir():
+    elif (run / adapter).is_dir():
         comps.transformer = copy.deepcopy(comps.transformer)
-        load_lora(comps.transformer, run / "adapter")
+        load_lora(comps.transformer, run / adapter)
     else:
         raise FileNotFoundError(f"{run} holds neither adapter/ nor transformer/: pass the output.dir of a finished run")
     return comps
@@ -139,6 +140,9 @@ def evaluate_run(base: Components, run: Path, settings: dict, print_fn=print, ba
     print_fn("fine-tuned:")
     after = finetune_numbers(tuned, settings, print_fn)
     result = {"base": before, "adapter": after, "sampling": settings}
+    if (run / "adapter-raw").is_dir():  # train.ema_decay: adapter/ is the EMA; the last trained weights, for comparison
+        print_fn("fine-tuned, raw (the last trained weights; adapter/ above holds their EMA):")
+        result["adapter_raw"] = finetune_numbers(_apply_run(base, run, "adapter-raw"), settings, print_fn)
     sd = run_styledrop(run)
     if sd is not None and (run / "adapter").is_dir():
         print_fn(f"fine-tuned, StyleDrop guidance lambda_a={sd[0]} lambda_b={sd[1]}:")
