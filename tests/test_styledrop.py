@@ -192,3 +192,69 @@ def test_prior_prompts_from_a_file_and_a_missing_file(tmp_path):
     assert prior_prompts(["a cat", " "]) == ["a cat"]
     with pytest.raises(RecipeError, match="no such file"):
         prior_prompts(str(tmp_path / "missing.txt"))
+
+
+# --------------------------------------------------------------------------------------------- automatic feedback
+
+
+def _tiny_clip(folder: Path) -> Path:
+    """A random CLIP (text and vision towers) with the tiny model's tokenizer, saved as a model folder."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from amused_tune.models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=37, max_position_embeddings=77)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=37)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_clip_picker_scores_content_and_style_and_keeps_the_good_at_both(tmp_path):
+    from amused_tune.train.clip_picker import ClipPicker
+
+    picker = ClipPicker.load(str(_tiny_clip(tmp_path / "clip")))
+    reference = Image.new("RGB", (32, 32), (200, 30, 30))
+    images = [reference.copy(), Image.new("RGB", (32, 32), (20, 200, 30)), Image.effect_noise((32, 32), 60).convert("RGB"),
+              Image.new("RGB", (32, 32), (30, 30, 200))]
+    keep = picker(images, ["a cat in [V] style"] * 4, reference)
+    assert len(keep) == 4 and 1 <= sum(keep) <= 4
+    content, style = zip(*picker.scores)
+    assert style[0] == pytest.approx(1.0, abs=1e-5) and max(style) == style[0]  # the reference itself: style 1
+    assert len(set(content)) == len(set(style)) > 1
+    # the style words are left out of the content score's text
+    assert torch.allclose(picker.text_embeds(["a cat in [V] style"]), picker.text_embeds(["a cat"]))
+
+
+def test_round2_with_the_clip_picker_picks_and_finalizes_in_one_command(round1, tmp_path, capsys, monkeypatch):
+    _, run = round1
+    monkeypatch.setenv("AMUSED_TUNE_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A house in [V] style\nA boat in [V] style\n")
+    out = tmp_path / "round2"
+    clip = _tiny_clip(tmp_path / "clip")
+    assert round2_main([str(run), "--prompts", str(prompts), "--per-prompt", "2", "--steps", "2", "--out", str(out),
+                        "--pick", "clip", "--clip-model", str(clip)]) == 0
+    printed = capsys.readouterr().out
+    assert "clip picker kept" in printed and f"amused-tune {out / 'round2.yaml'}" in printed
+    kept = [json.loads(line)["file_name"] for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert "reference.png" in kept and 2 <= len(kept) <= 5
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(kept)
+    assert round2_main([str(run), "--prompts", str(prompts), "--pick", "clip"]) == 2
+    assert "--clip-model" in capsys.readouterr().err
+
+
+def test_toy_picker_keeps_style_and_caption_only():
+    from amused_tune.toy import world
+    from amused_tune.toy.styledrop_eval import toy_picker
+
+    styled = world.ShapeSpec("circle", "red", "blue", style=True)
+    plain = world.ShapeSpec("circle", "red", "blue")
+    prompt = world.caption(styled)
+    assert toy_picker([world.render(styled), world.render(plain), world.render(styled)],
+                      [prompt, prompt, world.caption(world.ShapeSpec("square", "red", "blue", style=True))]) == [
+        True, False, False]

@@ -10,6 +10,12 @@ every line of prompts.txt (blank lines and lines starting with # are skipped) in
 and seed in each PNG's text chunks and in RUN/round2/candidates.jsonl, and copies round 1's reference image
 there too. Step 3 writes RUN/round2/metadata.jsonl for the images still there (an imagefolder dataset) and
 RUN/round2/round2.yaml: round 1's recipe training a fresh adapter on that folder into RUN-round2/.
+With automatic feedback, steps 1-3 are one command: `--pick toy` (the toy world's classifier, model.base=toy)
+or `--pick clip --clip-model NAME` (a CLIP model scores content and style; amused_tune/train/clip_picker.py)
+deletes the candidates it rejects and finalizes:
+
+    amused-tune styledrop-round2 RUN --prompts prompts.txt --pick clip --clip-model openai/clip-vit-base-patch32
+
 Errors are one line on stderr, exit 2.
 """
 
@@ -38,6 +44,13 @@ def build_parser() -> SubcommandParser:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the recipe's validation.guidance)")
     p.add_argument("--styledrop-guidance", type=float, nargs=2, default=None, metavar=("LAMBDA_A", "LAMBDA_B"),
                    help="StyleDrop's adapter-vs-base guidance instead of --guidance")
+    p.add_argument("--pick", choices=("toy", "clip"), default=None,
+                   help="automatic feedback instead of a person: keep the candidates a picker accepts, then finalize. "
+                        "toy: the toy world's exact classifier (style drawn and caption matched; model.base=toy); "
+                        "clip: a CLIP model (--clip-model) keeps those at or above the median in both content "
+                        "(image-text score) and style (image-image score to the reference)")
+    p.add_argument("--clip-model", default=None, help="with --pick clip: a CLIP model, Hub id or local folder "
+                                                      "(e.g. openai/clip-vit-base-patch32)")
     p.add_argument("--no-reference", action="store_true", help="do not add round 1's reference image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     return p
@@ -54,6 +67,16 @@ def read_prompts(path: str) -> list[str]:
     return read_prompt_file(path, "--prompts")
 
 
+def _picker(args):
+    if args.pick == "toy":
+        from amused_tune.toy.styledrop_eval import toy_picker
+
+        return toy_picker
+    from amused_tune.train.clip_picker import ClipPicker
+
+    return ClipPicker.load(args.clip_model)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `amused-tune styledrop-round2 ...` (argv without the subcommand). Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -68,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--per-prompt must be >= 1")
     if args.steps is not None and args.steps < 1:
         return _fail(f"--steps must be >= 1, got {args.steps}")
+    if (args.pick == "clip") != bool(args.clip_model):
+        return _fail("--pick clip needs --clip-model NAME (and --clip-model needs --pick clip)")
+    if args.pick and args.finalize:
+        return _fail("--pick picks while generating: pass it with --prompts, not with --finalize")
     problem = folder_problem("--out", out) or (None if args.finalize else adapter_problem(str(run / "adapter")))
     if problem:
         return _fail(problem)
@@ -76,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     from amused_tune.data.cards import DataError
     from amused_tune.models import BaseModelError
     from amused_tune.sampler import SampleError
-    from amused_tune.train.styledrop import CANDIDATES, CandidateOptions, check_run, finalize, generate_candidates
+    from amused_tune.train.styledrop import (CANDIDATES, CandidateOptions, check_run, finalize, generate_candidates,
+                                             pick)
 
     quiet_libraries()
     try:
@@ -92,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                                    styledrop_guidance=args.styledrop_guidance, reference=not args.no_reference,
                                    device=args.device)
         rows = generate_candidates(recipe, run, out, read_prompts(args.prompts), options)
-    except (ValueError, DataError, BaseModelError, AdapterError, SampleError) as err:
+        if args.pick:
+            kept, total = pick(out, _picker(args))
+            path = finalize(recipe, run, out)
+            print(f"{args.pick} picker kept {kept} of {total} candidates in {out}\ntrain round 2 with:\n"
+                  f"  amused-tune {path}")
+            return 0
+    except (ValueError, OSError, DataError, BaseModelError, AdapterError, SampleError) as err:
         return _fail(err)
     print(f"{len(rows)} candidates in {out}\ndelete the ones that miss the style, then run:\n"
           f"  amused-tune styledrop-round2 {run} --finalize")

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--styledrop", action="store_true",
                    help="train a single-image StyleDrop recipe on each style image of the world and print each one's "
                         "rates on new content and the worst image's (see amused_tune/toy/styledrop_eval.py)")
+    e.add_argument("--round2", action="store_true", help="with --styledrop: measure after StyleDrop round 2 with the "
+                                                         "classifier as the automatic feedback")
     e.add_argument("--recipe", default=None, help="with --styledrop: the recipe to train (default recipes/quickstart.yaml)")
     e.add_argument("--images", default=None, help="with --styledrop: comma-separated style image names (default all)")
     e.add_argument("--out", default=None, help="with --styledrop: write the numbers to this JSON file "
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         styledrop_eval(args.recipe or DEFAULT_RECIPE, args.out or "styledrop_eval.json",
                        30 if args.prompts == 50 else args.prompts, tuple(range(args.seeds)),
-                       args.images.split(",") if args.images else None)
+                       args.images.split(",") if args.images else None, round2=args.round2)
         return 0
     folder = Path(args.dir) if args.dir else toy_dir()
     comps = _load_folder(folder)

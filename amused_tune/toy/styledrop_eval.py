@@ -30,7 +30,7 @@ import yaml
 
 from amused_tune.recipe import Recipe
 from amused_tune.toy import world
-from amused_tune.toy.classify import is_clean
+from amused_tune.toy.classify import classify, is_clean
 from amused_tune.toy.evaluate import _sampler_kwargs, eval_prompts, match_rate
 
 DEFAULT_RECIPE = "recipes/quickstart.yaml"
@@ -44,6 +44,13 @@ def new_content_prompts(spec: world.ShapeSpec, n: int = 30) -> list[str]:
     """`n` world captions (a fixed choice) other than the style image's own content."""
     own = world.caption(world.ShapeSpec(spec.shape, spec.colour, spec.background))
     return [p for p in eval_prompts(n + 1, seed=7) if p != own][:n]
+
+
+def toy_picker(images, prompts: list[str], reference=None) -> list[bool]:
+    """StyleDrop round 2's automatic feedback on the toy: keep a candidate when it shows the style and its
+    caption's shape, colour and background (`amused-tune styledrop-round2 RUN --pick toy`)."""
+    found = [classify(image) for image in images]
+    return [f.style and f.matches(p) for f, p in zip(found, prompts)]
 
 
 def load_recipe(path: str | Path, **overrides: object) -> Recipe:
@@ -69,21 +76,43 @@ def _set(section: object, dotted: str, value: object) -> None:
     setattr(section, key, value)
 
 
-def train_on(recipe_path: str | Path, spec: world.ShapeSpec, folder: Path, print_fn=print) -> Path:
-    """Train the recipe on the one image of `spec` (its caption as data.prompt) into `folder`/run; returns it."""
-    from amused_tune.train.loop import train
+RUN_OVERRIDES = {"output.overwrite": True, "output.loss_plot": False, "validation.prompts": [], "train.resume": "none"}
 
+
+def train_on(recipe_path: str | Path, spec: world.ShapeSpec, folder: Path, print_fn=print) -> tuple[Path, Recipe]:
+    """Train the recipe on the one image of `spec` (its caption as data.prompt) into `folder`/run."""
     folder.mkdir(parents=True, exist_ok=True)
     image = folder / "style.png"
     world.render(spec).save(image)
-    recipe = load_recipe(recipe_path, **{
+    recipe = load_recipe(recipe_path, **RUN_OVERRIDES, **{
         "data.source": "single_image", "data.card": None, "data.path": str(image), "data.prompt": world.caption(spec),
-        "data.cache_dir": str(folder / "cache"), "output.dir": str(folder / "run"), "output.overwrite": True,
-        "output.loss_plot": False, "validation.prompts": [], "train.resume": "none"})
+        "data.cache_dir": str(folder / "cache"), "output.dir": str(folder / "run")})
+    return _train(recipe, print_fn), recipe
+
+
+def _train(recipe: Recipe, print_fn) -> Path:
+    from amused_tune.train.loop import train
+
     started = time.perf_counter()
     train(recipe)
     print_fn(f"  trained in {time.perf_counter() - started:.0f} s")
-    return folder / "run"
+    return Path(recipe.output.dir)
+
+
+def round2_on(recipe: Recipe, run: Path, held_out: list[str], per_prompt: int = 2, print_fn=print) -> Path:
+    """StyleDrop round 2 with the classifier as the feedback: round 1 draws every world caption but the held-out
+    (evaluation) ones, with " in [v] style", `per_prompt` seeds each; `toy_picker` keeps the ones that show the
+    style and the caption, and a fresh adapter is trained on them (and round 1's image) with the same recipe."""
+    from amused_tune.train.styledrop import CandidateOptions, finalize, generate_candidates, pick
+
+    prompts = [c + world.STYLE_SUFFIX for c in world.all_captions() if c not in held_out]
+    out = run.parent / "round2"
+    generate_candidates(recipe, run, out, prompts, CandidateOptions(per_prompt=per_prompt, device="cpu"))
+    kept, total = pick(out, toy_picker)
+    print_fn(f"  round 2: the classifier kept {kept} of {total} candidates")
+    second = load_recipe(finalize(recipe, run, out), **RUN_OVERRIDES, **{
+        "data.cache_dir": str(run.parent / "cache"), "output.dir": str(run.parent / "run2")})
+    return _train(second, print_fn)
 
 
 @torch.no_grad()
@@ -119,9 +148,10 @@ def verdict(worst: dict) -> list[str]:
 
 def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | None = None, n_prompts: int = 30,
                    seeds=(0, 1), images: list[str] | None = None, workdir: str | Path | None = None,
-                   print_fn=print) -> dict:
+                   round2: bool = False, print_fn=print) -> dict:
     """Train `recipe_path` on each style image (`images`: names of `world.STYLE_IMAGES`, default all), measure each
-    on `n_prompts` new-content prompts x `seeds`; print and return (and write to `out`) every image's numbers and
+    on `n_prompts` new-content prompts x `seeds` (`round2`: after StyleDrop round 2 with the classifier's feedback,
+    `round2_on`); print and return (and write to `out`) every image's numbers and
     the worst image's."""
     from amused_tune.models import load_components
     from amused_tune.toy import toy_dir
@@ -138,15 +168,18 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
         for name in names:
             spec = world.STYLE_IMAGES[name]
             print_fn(f"{name}: {world.caption(spec)!r}")
-            run = train_on(recipe_path, spec, root / name, print_fn)
-            numbers = measure(base, _apply_run(base, run), new_content_prompts(spec, n_prompts), settings, seeds)
+            prompts = new_content_prompts(spec, n_prompts)
+            run, recipe = train_on(recipe_path, spec, root / name, print_fn)
+            if round2:
+                run = round2_on(recipe, run, prompts, print_fn=print_fn)
+            numbers = measure(base, _apply_run(base, run), prompts, settings, seeds)
             per_image[name] = numbers
             print_fn("  " + "  ".join(f"{k} {numbers[k]:.2f}" for k in KEYS))
     worst = summarize(per_image)
     print_fn("worst image: " + "  ".join(f"{k} {worst[k]:.2f}" for k in KEYS))
     for line in verdict(worst):
         print_fn("  " + line)
-    result = {"recipe": str(recipe_path), "prompts": n_prompts, "seeds": list(seeds), "sampling": settings,
+    result = {"recipe": str(recipe_path), "round2": round2, "prompts": n_prompts, "seeds": list(seeds), "sampling": settings,
               "images": per_image, "worst": worst}
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")

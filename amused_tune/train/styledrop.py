@@ -96,6 +96,24 @@ def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: 
     return rows
 
 
+def pick(out: Path, picker) -> tuple[int, int]:
+    """Automatic feedback: delete the candidates in `out` that `picker` rejects (round 1's reference image is
+    kept). `picker(images, prompts, reference)` gets the candidates (PIL images), their prompts and the reference
+    image (or None) and returns one bool per candidate. Returns (kept, candidates)."""
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (out / CANDIDATES).read_text().splitlines() if line.strip()]
+    drawn = [r for r in rows if "seed" in r and (out / r["file_name"]).is_file()]
+    references = [out / r["file_name"] for r in rows if "seed" not in r and (out / r["file_name"]).is_file()]
+    reference = Image.open(references[0]).convert("RGB") if references else None
+    images = [Image.open(out / r["file_name"]).convert("RGB") for r in drawn]
+    keep = list(picker(images, [r["text"] for r in drawn], reference))
+    for row, kept in zip(drawn, keep, strict=True):
+        if not kept:
+            (out / row["file_name"]).unlink()
+    return sum(keep), len(drawn)
+
+
 def finalize(recipe, run: Path, out: Path) -> Path:
     """metadata.jsonl for the candidates still in `out`, and round2.yaml training a fresh adapter on them."""
     if not (out / CANDIDATES).is_file():
