@@ -43,7 +43,7 @@ def runs_tab(page: Page, demo: gr.Blocks) -> gr.Dropdown:
             stopped = gr.Markdown(elem_id="stop-message")
     status = gr.Markdown(elem_id="run-status")
     with gr.Row():
-        plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss", elem_id="loss-plot", height=280)
+        plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss", elem_id="loss-plot", height=330)
         with gr.Column():
             grid = gr.Image(label="validation grid", type="filepath", elem_id="grid-image", height=300,
                             show_label=False, interactive=False)
