@@ -8,6 +8,7 @@ commands:
   amused-tune push               upload a finished run, with its model card, to the Hugging Face Hub
   amused-tune merge              fuse a run's LoRA into its base model: a full pipeline folder
   amused-tune styledrop-round2   StyleDrop round 2: sample candidates, keep the good ones, train on them
+  amused-tune caption FOLDER     write a .txt caption per image with an image-to-text model (BLIP by default)
   amused-tune ui                 a local web page: start, watch, compare and share runs (pip install "amused-tune[ui]")
 
 try it:     amused-tune recipes/quickstart.yaml               (a tiny model on the CPU, about a minute)

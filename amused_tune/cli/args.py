@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "push": "amused_tune.cli.push",
     "merge": "amused_tune.cli.merge",
     "styledrop-round2": "amused_tune.cli.styledrop_round2",
+    "caption": "amused_tune.cli.caption",
     "ui": "amused_tune.ui.command",  # the web page: the layer above the commands, loaded by name (docs/layout.md)
 }
 
