@@ -215,6 +215,8 @@ class TrainConfig:
 class ValidationConfig:
     prompts: Union[list[str], str] = field(default_factory=list)
     """Prompts of the sample grid written to samples/step-N.png: a list, or one prompt (none: no validation)."""
+    from_data: int = 0
+    """When prompts is empty: the first N distinct captions of a local data source become the prompts (0: none)."""
     every: int = 250
     """Write a sample grid every N optimizer steps (and before step 0 and at the end)."""
     steps: Optional[int] = None

@@ -23,7 +23,7 @@ from conftest import make_images
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--model.base=tiny", "--train.max_steps=3", "--train.checkpoint_every=3", "--output.loss_plot=false",
-        "--validation.prompts=[]"]
+        "--validation.prompts=[]", "--validation.from_data=0"]
 
 
 def caption_folder(folder: Path, n: int = 4) -> Path:

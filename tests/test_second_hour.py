@@ -198,3 +198,46 @@ def test_data_path_is_checked_against_data_source_before_any_model_loads(capsys,
     assert cli_main([a.format(**paths) for a in argv] + ["--model.base=toy"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and all(f in err[0] for f in fragments), err
+
+
+# --------------------------------------------------------------------------------------------- my_folder
+
+
+def test_my_folders_header_command_is_the_toy_on_a_folder_the_kit_ships():
+    from amused_tune.cli.recipes import header
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "my_folder.yaml"
+    command = next(line for line in header(recipe) if line.startswith("# command: ")).removeprefix("# command: ")
+    assert command == ("amused-tune recipes/my_folder.yaml --model.base=toy --data.path=assets/toy_concept "
+                       "--train.max_steps=20")  # tests/test_readme_commands.py runs it, from the README
+    assert (recipe.parent.parent / "assets" / "toy_concept" / "metadata.jsonl").is_file()
+
+
+def kit_captions() -> list[str]:
+    meta = Path(__file__).resolve().parent.parent / "assets" / "toy_concept" / "metadata.jsonl"
+    return [json.loads(line)["text"] for line in meta.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("prompts, expected_prompts, warned", [
+    ([], "first two captions", None),
+    (["--validation.prompts=a photo in [v] style"], ["a photo in [v] style"], "photo, [v], style"),
+])
+def test_validation_prompts_come_from_the_captions_and_unknown_words_are_warned(tmp_path, capsys, prompts,
+                                                                                 expected_prompts, warned):
+    import yaml
+
+    out = tmp_path / "run"
+    assert cli_main(["my_folder", "--model.base=tiny", "--data.path=assets/toy_concept", "--train.max_steps=1",
+                     "--validation.steps=1", "--output.loss_plot=false", f"--output.dir={out}", *prompts]) == 0
+    reset_accelerate()
+    said = capsys.readouterr()
+    recorded = yaml.safe_load((out / "recipe.yaml").read_text())["validation"]["prompts"]
+    if expected_prompts == "first two captions":
+        assert recorded == list(dict.fromkeys(kit_captions()))[:2]
+        assert "validation: no prompts given: the data's first captions" in said.out
+    else:
+        assert recorded == expected_prompts
+    warnings = [line for line in said.err.splitlines() if line.startswith("warning: validation prompt")]
+    assert len(warnings) == (1 if warned else 0), said.err
+    if warned:
+        assert f"uses {warned}, which no caption of data.path=assets/toy_concept contains" in warnings[0]

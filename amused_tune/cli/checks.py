@@ -150,3 +150,41 @@ def source_problem(source: str, shown: str, path: Path) -> str | None:
     if source == "captionfolder" and "metadata.jsonl" in fits:
         return f"data.path={shown} has no .txt captions, which data.source=captionfolder reads{hint}"
     return None
+
+
+SMALL_WORDS = {"a", "an", "the", "in", "on", "of", "with", "and", "at", "by", "to", "for", "from"}
+
+
+def validation_prompts_from_data(recipe) -> list[str]:
+    """Fill validation.prompts from the data when the recipe gives none and asks for validation.from_data, and warn
+    about words of the validation prompts that no caption contains (a trigger word the grid will never show). Only
+    local folder sources are read (listing, not decoding); returns the lines to say, "warning: ..." ones first."""
+    import re
+
+    from amused_tune.data.cards import DataError, resolve_config
+    from amused_tune.data.sources import open_source
+
+    v = recipe.validation
+    try:
+        cfg = resolve_config(recipe.data)
+        if cfg.source in ("hub", "single_image") or not (v.from_data or v.prompts):
+            return []
+        captions = [cfg.prompt] if cfg.prompt else [r.caption.strip() for r in open_source(cfg).records
+                                                      if r.caption and r.caption.strip()]
+    except (DataError, OSError):  # said, with its reason, when the data is read
+        return []
+    said = []
+    if not v.prompts and v.from_data and captions:
+        v.prompts = list(dict.fromkeys(captions))[:v.from_data]
+        said.append(f"validation: no prompts given: the data's first caption{'s' if len(v.prompts) > 1 else ''}, "
+                    + "; ".join(f"`{p}`" for p in v.prompts))
+    words = re.compile(r"\[[^\]]*\]|[\w'-]+")
+    known = {w.lower() for c in captions for w in words.findall(c)}
+    for prompt in v.prompts:
+        unseen = [w for w in dict.fromkeys(words.findall(prompt)) if w.lower() not in known | SMALL_WORDS]
+        if unseen and captions:
+            said.insert(0, f"warning: validation prompt `{prompt}` uses {', '.join(unseen)}, which no caption of "
+                           f"data.path={cfg.path} contains: the grids will not show what the run learns for "
+                           f"{'them' if len(unseen) > 1 else 'it'} (put the same words in the captions, or change "
+                           "validation.prompts)")
+    return said

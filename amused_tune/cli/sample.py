@@ -8,20 +8,37 @@ steps, guidance and adapters in its PNG text chunks, and ``OUT/grid.png``. Error
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 from amused_tune.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
-from amused_tune.cli.args import SubcommandParser, quiet_libraries
+from amused_tune.cli.args import DefaultsFormatter, SubcommandParser, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem, image_problem
 from amused_tune.preview import viewable_tiles
 from amused_tune.common import DTYPE_NAMES, place, torch_dtype
 from amused_tune.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsError, describe_taken, resolve_sampling
 
+EXAMPLES = """examples:
+  amused-tune sample --base toy --prompt "a red circle on a white background"
+      the toy base at its own settings (its sampling.json), one image in samples/
+  amused-tune sample --adapter runs/quickstart-lora --prompt "a red circle on a white background in [v] style" \\
+      --num-images 4 --seed 0 --out samples/
+      a run's LoRA on the base it was trained on, at the settings it was validated with (both recorded by the run)
+  amused-tune sample --base toy --prompt "a red square on a white background" --image in.png --mask mask.png
+      inpainting: regenerate the white part of mask.png in in.png (without --mask: a variation, --strength 0.6)
+"""
+
+
+class SampleHelp(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option help as every subcommand's, examples kept as written."""
+
+
 def build_parser() -> SubcommandParser:
-    p = SubcommandParser(prog="amused-tune sample", description="Generate images with aMUSEd (+ LoRA adapters).")
+    p = SubcommandParser(prog="amused-tune sample", description="Generate images with aMUSEd (+ LoRA adapters).",
+                         epilog=EXAMPLES, formatter_class=SampleHelp)
     p.add_argument("--base", default=None,
                    help="Hub id, local pipeline folder, 'toy' (the small pretrained base that ships with the kit) or "
                         "'tiny' (random weights: plumbing only, draws noise) (default: the base the --adapter was "
@@ -31,13 +48,16 @@ def build_parser() -> SubcommandParser:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image k gets seed + k")
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--steps", type=int, default=None, help="MaskGIT steps (default: the base's sampling.json, else 12)")
+    p.add_argument("--steps", type=int, default=None, help="MaskGIT steps (default: the adapter's recorded settings, else the base's sampling.json, "
+                        "else 12)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale, <= 1: off (default: the base's sampling.json, else 10)")
+                   help="classifier-free guidance scale, <= 1: off (default: the adapter's recorded settings, else the "
+                        "base's sampling.json, else 10)")
     p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default=None,
                    help="guidance over the steps: constant, linear 0->g, cosine, ramp1 1->g (default: the base's, "
                         "else constant)")
-    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
+                   help="mask schedule: how many tokens stay masked after each step")
     p.add_argument("--temperature", type=float, nargs="+", default=None, metavar="T",
                    help="Gumbel temperature: START END (linear over the steps), or one value (START, 0.01) "
                         "(default: the base's sampling.json, else 2 0)")
@@ -55,8 +75,8 @@ def build_parser() -> SubcommandParser:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt adapters (runs code)")
     p.add_argument("--styledrop-guidance", type=float, nargs=2, default=None, metavar=("LAMBDA_A", "LAMBDA_B"),
                    help="StyleDrop two-model guidance instead of --guidance (keeps adapters unmerged)")
-    p.add_argument("--quantize", choices=["8bit", "4bit"], default=None, help="bitsandbytes U-ViT linears (CUDA only)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--quantize", choices=["8bit", "4bit"], default=None, help="hold the U-ViT's linear layers in bitsandbytes 8-bit or 4-bit (less GPU memory; CUDA only)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (results do not depend on it)")
     p.add_argument("--draws", choices=DRAWS, default="exact",

@@ -54,7 +54,7 @@ def run_training(recipe) -> int:
     """Train a parsed recipe; every way a run can end becomes an exit code and at most one line on stderr."""
     from amused_tune.adapters import AdapterError
     from amused_tune.cli.args import quiet_libraries
-    from amused_tune.cli.checks import data_path_problem
+    from amused_tune.cli.checks import data_path_problem, validation_prompts_from_data
     from amused_tune.data.cards import DataError
     from amused_tune.models import BaseModelError
     from amused_tune.recipe import RecipeError
@@ -64,6 +64,8 @@ def run_training(recipe) -> int:
     problem = data_path_problem(recipe.data)
     if problem:  # a typo in data.path: said before a model loads
         return fail(problem)
+    for line in validation_prompts_from_data(recipe):  # prompts from the captions; trigger words they lack
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     quiet_libraries()
     try:
         summary = train(recipe)
