@@ -58,12 +58,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_page(runs: Path) -> tuple[subprocess.Popen, str, float]:
+def start_page(runs: Path, cwd: Path = ROOT) -> tuple[subprocess.Popen, str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "amused_tune.cli", "ui", "--runs", str(runs), "--port", str(port)],
-                            env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=ENV, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)

@@ -12,7 +12,8 @@ from amused_tune.ui import actions, prepare, processes, runs as runs_mod
 POLL_S = 2.0
 CSS = """
 #run-status p, #new-run-message p, #compare-message p, #share-message p { font-size: 1.05rem; }
-.error-line { color: #b91c1c; }
+#compare-gallery img, #grid-image img, #data-images img { image-rendering: pixelated; }
+#estimate textarea, #run-log textarea { font-family: ui-monospace, monospace; font-size: 0.8rem; }
 """
 
 
@@ -120,8 +121,12 @@ class Page:
         adapters += [p.strip() for p in (paths or "").splitlines() if p.strip()]
         if len(adapters) > actions.MAX_ADAPTERS:
             return [], f"error: up to {actions.MAX_ADAPTERS} runs or adapters at a time, got {len(adapters)}"
-        settings = actions.Settings(base or "toy", prompt or "", int(seed or 0), int(steps) if steps else None,
-                                    float(guidance) if guidance not in (None, "") else None, float(scale),
+        try:
+            steps_n = int(steps) if str(steps or "").strip() else None
+            guidance_g = float(guidance) if str(guidance or "").strip() else None
+        except ValueError:
+            return [], "error: steps must be a whole number and guidance a number (or leave them empty)"
+        settings = actions.Settings(base or "toy", prompt or "", int(seed or 0), steps_n, guidance_g, float(scale),
                                     (float(lam_a), float(lam_b)) if use_sd else None)
         columns = actions.compare(self.runs, settings, adapters)
         gallery = [(str(c.image), c.label) for c in columns if c.image]
@@ -142,7 +147,7 @@ class Page:
         path = self.folder_of(name)
         if path is None:
             return "error: pick a run"
-        return actions.push(str(path), repo_id or "", bool(private), bool(dry_run))
+        return actions.push(str(path), repo_id or "", bool(private), bool(dry_run)).replace("\n", "  \n")
 
 
 def loss_frame(series: dict):

@@ -123,14 +123,14 @@ def compare_tab(page: Page, tab: gr.Tab) -> None:
     with gr.Row():
         seed = gr.Number(0, label="seed", precision=0, elem_id="compare-seed")
         scale = gr.Slider(0, 2, value=1.0, step=0.05, label="adapter scale", elem_id="compare-scale")
-        guidance = gr.Number(None, label="guidance (empty: the base's default)", elem_id="compare-guidance")
-        steps = gr.Number(None, label="steps (empty: the base's default)", precision=0, elem_id="compare-steps")
+        guidance = gr.Textbox(label="guidance (empty: the base's default; <= 1: off)", elem_id="compare-guidance")
+        steps = gr.Textbox(label="steps (empty: the base's default)", elem_id="compare-steps")
     with gr.Row():
         use_sd = gr.Checkbox(False, label="StyleDrop guidance for the adapters", elem_id="compare-styledrop")
         lam_a = gr.Number(1.0, label="lambda A (adapter vs base)")
         lam_b = gr.Number(1.0, label="lambda B (text)")
     go = gr.Button("Generate", variant="primary", elem_id="compare-generate")
-    gallery = gr.Gallery(label="same prompt, same seed", columns=4, height=330, elem_id="compare-gallery",
+    gallery = gr.Gallery(label="same prompt, same seed", columns=4, height="auto", elem_id="compare-gallery",
                          object_fit="contain")
     message = gr.Markdown(elem_id="compare-message")
     chosen.change(guarded(page.base_of, 1), chosen, base)
