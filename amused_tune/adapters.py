@@ -42,10 +42,13 @@ def attach_lora(
     targets: list[str] | tuple[str, ...] = ("to_q", "to_k", "to_v"),
     dropout: float = 0.0,
     adapter_name: str = "default",
+    use_dora: bool = False,
 ) -> LoraConfig:
-    """Inject a LoRA adapter into every module named in `targets`; only the LoRA weights stay trainable."""
+    """Inject a LoRA adapter into every module named in `targets` (DoRA with `use_dora`: a trained magnitude per
+    output row as well); only the adapter's weights stay trainable."""
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, init_lora_weights=True
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, init_lora_weights=True,
+        use_dora=use_dora,
     )
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
@@ -210,6 +213,7 @@ def read_adapter(
         lora_alpha=float(config_dict.get("lora_alpha", rank)),
         target_modules=modules,
         lora_dropout=0.0,
+        use_dora=bool(config_dict.get("use_dora")) or any(".lora_magnitude_vector" in k for k in state),
     )
     return state, config
 
@@ -238,10 +242,11 @@ def load_lora(
         module = names[key.rsplit(".lora_", 1)[0]]
         expected_in = module.in_features if ".lora_A." in key else config.r
         expected_out = config.r if ".lora_A." in key else module.out_features
-        if tuple(value.shape) != (expected_out, expected_in):
+        expected = (expected_out,) if ".lora_magnitude_vector" in key else (expected_out, expected_in)  # DoRA
+        if tuple(value.shape) != expected:
             raise AdapterError(
                 f"adapter {source}: {key} has shape {tuple(value.shape)}, this {part} needs "
-                f"{(expected_out, expected_in)} (another base model or a corrupt file)"
+                f"{expected} (another base model or a corrupt file)"
             )
     existing = getattr(model, "_amused_lora_configs", {})
     name = adapter_name or f"adapter_{len(existing)}"

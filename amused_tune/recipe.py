@@ -101,8 +101,10 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: Literal["lora", "full"] = "lora"
-    """lora: train low-rank adapters on `targets`; full: train every weight of the U-ViT."""
+    kind: Literal["lora", "dora", "full"] = "lora"
+    """lora: train low-rank adapters on `targets`; dora: weight-decomposed LoRA (peft's DoRA: a LoRA on the
+    direction of each weight plus a trained magnitude per output, saved in the same two formats); full: train
+    every weight of the U-ViT."""
     rank: int = 16
     """LoRA rank r."""
     alpha: float = 32.0
@@ -317,7 +319,7 @@ class Recipe:
             raise RecipeError(f"validation.min_p must be in [0, 1) (0: off), got {self.validation.min_p}")
         if self.validation.top_k is not None and self.validation.top_k < 0:
             raise RecipeError(f"validation.top_k must be >= 0 (0: off), got {self.validation.top_k}")
-        if self.adapter.kind == "lora":
+        if self.adapter.kind != "full":
             _positive("adapter", rank=self.adapter.rank, alpha=self.adapter.alpha)
         if self.prior.images_per_prompt < 1 or self.prior.weight < 0:
             raise RecipeError(f"prior.images_per_prompt must be >= 1 and prior.weight >= 0, got "
@@ -335,7 +337,7 @@ class Recipe:
             raise RecipeError(f"train.keep_checkpoints must be >= 1, got {self.train.keep_checkpoints}")
         if self.optim.warmup_steps < 0:
             raise RecipeError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
-        if self.model.quantize and self.adapter.kind != "lora":
+        if self.model.quantize and self.adapter.kind == "full":
             raise RecipeError("model.quantize needs adapter.kind=lora: a quantized base cannot be fully fine-tuned")
         if self.output.push_to_hub and not self.output.hub_repo_id:
             raise RecipeError("output.push_to_hub=true needs output.hub_repo_id (e.g. user/my-lora)")

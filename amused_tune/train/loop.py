@@ -235,7 +235,7 @@ def finish(run: Run, step: int, loss: float, skipped: int) -> dict:
     """The deliverables (adapter or U-ViT, loss plot, model card, push) once every process is done; the summary."""
     run.accelerator.wait_for_everyone()
     summary = {"step": step, "loss": loss, "output_dir": str(run.out), "skipped_nonfinite": skipped}
-    if run.main and run.ema is not None and run.recipe.adapter.kind == "lora":  # the last trained weights too
+    if run.main and run.ema is not None and run.recipe.adapter.kind != "full":  # the last trained weights too
         adapters.save_lora(run.out / "adapter-raw", run.comps.transformer, base_model=run.recipe.model.base)
     swap(run.ema)  # the EMA weights are the deliverable
     if run.main:

@@ -180,7 +180,7 @@ def write_loss_plot(metrics: Path, png: Path) -> Path | None:
 
 def final_written(out: Path, recipe: Recipe) -> bool:
     """Whether the run's final weights are in `out` (adapter/ for LoRA, transformer/ for full fine-tuning)."""
-    if recipe.adapter.kind == "lora":
+    if recipe.adapter.kind != "full":
         return (out / "adapter" / adapters.DIFFUSERS_FILE).is_file() and (out / "adapter" / adapters.PEFT_FILE).is_file()
     return (out / "transformer" / "config.json").is_file() and any((out / "transformer").glob("*.safetensors"))
 
@@ -189,7 +189,7 @@ def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
     """The run's deliverables: the adapter (both formats) or the full U-ViT, and the loss plot."""
     written = {}
     record = run_record(recipe.model.base, recipe.validation)  # the base and sampling settings travel with the weights
-    if recipe.adapter.kind == "lora":
+    if recipe.adapter.kind != "full":  # lora or dora
         text_encoder = comps.text_encoder if recipe.adapter.text_encoder else None
         adapters.save_lora(out / "adapter", transformer, text_encoder, base_model=recipe.model.base, record=record)
         written["adapter"] = str(out / "adapter")

@@ -116,18 +116,21 @@ def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> lis
     model and text encoder are placed before, by `place_encoders`."""
     frozen_dtype = torch_dtype(recipe.model.dtype)
     transformer = comps.transformer
-    if recipe.adapter.kind == "lora":
+    if recipe.adapter.kind != "full":  # lora or dora
         if recipe.model.quantize:  # before LoRA, so that peft wraps the 8/4-bit layers (CUDA only)
             from amused_tune.quantize import quantize_linear_layers
 
             quantize_linear_layers(transformer, recipe.model.quantize, frozen_dtype, device)
         place(transformer, device, frozen_dtype)
+        dora = recipe.adapter.kind == "dora"
         adapters.attach_lora(
-            transformer, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.targets, recipe.adapter.dropout
+            transformer, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.targets, recipe.adapter.dropout,
+            use_dora=dora,
         )
         if recipe.adapter.text_encoder:
             adapters.attach_lora(
-                comps.text_encoder, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.text_encoder_targets
+                comps.text_encoder, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.text_encoder_targets,
+                use_dora=dora,
             )
     else:
         place(transformer, device, torch.float32).requires_grad_(True)

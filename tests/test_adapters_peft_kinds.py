@@ -1,0 +1,81 @@
+"""adapter.kind=dora: peft's weight-decomposed LoRA, trained by the kit, saved in diffusers' and peft's formats; the
+adapter loads in plain diffusers + peft and samples the same tokens there as in the kit's sampler."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from amused_tune import adapters
+from amused_tune.models import build_tiny
+from amused_tune.recipe import AdapterConfig
+from amused_tune.sampler import generate
+from amused_tune.train.loop import train
+from conftest import make_images
+from test_resume import recipe_for
+
+
+@pytest.fixture(scope="module")
+def dora_run(tmp_path_factory):
+    data = make_images(tmp_path_factory.mktemp("data"))
+    recipe = recipe_for(tmp_path_factory.mktemp("run") / "dora", data, max_steps=3)
+    recipe.adapter = AdapterConfig(kind="dora", rank=4, alpha=8.0)
+    recipe.optim.lr = 5e-2  # large steps: the magnitudes and directions move visibly in 3 steps
+    train(recipe)
+    return recipe.output.dir
+
+
+def test_a_dora_run_saves_magnitudes_in_both_formats(dora_run):
+    state, config = adapters.read_adapter(dora_run)
+    magnitudes = [k for k in state if k.endswith(".lora_magnitude_vector")]
+    assert config.use_dora and magnitudes and len(magnitudes) == len(config.target_modules)
+    peft_state, peft_config = adapters.read_adapter(f"{dora_run}/adapter/{adapters.PEFT_FILE}")
+    assert peft_config.use_dora and peft_state.keys() == state.keys()
+
+
+def test_dora_loads_in_plain_diffusers_and_peft_and_samples_the_kits_tokens(dora_run):
+    from diffusers import AmusedPipeline
+    from diffusers.loaders import AmusedLoraLoaderMixin
+
+    kit = build_tiny()
+    adapters.load_lora(kit.transformer, dora_run)
+    plain = build_tiny()
+    state_dict, alphas, metadata = AmusedLoraLoaderMixin.lora_state_dict(
+        f"{dora_run}/adapter", weight_name=adapters.DIFFUSERS_FILE, return_lora_metadata=True)
+    AmusedLoraLoaderMixin.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=plain.transformer,
+                                                     metadata=metadata)
+    to_q = plain.transformer.transformer_layers[0].attn1.to_q
+    assert to_q.use_dora[next(iter(to_q.use_dora))]  # diffusers built a DoRA layer from the file
+    base_tokens, _ = generate(build_tiny(), ["a cat"], [0])
+    kit_tokens, _ = generate(kit, ["a cat"], [0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = AmusedPipeline(vqvae=plain.vqvae, tokenizer=plain.tokenizer, text_encoder=plain.text_encoder,
+                              transformer=plain.transformer, scheduler=plain.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    plain_tokens = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert torch.equal(kit_tokens, plain_tokens)
+    assert not torch.equal(kit_tokens, base_tokens)  # the adapter changed what is drawn
+
+
+def test_dora_loads_in_peft(dora_run):
+    from peft import PeftModel
+
+    expected = adapters.read_adapter(dora_run)[0]
+    model = PeftModel.from_pretrained(build_tiny().transformer, f"{dora_run}/adapter")
+    got = {k.removeprefix("base_model.model.").replace(".default", ""): v
+           for k, v in model.state_dict().items() if "lora_" in k}
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key if key in got else key + ".weight"], value)
+
+
+def test_dora_merges_into_the_same_outputs(dora_run):
+    from conftest import tiny_uvit_logits
+
+    kit = build_tiny()
+    adapters.load_lora(kit.transformer, dora_run)
+    before = tiny_uvit_logits(kit.transformer)
+    adapters.merge_adapters(kit.transformer)
+    torch.testing.assert_close(tiny_uvit_logits(kit.transformer), before, atol=1e-4, rtol=1e-4)
