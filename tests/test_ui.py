@@ -130,7 +130,7 @@ def test_the_form_is_the_command_line(tmp_path):
     form = prepare.Form("quickstart", data_path=str(image), prompt="a cat in [v] style", max_steps=30,
                         output_dir="runs/cat", extra="--adapter.rank=4")
     argv = form.argv()
-    assert argv[0].endswith("recipes/quickstart.yaml") and argv[1:] == [
+    assert argv[0] == "quickstart" and argv[1:] == [
         "--data.source=single_image", f"--data.path={image}", "--data.prompt=a cat in [v] style",
         "--train.max_steps=30", "--output.dir=runs/cat", "--adapter.rank=4"]
     assert prepare.Form("quickstart", data_path=str(tmp_path)).argv()[1] == "--data.source=folder"
@@ -160,6 +160,7 @@ def test_the_data_check_says_what_would_be_skipped_and_why(tmp_path):
     assert error is None
     view = prepare.check_data(recipe)
     assert view.lines[0].startswith(f"3 samples in {folder} (captionfolder): 1 usable, 2 would be skipped")
+    assert prepare.check_data(prepare.parse(prepare.Form("quickstart"))[0]).lines[0].startswith("1 sample in ")
     assert any("b.png: no caption" in line for line in view.lines)
     assert any("c.png: not an image" in line for line in view.lines)
     assert view.images == [(str(folder / "a.png"), "a red square")]

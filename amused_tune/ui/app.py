@@ -42,8 +42,15 @@ class Page:
             return None
         return next((r.path for r in self.listing() if r.name == name), None)
 
-    def run_view(self, name: str | None, grid_index: float | None):
-        """status line, loss chart, grid slider, grid image, eval table, log tail for the chosen run."""
+    def pin(self, name: str | None, value: float) -> int | None:
+        """The grid the slider was moved to, or None (follow the newest grid) when it was moved to the newest."""
+        path = self.folder_of(name)
+        newest = len(runs_mod.grids(path)) - 1 if path else 0
+        return None if value is None or value >= newest else int(value)
+
+    def run_view(self, name: str | None, grid_index: int | None):
+        """status line, loss chart, grid slider, grid image, eval table, log tail for the chosen run; the grid is
+        the newest unless the slider pinned an older one (`grid_index`)."""
         path = self.folder_of(name)
         if path is None:
             return ("No runs yet under " + str(self.runs) + ": start one from New run.", None,
@@ -81,8 +88,7 @@ class Page:
             return command, f"error: {error}", [], "", None
         view = prepare.check_data(recipe)
         text, rows = prepare.estimate_text(recipe)
-        return (command, "\n\n".join(view.lines), [(img, cap) for img, cap in view.images], text,
-                rows or None)
+        return command, "\n\n".join(view.lines), [(thumbnail(f), cap) for f, cap in view.images], text, rows or None
 
     def start(self, *fields):
         form = self.form(*fields)
@@ -148,6 +154,18 @@ class Page:
         if path is None:
             return "error: pick a run"
         return actions.push(str(path), repo_id or "", bool(private), bool(dry_run)).replace("\n", "  \n")
+
+
+def thumbnail(file: str, size: int = 256):
+    """The image as the page shows it: a copy (the data may lie outside what the page serves), small ones scaled
+    up without blur, large ones down."""
+    from PIL import Image
+
+    with Image.open(file) as image:
+        image = image.convert("RGB")
+    scale = size / max(image.size)
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
 
 
 def loss_frame(series: dict):

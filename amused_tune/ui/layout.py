@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from amused_tune.ui import prepare
+from amused_tune.ui import prepare, runs as runs_mod
 from amused_tune.ui.app import POLL_S, Page, guarded
 
 TITLE = "amused-tune"
+CURVE_COLOURS = {"loss": "#60a5fa", f"mean of {runs_mod.SMOOTH}": "#ea580c", "held-out": "#16a34a"}
 
 
 def build(runs_dir) -> gr.Blocks:
@@ -43,7 +44,9 @@ def runs_tab(page: Page, demo: gr.Blocks) -> gr.Dropdown:
             stopped = gr.Markdown(elem_id="stop-message")
     status = gr.Markdown(elem_id="run-status")
     with gr.Row():
-        plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss", elem_id="loss-plot", height=330)
+        plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss", elem_id="loss-plot", height=330,
+                           color_map=CURVE_COLOURS, caption="blue: each logged step · orange: mean of the last 10 · "
+                                                            "green: held-out loss (when the run logs it)")
         with gr.Column():
             grid = gr.Image(label="validation grid", type="filepath", elem_id="grid-image", height=300,
                             show_label=False, interactive=False)
@@ -56,12 +59,14 @@ def runs_tab(page: Page, demo: gr.Blocks) -> gr.Dropdown:
 
     view_outputs = [status, plot, grid_step, grid, eval_table, log]
     view = guarded(page.run_view, len(view_outputs))
+    pinned = gr.State(None)  # the grid the slider holds, None: the newest
     timer = gr.Timer(POLL_S)
     timer.tick(guarded(page.refresh_list, 2), choice, [table, choice], show_progress="hidden")
-    timer.tick(view, [choice, grid_step], view_outputs, show_progress="hidden")
-    choice.change(view, [choice, gr.State(None)], view_outputs, show_progress="hidden")
+    timer.tick(view, [choice, pinned], view_outputs, show_progress="hidden")
+    choice.change(lambda: None, None, pinned).then(view, [choice, pinned], view_outputs, show_progress="hidden")
     choice.change(guarded(page.card, 1), choice, card, show_progress="hidden")
-    grid_step.release(view, [choice, grid_step], view_outputs, show_progress="hidden")
+    grid_step.release(guarded(page.pin, 1), [choice, grid_step], pinned).then(
+        view, [choice, pinned], view_outputs, show_progress="hidden")
     table.select(_row_name, None, choice)
     stop.click(guarded(page.stop, 1), choice, stopped)
     demo.load(view, [choice, gr.State(None)], view_outputs, show_progress="hidden")
@@ -99,13 +104,12 @@ def new_run_tab(page: Page) -> None:
     message = gr.Markdown(elem_id="new-run-message")
     with gr.Row():
         data_lines = gr.Markdown(elem_id="data-check")
-        images = gr.Gallery(label="the first images, with their training prompts", columns=4, height=260,
-                            elem_id="data-images", object_fit="contain")
-    with gr.Row():
-        estimate = gr.Textbox(label="--estimate (predicted peak GPU memory)", lines=8, elem_id="estimate",
-                              interactive=False)
-        fits = gr.Dataframe(headers=["GPU", "fits", "what --max-memory changes"], interactive=False,
-                            label="which cards it fits", elem_id="fits", wrap=True)
+        images = gr.Gallery(label="the first images, with their training prompts", columns=4, height="auto",
+                            elem_id="data-images", object_fit="contain", fit_columns=False)
+    fits = gr.Dataframe(headers=["GPU", "fits", "what --max-memory changes"], interactive=False,
+                        label="which cards it fits", elem_id="fits", wrap=True)
+    estimate = gr.Textbox(label="--estimate (predicted peak GPU memory)", lines=4, max_lines=30, elem_id="estimate",
+                          interactive=False)
     check.click(guarded(page.check, 5), fields, [command, data_lines, images, estimate, fits])
     start.click(guarded(page.start, 2), fields, [command, message])
     stop.click(guarded(page.stop_started, 1), fields, message)
@@ -131,7 +135,7 @@ def compare_tab(page: Page, tab: gr.Tab) -> None:
         lam_b = gr.Number(1.0, label="lambda B (text)")
     go = gr.Button("Generate", variant="primary", elem_id="compare-generate")
     gallery = gr.Gallery(label="same prompt, same seed", columns=4, height="auto", elem_id="compare-gallery",
-                         object_fit="contain")
+                         object_fit="contain", fit_columns=False)
     message = gr.Markdown(elem_id="compare-message")
     chosen.change(guarded(page.base_of, 1), chosen, base)
     tab.select(lambda: gr.update(choices=page.adapter_runs()), None, chosen)

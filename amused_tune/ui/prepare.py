@@ -33,10 +33,7 @@ class Form:
 
     def argv(self) -> list[str]:
         """The arguments after `amused-tune`, exactly as the CLI takes them."""
-        recipe = self.recipe.strip()
-        if recipe and not Path(recipe).is_file() and recipe in shipped_recipes():
-            recipe = str(kit_path("recipes") / f"{recipe}.yaml")
-        argv = [recipe]
+        argv = [self.recipe.strip()]  # a shipped recipe by its name, as `amused-tune quickstart` takes it
         data = self.data_path.strip()
         if data:
             single = Path(data).is_file() or (not Path(data).exists() and Path(data).suffix.lower() in IMAGE_SUFFIXES)
@@ -102,7 +99,8 @@ def check_data(recipe) -> DataView:
         if len(view.images) < PREVIEW_IMAGES and source.kind != "hub":
             view.images.append((str(record.ref), make_prompt(cfg, caption)))
     more = f" (checked the first {len(checked)})" if len(source.records) > len(checked) else ""
-    view.lines.append(f"{len(source.records)} samples in {cfg.path} ({source.kind}){more}: "
+    n = len(source.records)
+    view.lines.append(f"{n} sample{'' if n == 1 else 's'} in {cfg.path} ({source.kind}){more}: "
                       f"{len(checked) - len(bad)} usable, {len(bad)} would be skipped"
                       + (f", {converted} converted to RGB" if converted else "")
                       + (f"; smallest side checked: {min_size} px" if min_size else ""))
