@@ -68,10 +68,10 @@ def masked_cross_entropy(
     `label_smoothing` e is `F.cross_entropy`'s: each masked token's target is (1 - e) on its code plus e / V on
     every code, i.e. its loss is (1 - e) * (-log p[code]) + e * mean over the V codes of (-log p).
     """
-    v = logits.shape[1]
+    # [B, V, h*w] is a view of the logits: the cross-entropy reads the class dimension in place (no transposed
+    # copy of B x V x h x w values; fp32 logits are not copied at all)
     per_token = F.cross_entropy(
-        logits.permute(0, 2, 3, 1).reshape(-1, v).float(), tokens.reshape(-1), reduction="none",
-        label_smoothing=label_smoothing,
+        logits.flatten(2).float(), tokens.flatten(1), reduction="none", label_smoothing=label_smoothing,
     ).reshape(mask.shape)
     m = mask.float()
     per_image = (per_token * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)

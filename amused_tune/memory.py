@@ -37,7 +37,7 @@ NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # 4-bit: one 8-bit absmax per 64 weights,
 CODEBOOK = 8192  # the U-ViT's output classes
 CUDA_WORKSPACE = 32 * 2**20  # cuBLAS' workspace on recent GPUs, allocated through torch's caching allocator
 CUDA_CONTEXT_GB = 0.5  # what the CUDA context and kernels take outside torch's count (kept free by --max-memory)
-CACHE_PIXELS = 8 * 256 * 256  # pixels per VQ-encoding batch when the cache is built: 8 images at 256 px, 2 at 512
+CACHE_PIXELS = 4 * 256 * 256  # pixels per fp32 VQ-encoding batch when the cache is built: 4 images at 256 px, 1 at 512
 CACHE_TEXT_BATCH = 16  # prompts per text-encoder batch when the cache is built
 ENCODING = "building the cache"  # the moment of the first run over a dataset with data.cache
 
@@ -157,7 +157,7 @@ def plan_of(recipe) -> Plan:
     a, t = recipe.adapter, recipe.train
     return Plan(
         resolution=resolution_of(recipe), full=a.kind == "full", frozen_dtype=recipe.model.dtype,
-        text_dtype=recipe.model.dtype, vq_dtype=recipe.model.dtype, cache=recipe.data.cache,
+        text_dtype=recipe.model.dtype, vq_dtype="fp32", cache=recipe.data.cache,
         text_lora=(a.kind != "full" and a.text_encoder) or recipe.data.shuffle_tags, quantize=recipe.model.quantize if a.kind != "full" else None,
         adam_8bit=recipe.optim.adam_8bit, batch_size=t.batch_size, grad_accum=t.grad_accum, autocast=t.precision,
         grad_checkpointing=t.grad_checkpointing, lora_rank=a.rank, lora_targets=tuple(a.targets),

@@ -63,6 +63,7 @@ LEVERS = [
     ("fp32-base", ["--model.dtype=fp32"], False),  # the bf16-base lever switched off
     ("no-cache", ["--data.cache=false"], False),  # the cache lever switched off
     ("grad-ckpt", ["--train.grad_checkpointing=true"], False),
+    ("compile", ["--train.compile=true"], True),  # torch.compile of the U-ViT (minutes to compile on a CPU)
     ("8bit-base", ["--model.quantize=8bit"], True),
     ("4bit-base", ["--model.quantize=4bit"], True),
     ("all-levers", ["--train.grad_checkpointing=true", "--model.quantize=4bit"], True),
@@ -446,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                    "batch_size": cfg.recipe["batch_size"], "paper_gb": cfg.recipe["paper_memory_gb"],
                    "recipe_row": cfg.recipe, "device": "cuda" if cuda else "cpu"}
             if cfg.needs_cuda and not cuda:
-                row["skipped"] = "needs CUDA (bitsandbytes quantization)"
+                row["skipped"] = "needs CUDA" + (" (compiling on a CPU takes minutes)" if cfg.lever == "compile"
+                                                 else " (bitsandbytes quantization)")
             elif time.perf_counter() - started > args.budget_s:
                 row["skipped"] = f"time budget ({args.budget_s:.0f} s) spent"
             else:
