@@ -109,7 +109,9 @@ def test_metric_series_has_raw_smoothed_and_heldout_loss(tmp_path):
     assert series["step"] == list(range(1, 21)) and series["loss"][0] == 2.0
     assert series["smoothed"][-1] == pytest.approx(sum(2.0 / s for s in range(11, 21)) / 10)
     assert series["heldout_step"] == [20] and series["heldout_loss"] == [1.5]
-    line = runs_mod.summary_line(runs_mod.run_info(tmp_path / "r"), series)
+    info = runs_mod.run_info(tmp_path / "r")
+    assert (info.step, info.loss) == (20, 2.0 / 20)  # the held-out row after it has no training loss
+    line = runs_mod.summary_line(info, series)
     assert "step 20 of 100" in line and "lr 1.00e-03" in line and "10.0 images/s" in line and "0.50 GB" in line
     assert "held-out loss 1.5000" in line
 

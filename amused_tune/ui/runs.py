@@ -65,7 +65,8 @@ def max_steps_of(recipe: dict) -> int | None:
 
 
 def last_row(metrics: Path) -> dict | None:
-    """The last complete row of a metrics.jsonl, read from its end (a long run's file is not read whole)."""
+    """The last complete training-step row of a metrics.jsonl, read from its end (a long run's file is not read
+    whole)."""
     try:
         with open(metrics, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -74,14 +75,17 @@ def last_row(metrics: Path) -> dict | None:
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return None
+    found = None
     for line in reversed(lines):
         try:
             row = json.loads(line)
         except ValueError:
             continue
         if isinstance(row, dict) and "step" in row:
-            return row
-    return None
+            if "loss" in row:  # a training step's row (a held-out row has only step and heldout_loss)
+                return row
+            found = found or row
+    return found
 
 
 def finished_weights(path: Path, recipe: dict) -> bool:
