@@ -8,21 +8,30 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from toyworld_helpers import classify, eval_prompts, match_rate, toy_components
 
 from amused_tune.models import encode_images, encode_prompts, load_components
 from amused_tune.toy import toy_dir, world
 from amused_tune.toy.build import cell_ids
-from amused_tune.toy.evaluate import held_out_prompts, read_sampling_defaults
+from amused_tune.toy.classify import is_clean
+from amused_tune.toy.evaluate import _sampler_kwargs, clean_rate, framed_prompts, held_out_prompts, read_sampling_defaults
 from amused_tune.toy.text import build_toy_tokenizer, toy_words
 
 MATCH_THRESHOLD = 0.90  # shape, colour and background match the caption in >= 90% of samples
+CLEAN_THRESHOLD = 0.90  # samples with no stray cell at the toy's defaults
+FRAMED_THRESHOLD = 0.80  # framed captions drawn with their shape, colour, background and frame
 EVERY_COLOUR = tuple(c for c in world.PALETTE if c != world.STYLE_COLOUR)
 
 
 def every_world_image() -> list[world.ShapeSpec]:
     """Every (shape, colour, background) over all eight colours, with and without the [v] style."""
     return world.world_specs(EVERY_COLOUR) + world.world_specs(EVERY_COLOUR, style=True)
+
+
+def every_framed_image() -> list[world.ShapeSpec]:
+    """Every (shape, colour, background) over all eight colours with a frame of each colour but the background."""
+    return world.framed_specs(EVERY_COLOUR)
 
 
 # --------------------------------------------------------------------------------------------- world
@@ -44,6 +53,43 @@ def test_world_is_grid_aligned_and_captions_round_trip():
     assert len(world.world_specs()) == 90
     with pytest.raises(ValueError):
         world.parse_caption("a cat")
+
+
+def test_frames_are_the_outer_ring_and_plain_captions_are_unchanged():
+    framed = world.ShapeSpec("circle", "red", "blue", frame="green")
+    assert world.caption(framed) == "a red circle on a blue background with a green frame"
+    assert world.parse_caption(world.caption(framed)) == ("circle", "red", "blue")
+    assert world.caption_frame(world.caption(framed)) == "green"
+    assert world.caption_frame("a red circle on a blue background") is None
+    assert world.caption_frame("a red circle on a blue background in [v] style") == "grey"
+    grid, plain = world.cells(framed), world.cells(world.ShapeSpec("circle", "red", "blue"))
+    ring = np.zeros((8, 8), dtype=bool)
+    ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = True
+    assert (grid[ring] == "green").all() and (grid[~ring] == plain[~ring]).all()
+    assert (plain[ring] == "blue").all(), "a plain caption is drawn as before: no frame"
+    assert len(world.framed_specs()) == 450 and all(s.frame != s.background for s in world.framed_specs())
+    assert not {s.frame for s in world.framed_specs()} & {"grey", *world.HELD_OUT_COLOURS}, "grey stays unseen"
+    for bad in (world.ShapeSpec("circle", "red", "blue", frame="blue"),
+                world.ShapeSpec("circle", "red", "blue", style=True, frame="green")):
+        with pytest.raises(ValueError):
+            world.cells(bad)
+
+
+def test_style_images_cover_every_shape_and_dark_light_saturated_backgrounds(tmp_path):
+    from amused_tune.toy.__main__ import main
+
+    examples = world.style_examples()
+    assert len(examples) >= 5 and (world.STYLE_EXAMPLE, world.caption(world.STYLE_EXAMPLE)) in examples
+    assert all(spec.style and text.endswith(" in [v] style") for spec, text in examples)
+    assert {spec.shape for spec, _ in examples} == set(world.SHAPES)
+    backgrounds = {spec.background for spec, _ in examples}
+    assert {"black", "white"} <= backgrounds and backgrounds & {"red", "green", "blue"}
+    assert len({(s.shape, s.colour, s.background) for s, _ in examples}) == len(examples), "different content"
+    assert main(["sets", "--root", str(tmp_path)]) == 0
+    captions = json.loads((tmp_path / "assets" / "styledrop_toy" / "captions.json").read_text())
+    for name, spec in world.STYLE_IMAGES.items():
+        found = classify(Image.open(tmp_path / "assets" / "styledrop_toy" / f"{name}.png"))
+        assert found.matches_with_style(captions[f"{name}.png"]) and found.frame == "grey"
 
 
 def test_imagefolder_is_what_the_kit_reads(tmp_path):
@@ -71,11 +117,25 @@ def test_new_concept_set_leaves_out_the_combinations_the_eval_asks_for():
 
 
 def test_classifier_is_exact_on_every_world_image():
-    specs = every_world_image()
-    found = [classify(world.render(s)) for s in specs]
-    wrong = [(s, f) for s, f in zip(specs, found) if not f.matches_with_style(world.caption(s))]
-    assert len(specs) == 336 and not wrong, wrong[:3]
+    specs = every_world_image() + every_framed_image()
+    images = [world.render(s) for s in specs]
+    found = [classify(im) for im in images]
+    wrong = [(s, f) for s, f in zip(specs, found)
+             if not (f.matches_with_style(world.caption(s)) and f.matches_with_frame(world.caption(s)))]
+    assert len(specs) == 336 + 1176 and not wrong, wrong[:3]
     assert min(f.iou for f in found) == 1.0
+    assert all(is_clean(im, f) for im, f in zip(images, found)) and clean_rate(images[:20]) == 1.0
+
+
+def test_one_stray_cell_makes_a_sample_unclean():
+    arr = np.array(world.render(world.ShapeSpec("circle", "red", "blue", frame="green")))
+    assert is_clean(arr)
+    stray = arr.copy()
+    stray[4:8, 12:16] = world.PALETTE["yellow"]  # one background cell of the second ring
+    assert classify(stray).matches("a red circle on a blue background") and not is_clean(stray)
+    corner = arr.copy()
+    corner[0:4, 0:4] = world.PALETTE["blue"]  # one frame cell
+    assert classify(corner).frame == "green" and not is_clean(corner)
 
 
 def test_classifier_accepts_arrays_and_tensors_and_rejects_non_shapes():
@@ -119,8 +179,9 @@ def test_toy_loads_offline_and_is_consistent(toy):
 
 def test_toy_sampling_defaults_turn_guidance_on():
     saved = json.loads((toy_dir() / "sampling.json").read_text())
-    assert set(saved) == {"guidance", "guidance_schedule", "steps", "temperature"}
+    assert set(saved) == {"guidance", "guidance_schedule", "steps", "temperature", "min_p", "top_k"}
     assert saved["guidance"] > 1.0 and saved["steps"] == 12 and len(saved["temperature"]) == 2
+    assert 0 < saved["min_p"] < 1, "the toy truncates its draws (no stray cells)"
     read = read_sampling_defaults(toy_dir())
     assert {**read, "temperature": list(read["temperature"])} == saved
 
@@ -128,12 +189,13 @@ def test_toy_sampling_defaults_turn_guidance_on():
 def test_vq_round_trip_is_exact_on_every_colour_and_the_style(toy):
     from amused_tune.models import decode_tokens
 
-    specs = every_world_image()
+    specs = every_world_image() + every_framed_image()
     pixels = torch.from_numpy(world.to_array([world.render(s) for s in specs]))
     tokens = encode_images(toy.vqvae, pixels)
     assert torch.equal(tokens, torch.stack([cell_ids(s) for s in specs])), "one code per palette colour"
     rec = decode_tokens(toy.vqvae, tokens)
     assert all(classify(r).matches_with_style(world.caption(s)) for r, s in zip(rec, specs))
+    assert all(classify(r).frame == s.ring for r, s in zip(rec, specs))
 
 
 def test_toy_tokenizer_makes_each_word_one_token(toy):
@@ -158,8 +220,7 @@ def _match(toy, guidance: float):
     """50 prompts x 2 seeds at the toy's defaults, sampled once per guidance scale and shared by the tests below."""
     if guidance not in _RATES:
         d = read_sampling_defaults(toy_dir())
-        _RATES[guidance] = match_rate(toy, eval_prompts(50), seeds=(0, 1), steps=d["steps"], guidance=guidance,
-                                      temperature=tuple(d["temperature"]))
+        _RATES[guidance] = match_rate(toy, eval_prompts(50), seeds=(0, 1), **_sampler_kwargs({**d, "guidance": guidance}))
     return _RATES[guidance]
 
 
@@ -171,6 +232,21 @@ def test_toy_draws_what_it_is_asked_with_guidance_on(toy):
     misses = [(p, f) for p, f in zip(result.prompts, result.found) if not f.matches(p)]
     assert len(result.found) == 100
     assert result.rate >= MATCH_THRESHOLD, misses[:5]
+
+
+def test_toy_samples_are_clean_at_its_defaults(toy):
+    """The same 100 samples: >= 90% hold no stray cell (the toy's sampling.json truncates with min_p)."""
+    result = _match(toy, read_sampling_defaults(toy_dir())["guidance"])
+    print(f"clean samples at the defaults: {result.clean_rate:.3f}")
+    assert result.clean_rate >= CLEAN_THRESHOLD
+
+
+def test_toy_draws_framed_captions(toy):
+    """Pretraining drew frames in world colours: "... with a green frame" is drawn with its frame (30 x 2)."""
+    d = read_sampling_defaults(toy_dir())
+    result = match_rate(toy, framed_prompts(30), seeds=(0, 1), **_sampler_kwargs(d))
+    print(f"framed captions: {result.framed_match:.3f} (frame {result.frame_rate:.3f})")
+    assert result.framed_match >= FRAMED_THRESHOLD
 
 
 def test_guidance_helps(toy):

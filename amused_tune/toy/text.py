@@ -17,8 +17,8 @@ MAX_LENGTH = 16  # "<bos> a red circle on a blue background in [ v ] style <eos>
 
 
 def toy_words() -> list[str]:
-    """Every word a toy caption uses (world, held-out colours, the style's words)."""
-    words = ["a", "on", "background", "in", "style", *world.PALETTE, *world.SHAPES]
+    """Every word a toy caption uses (world, frames, held-out colours, the style's words)."""
+    words = ["a", "on", "background", "with", "frame", "in", "style", *world.PALETTE, *world.SHAPES]
     return list(dict.fromkeys(words))
 
 
