@@ -37,6 +37,38 @@ class ModelConfig:
     """LoRA only, CUDA only: hold the frozen U-ViT's linear layers in bitsandbytes 8-bit or 4-bit (QLoRA-style)."""
 
 
+SourceKind = Literal["folder", "imagefolder", "captionfolder", "hub", "single_image"]
+
+
+@dataclass
+class SourceConfig:
+    """One entry of `data.sources`: a dataset card or a source, its own prompt rules, and how often it is drawn."""
+
+    card: Optional[str] = None
+    """A dataset card (a name from datasets_cards/ or a path), as data.card."""
+    source: Optional[SourceKind] = None
+    """As data.source."""
+    path: Optional[str] = None
+    """As data.path."""
+    split: Optional[str] = None
+    """hub: as data.split."""
+    image_column: Optional[str] = None
+    """hub: as data.image_column."""
+    caption_column: Optional[str] = None
+    """hub and imagefolder: as data.caption_column."""
+    prompt: Optional[str] = None
+    """As data.prompt: one caption for every image of this source."""
+    prompt_prefix: Optional[str] = None
+    """As data.prompt_prefix, for this source's prompts."""
+    prompt_template: Optional[str] = None
+    """As data.prompt_template, for this source's prompts."""
+    trigger_word: Optional[str] = None
+    """As data.trigger_word, for this source's prompts (e.g. on the subject's images, not the regularization set)."""
+    repeats: int = 1
+    """How many times each of this source's images is in one epoch (20 images x 10 repeats + 200 others: half the
+    draws are the 20)."""
+
+
 @dataclass
 class DataConfig:
     """The training data. Keys left unset (null) come from the dataset card, then from the defaults named below."""
@@ -97,6 +129,10 @@ class DataConfig:
     """Probability that a sample is trained with the empty prompt instead of its caption. The same mechanism as
     train.cond_dropout (which this value replaces when set): the sample's text conditioning becomes the empty
     prompt's, for that sample and draw only."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several data sources in one run, instead of data.card/source/path: a list of {card or source + path,
+    repeats, prompt rules}. The other data keys (crops, flips, cache...) apply to every source. Each source is
+    cached once, whatever its repeats."""
 
 
 @dataclass
@@ -325,6 +361,7 @@ class Recipe:
             raise RecipeError(f"prior.images_per_prompt must be >= 1 and prior.weight >= 0, got "
                               f"{self.prior.images_per_prompt} and {self.prior.weight}")
         self._resolve_captions()
+        self._check_sources()
         if not 0 <= self.train.cond_dropout <= 1:
             raise RecipeError(f"train.cond_dropout must be in [0, 1], got {self.train.cond_dropout}")
         if not 0 <= self.train.label_smoothing < 1:
@@ -352,6 +389,19 @@ class Recipe:
         o.betas = tuple(betas if o.betas is None else o.betas)
         if not all(0 <= b < 1 for b in o.betas):
             raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+
+    def _check_sources(self) -> None:
+        d = self.data
+        if not d.sources:
+            return
+        if d.card or d.source or d.path:
+            raise RecipeError("data.sources replaces data.card/source/path: put every source in the list "
+                              "(e.g. data.sources: [{card: nouns, repeats: 2}, {source: folder, path: reg/}])")
+        for i, s in enumerate(d.sources):
+            if s.repeats < 1:
+                raise RecipeError(f"data.sources[{i}].repeats must be >= 1, got {s.repeats}")
+            if not (s.card or (s.source and s.path)):
+                raise RecipeError(f"data.sources[{i}] needs a card, or a source and a path")
 
     def _resolve_captions(self) -> None:
         d = self.data

@@ -109,6 +109,10 @@ def data_path_problem(data) -> str | None:
 
     try:
         cfg = resolve_config(data)
+        if cfg.sources:  # data.sources: the first source with a problem
+            from amused_tune.data.mixture import part_configs
+
+            return next(filter(None, (data_path_problem(part) for part, _ in part_configs(cfg))), None)
     except DataError as err:
         return str(err)
     if not str(cfg.path).strip():
@@ -146,7 +150,8 @@ def source_problem(source: str, shown: str, path: Path) -> str | None:
     if source != "single_image" and path.is_file():
         return f"data.path={shown} is a file, but data.source={source} needs a folder{hint or ': pass a folder'}"
     if source == "imagefolder" and not (path / "metadata.jsonl").is_file():
-        return f"data.path={shown} has no metadata.jsonl, which data.source=imagefolder reads{hint}"
+        return (f"data.path={shown} has no metadata.jsonl, which data.source=imagefolder reads"
+                f"{hint or ': add one ({\"file_name\": ..., \"text\": ...} per line) or use data.source=captionfolder with a .txt caption per image'}")
     if source == "captionfolder" and "metadata.jsonl" in fits:
         return f"data.path={shown} has no .txt captions, which data.source=captionfolder reads{hint}"
     return None
@@ -167,7 +172,7 @@ def validation_prompts_from_data(recipe) -> list[str]:
     v = recipe.validation
     try:
         cfg = resolve_config(recipe.data)
-        if cfg.source in ("hub", "single_image") or not (v.from_data or v.prompts):
+        if cfg.sources or cfg.source in ("hub", "single_image") or not (v.from_data or v.prompts):
             return []
         captions = [cfg.prompt] if cfg.prompt else [r.caption.strip() for r in open_source(cfg).records
                                                       if r.caption and r.caption.strip()]

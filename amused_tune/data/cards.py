@@ -66,7 +66,10 @@ def load_card(card: str) -> dict:
 
 
 def resolve_config(cfg: DataConfig) -> DataConfig:
-    """The data section with the card's values and the defaults filled in where the recipe left keys unset."""
+    """The data section with the card's values and the defaults filled in where the recipe left keys unset. With
+    `data.sources` the section is returned as it is: each source is resolved on its own (data.mixture)."""
+    if cfg.sources:
+        return cfg
     card = load_card(cfg.card) if cfg.card else {}
     values = {}
     for f in dataclasses.fields(DataConfig):

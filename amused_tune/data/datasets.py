@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from amused_tune.data import cache
 from amused_tune.data.captions import with_caption_rules
 from amused_tune.data.cards import resolve_config
+from amused_tune.data.mixture import Mixture, mixture_report, part_configs
 from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
 from amused_tune.data.prior import with_prior
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
@@ -89,9 +90,31 @@ def prepare_training_data(recipe, comps, accelerator) -> tuple[Dataset, tuple[to
 
     Every sample is validated here, before the first step. With `data.cache` the images are encoded to VQ tokens
     and the captions to embeddings (resuming an interrupted encoding), then the VQ model, and the text encoder
-    unless it trains, are moved to the CPU. Writes OUTPUT_DIR/data_report.json.
+    unless it trains, are moved to the CPU. Writes OUTPUT_DIR/data_report.json. With `data.sources`, each source in
+    turn, trained on as their mixture (amused_tune.data.mixture).
     """
-    cfg = resolve_config(recipe.data)
+    parts = part_configs(recipe.data)
+    built = []
+    for n, (cfg, _) in enumerate(parts):
+        if n:  # the previous source's cache moved the encoders off the device
+            comps.vqvae.to(accelerator.device)
+            comps.text_encoder.to(accelerator.device)
+        built.append(_one_source(recipe, cfg, comps, accelerator))
+    empty = built[0][1]
+    if len(parts) == 1:
+        dataset, report = built[0][0], built[0][2].to_dict()
+    else:
+        dataset = Mixture([b[0] for b in built], [repeats for _, repeats in parts])
+        report = mixture_report([b[2].to_dict() for b in built], parts)
+    path = Path(recipe.output.dir) / "data_report.json"
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+    return with_prior(recipe, comps, dataset, accelerator), empty  # prior.prompts: the base's own images paired in
+
+
+def _one_source(recipe, cfg, comps, accelerator) -> tuple[Dataset, tuple[torch.Tensor, torch.Tensor], Report]:
+    """The dataset of one resolved data section, the empty prompt's embeddings, its validation report (logged)."""
     resolution = comps.resolution
     live_text = recipe.adapter.text_encoder or cfg.shuffle_tags  # no text-embedding cache
     if cfg.cache:
@@ -107,12 +130,9 @@ def prepare_training_data(recipe, comps, accelerator) -> tuple[Dataset, tuple[to
         dataset, report = validated_dataset(cfg, resolution, comps.tokenizer, recipe.train.seed)
         empty = encode_prompts(comps.text_encoder, comps.tokenizer, [""])
     dataset = with_caption_rules(dataset, cfg)  # data.shuffle_tags
-    path = Path(recipe.output.dir) / "data_report.json"
     if accelerator.is_main_process:
-        report.log(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    return with_prior(recipe, comps, dataset, accelerator), empty  # prior.prompts: the base's own images paired in
+        report.log(Path(recipe.output.dir) / "data_report.json")
+    return dataset, empty, report
 
 
 def collate(items: list[dict]) -> dict:
