@@ -150,8 +150,8 @@ def source_problem(source: str, shown: str, path: Path) -> str | None:
     if source != "single_image" and path.is_file():
         return f"data.path={shown} is a file, but data.source={source} needs a folder{hint or ': pass a folder'}"
     if source == "imagefolder" and not (path / "metadata.jsonl").is_file():
-        return (f"data.path={shown} has no metadata.jsonl, which data.source=imagefolder reads"
-                f"{hint or ': add one ({\"file_name\": ..., \"text\": ...} per line) or use data.source=captionfolder with a .txt caption per image'}")
+        add = ': add one ({"file_name": ..., "text": ...} per line) or use data.source=captionfolder with a .txt per image'
+        return f"data.path={shown} has no metadata.jsonl, which data.source=imagefolder reads{hint or add}"
     if source == "captionfolder" and "metadata.jsonl" in fits:
         return f"data.path={shown} has no .txt captions, which data.source=captionfolder reads{hint}"
     return None
