@@ -62,8 +62,9 @@ def start_page(runs: Path, cwd: Path = ROOT) -> tuple[subprocess.Popen, str, flo
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     t0 = time.perf_counter()
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "amused_tune.cli", "ui", "--runs", str(runs), "--port", str(port)],
-                            env=ENV, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=ENV, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
@@ -71,7 +72,8 @@ def start_page(runs: Path, cwd: Path = ROOT) -> tuple[subprocess.Popen, str, flo
             return proc, url, time.perf_counter() - t0
         except OSError:
             if proc.poll() is not None or time.perf_counter() - t0 > 120:
-                raise SystemExit("the page did not start")
+                log.seek(0)
+                raise SystemExit("the page did not start:\n" + log.read().decode(errors="replace")[-2000:])
             time.sleep(0.05)
 
 

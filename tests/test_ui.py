@@ -251,3 +251,11 @@ def test_push_and_merge_errors_are_the_commands_lines(tmp_path):
     assert actions.merge(str(tmp_path / "missing"), str(tmp_path / "m")) == (
         f"amused-tune: error: {tmp_path / 'missing'} does not exist: pass a run's output.dir, an adapter folder or a "
         ".safetensors file")
+
+
+def test_a_run_that_fails_at_once_shows_the_commands_line(tmp_path):
+    out = tmp_path / "runs" / "x"
+    processes.start(tmp_path / "runs", out, [str(tmp_path / "nope.yaml")], env={"OMP_NUM_THREADS": "1"})
+    said = processes.early_failure(tmp_path / "runs", out, wait_s=60)
+    assert said.startswith(f"amused-tune: error: recipe {tmp_path / 'nope.yaml'} not found")
+    assert processes.record_of(tmp_path / "runs", out)["command"] == f"amused-tune {tmp_path / 'nope.yaml'}"

@@ -101,6 +101,9 @@ class Page:
             record = processes.start(self.runs, out, form.argv())
         except RuntimeError as err:
             return command, f"error: {err}"
+        failed = processes.early_failure(self.runs, out)
+        if failed:
+            return command, failed
         inside = out.resolve().is_relative_to(self.runs.resolve())
         where = "" if inside else f" (its folder {out} is outside {self.runs}: the Runs tab does not list it)"
         return command, (f"started `{out.name}` (pid {record['pid']}); it trains in its own process, so closing this "

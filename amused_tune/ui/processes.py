@@ -94,6 +94,19 @@ def stop(runs: Path, out: Path) -> str:
             "Start with the same settings resumes it")
 
 
+def early_failure(runs: Path, out: Path, wait_s: float = 5.0) -> str | None:
+    """The command's error line when the run ended within `wait_s` (a mistake found before training), else None."""
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        record = record_of(runs, out)
+        if record is None or record["alive"]:
+            time.sleep(0.2)
+            continue
+        said = [line for line in log_tail(runs, out, 20).splitlines() if "error:" in line]
+        return said[-1] if said else f"the run ended at once: see {record['log']}"
+    return None
+
+
 def log_tail(runs: Path, out: Path, lines: int = 12) -> str:
     """The last lines of the run's log (progress bars' carriage returns folded to their last state)."""
     record = record_of(runs, out)
