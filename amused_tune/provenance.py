@@ -11,7 +11,7 @@ lone ``.safetensors`` file, a pushed repo and a downloaded folder all carry it::
 ``revision`` is the Hub commit of a Hub base when its snapshot is in the local cache; ``base_path`` the absolute
 path of a local base folder (``base`` keeps the path as the recipe wrote it). Older adapters without the record
 fall back to peft's ``base_model_name_or_path`` and then to the run's recipe.yaml (base only, no settings).
-Torch-free: the safetensors header is read without loading any tensor.
+Torch-free for local weights: the safetensors header is read without loading any tensor.
 """
 
 from __future__ import annotations
@@ -126,6 +126,10 @@ def _from_hub(repo_id: str) -> dict | None:
         return None
     from huggingface_hub import hf_hub_download
 
+    from amused_tune.models import hub_unreachable
+
+    if hub_unreachable():  # the adapter loader says so in one line; no ~30 s of retries here first
+        return None
     for name in (INFO_FILE, DIFFUSERS_FILE):
         try:
             local = Path(hf_hub_download(repo_id, name))
