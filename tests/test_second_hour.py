@@ -241,3 +241,16 @@ def test_validation_prompts_come_from_the_captions_and_unknown_words_are_warned(
     assert len(warnings) == (1 if warned else 0), said.err
     if warned:
         assert f"uses {warned}, which no caption of data.path=assets/toy_concept contains" in warnings[0]
+
+
+def test_sample_help_has_three_examples_and_describes_every_option(capsys):
+    from amused_tune.cli.sample import build_parser
+
+    parser = build_parser()
+    undescribed = [a.option_strings for a in parser._actions if a.option_strings and not (a.help or "").strip()]
+    assert undescribed == []
+    assert cli_main(["sample", "--help"]) == 0
+    text = capsys.readouterr().out
+    examples = text.split("examples:", 1)[1]
+    assert len([line for line in examples.splitlines() if line.startswith("  amused-tune sample ")]) == 3
+    assert "--adapter runs/quickstart-lora" in examples and "'tiny' (random weights" in " ".join(text.split())

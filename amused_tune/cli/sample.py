@@ -27,8 +27,9 @@ EXAMPLES = """examples:
   amused-tune sample --adapter runs/quickstart-lora --prompt "a red circle on a white background in [v] style" \\
       --num-images 4 --seed 0 --out samples/
       a run's LoRA on the base it was trained on, at the settings it was validated with (both recorded by the run)
-  amused-tune sample --base toy --prompt "a red square on a white background" --image in.png --mask mask.png
-      inpainting: regenerate the white part of mask.png in in.png (without --mask: a variation, --strength 0.6)
+  amused-tune sample --base toy --prompt "a yellow square on a blue background" \\
+      --image assets/quickstart/toy_style.png --mask assets/quickstart/toy_mask.png --out samples/inpaint/
+      inpainting: redraw the white part of the mask in the image (without --mask: a variation, --strength 0.6)
 """
 
 
