@@ -219,6 +219,22 @@ def test_text_encoder_lora_validation_guides_with_the_current_empty_prompt(tmp_p
     assert torch.allclose(seen["empty"][0], hidden) and torch.allclose(seen["empty"][1], pooled)
 
 
+# --------------------------------------------------------------------------------------------- the run object
+
+
+def test_the_run_keeps_raw_modules_apart_from_what_the_step_calls(tmp_path, image_folder):
+    """train.compile: the step calls the compiled U-ViT; saving and validation use the raw one (LoRA attached)."""
+    from diffusers import UVit2DModel
+
+    run = loop.set_up(tiny(tmp_path, image_folder, train={"compile": True}, adapter={"text_encoder": True}), None)
+    assert isinstance(run.transformer, torch._dynamo.eval_frame.OptimizedModule)
+    assert type(run.comps.transformer) is UVit2DModel and run.transformer._orig_mod is run.comps.transformer
+    assert run.text_encoder is run.comps.text_encoder  # one process: no DDP wrapper
+    assert any("lora_A" in n for n, _ in run.comps.text_encoder.named_parameters())
+    with pytest.raises(AttributeError):  # built once: a field cannot be re-bound
+        run.transformer = run.comps.transformer
+
+
 # --------------------------------------------------------------------------------------------- precision
 
 

@@ -128,6 +128,7 @@ def train_step(run, batches, step: int) -> StepResult:
     finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or scaler is not None)
     if not finite and not t.skip_nonfinite:
         raise TrainingStopped(nonfinite_message(run.out, step, loss_value, grad_norm), 1, error=True)
+    scale = float(scaler.get_scale()) if scaler is not None else None
     if finite or scaler is not None:  # the scaler must see every step it unscaled, to skip it and update itself
         run.optimizer.step()  # else (train.skip_nonfinite) the step counts for the data and schedule, no weight
     run.lr_scheduler.step()
@@ -135,8 +136,8 @@ def train_step(run, batches, step: int) -> StepResult:
     seconds = time.perf_counter() - started
     if scaler is None:
         return StepResult(loss_value, grad_norm, finite, seconds)
-    return StepResult(loss_value, grad_norm, finite, seconds, float(scaler.get_scale()),
-                      bool(run.optimizer.step_was_skipped))
+    # the scaler lowers its scale exactly when it skipped the update (inf or NaN gradients)
+    return StepResult(loss_value, grad_norm, finite, seconds, float(scaler.get_scale()), scaler.get_scale() < scale)
 
 
 def clip_gradients(run) -> torch.Tensor:
