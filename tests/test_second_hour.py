@@ -65,6 +65,7 @@ def test_a_run_records_its_base_and_validated_settings_beside_the_weights_and_in
     assert lone == record
     card = (run / "README.md").read_text()
     assert "guidance 2.0" in card and "amused_tune.json" in card
+    assert "guidance_scale=2.0, num_inference_steps=12" in card  # diffusers' own call, at the recorded settings
 
 
 def test_a_recipes_own_validation_settings_are_what_is_recorded(tmp_path):

@@ -185,7 +185,7 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     if section.is_file():
         lines += ["", *section.read_text().strip("\n").splitlines()]
     lines += ["", "## Use it", ""] + _recorded_lines(out, lora)
-    lines += _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id)
+    lines += _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id, _call_settings(out, lora))
     return "\n".join(lines) + "\n"
 
 
@@ -298,7 +298,17 @@ def _imports(base: str, *lines: str) -> list[str]:
     return [*lines, *(["from amused_tune.models import load_components"] if base in BUILT_IN_BASES else []), ""]
 
 
-def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, repo_id: str | None) -> list[str]:
+def _call_settings(out: Path, lora: bool) -> str:
+    """The recorded guidance and steps as AmusedPipeline's call arguments (", guidance_scale=2.0, ..."), or ""."""
+    from amused_tune.provenance import read_record
+
+    sampling = (read_record(Path(out) / ("adapter" if lora else "transformer")) or {}).get("sampling") or {}
+    names = {"guidance": "guidance_scale", "steps": "num_inference_steps"}
+    return "".join(f", {names[k]}={sampling[k]!r}" for k in names if sampling.get(k) is not None)
+
+
+def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, repo_id: str | None,
+           settings: str = "") -> list[str]:
     """The "Use it" section. Strings go into the code as literals (json.dumps / shlex.quote), whatever they hold."""
     py_source, py_prompt = json.dumps(source), json.dumps(prompt)
     sh_base, sh_source, sh_prompt = shlex.quote(base), shlex.quote(source), shlex.quote(prompt)
@@ -313,7 +323,7 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
             *_imports(base, "import torch", "from diffusers import AmusedPipeline, UVit2DModel"),
             f'transformer = UVit2DModel.from_pretrained({py_source}, subfolder="transformer")',
             _pipeline(base, transformer=True),
-            f"image = pipe({py_prompt}, generator=torch.manual_seed(0)).images[0]",
+            f"image = pipe({py_prompt}, generator=torch.manual_seed(0){settings}).images[0]",
             'image.save("sample.png")', "```",
         ]
     te_line = ("AmusedLoraLoaderMixin.load_lora_into_text_encoder(\n    state_dict, network_alphas=network_alphas, "
@@ -335,14 +345,14 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
         "AmusedLoraLoaderMixin.load_lora_into_transformer(",
         "    state_dict, network_alphas=network_alphas, transformer=pipe.transformer, metadata=metadata",
         ")",
-        f"{te_line}image = pipe({py_prompt}, generator=torch.manual_seed(0)).images[0]",
+        f"{te_line}image = pipe({py_prompt}, generator=torch.manual_seed(0){settings}).images[0]",
         'image.save("sample.png")', "```", "",
         "With peft (the same adapter in peft's format, `adapter_config.json` + `adapter_model.safetensors`):", "",
         "```python",
         *_imports(base, "from diffusers import AmusedPipeline", "from peft import PeftModel"),
         _pipeline(base),
         f"pipe.transformer = PeftModel.from_pretrained(pipe.transformer, {py_source}).merge_and_unload()",
-        f"{peft_te}image = pipe({py_prompt}).images[0]", "```",
+        f"{peft_te}image = pipe({py_prompt}{settings}).images[0]", "```",
     ]
 
 
