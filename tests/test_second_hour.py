@@ -17,6 +17,7 @@ from conftest import reset_accelerate
 from PIL import Image
 
 from amused_tune.cli import main as cli_main
+from test_first_hour import no_model_loading  # noqa: F401 (a fixture: loading a base model fails the test)
 
 PROMPT = "a red circle on a white background in [v] style"
 SHORT = ["--train.max_steps=3", "--train.checkpoint_every=3", "--output.loss_plot=false",
@@ -189,11 +190,8 @@ def captioned(tmp_path_factory) -> Path:
     (["my_folder", "--data.source=captionfolder", "--data.path={jsonl}"], ["has no .txt captions",
                                                                            "use --data.source=folder"]),
 ])
-def test_data_path_is_checked_against_data_source_before_any_model_loads(capsys, monkeypatch, captioned, argv,
+def test_data_path_is_checked_against_data_source_before_any_model_loads(capsys, no_model_loading, captioned, argv,
                                                                          fragments):
-    import amused_tune.models
-
-    monkeypatch.setattr(amused_tune.models, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     kit = Path(__file__).resolve().parent.parent / "assets"
     paths = dict(image=kit / "quickstart" / "toy_style.png", jsonl=kit / "toy_concept", txt=captioned)
     assert cli_main([a.format(**paths) for a in argv] + ["--model.base=toy"]) == 2
