@@ -159,7 +159,9 @@ def plan_of(recipe) -> Plan:
         resolution=resolution_of(recipe), full=a.kind == "full", frozen_dtype=recipe.model.dtype,
         text_dtype=recipe.model.dtype, vq_dtype="fp32", cache=recipe.data.cache,
         text_lora=(a.kind != "full" and a.text_encoder) or recipe.data.shuffle_tags, quantize=recipe.model.quantize if a.kind != "full" else None,
-        adam_8bit=recipe.optim.adam_8bit, batch_size=t.batch_size, grad_accum=t.grad_accum, autocast=t.precision,
+        # prior preservation (recipe.prior) adds a batch of the base's own images to every micro-batch
+        adam_8bit=recipe.optim.adam_8bit, batch_size=t.batch_size * (2 if recipe.prior.prompts else 1),
+        grad_accum=t.grad_accum, autocast=t.precision,
         grad_checkpointing=t.grad_checkpointing, lora_rank=a.rank, lora_targets=tuple(a.targets),
         validation_images=len(recipe.validation.prompts) * recipe.validation.images_per_prompt,
         optimizer=recipe.optim.resolved_name, ema=ema_device(recipe))

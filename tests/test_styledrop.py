@@ -258,3 +258,25 @@ def test_toy_picker_keeps_style_and_caption_only():
     assert toy_picker([world.render(styled), world.render(plain), world.render(styled)],
                       [prompt, prompt, world.caption(world.ShapeSpec("square", "red", "blue", style=True))]) == [
         True, False, False]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["styledrop_256", "styledrop_512"])
+def test_styledrop_recipes_train_a_step_with_prior_preservation_at_real_size(tmp_path, monkeypatch, name):
+    """The shipped StyleDrop method (single image + prior preservation) on the real-size random model: the base
+    draws its prior image first, then one step trains on the style image and it (one prompt here, to stay short)."""
+    from safetensors.torch import load_file
+
+    from amused_tune.models import build_real_size
+    from amused_tune.train.loop import train
+
+    monkeypatch.setenv("AMUSED_TUNE_CACHE", str(tmp_path / "cache"))
+    recipe, _, _ = parse_recipe([str(REPO / "recipes" / f"{name}.yaml"), "--train.max_steps=1",
+                                 "--train.precision=fp32", "--model.dtype=fp32", f"--output.dir={tmp_path / 'run'}",
+                                 "--validation.prompts=[]", "--prior.prompts=[A house]", "--output.loss_plot=false"])
+    assert recipe.prior.weight > 0
+    summary = train(recipe, components=build_real_size(int(name[-3:])))
+    w = recipe.prior.weight  # loss = style + w x prior, each ~ln(8192) = 9.01 for a random model
+    assert summary["step"] == 1 and (1 + w) * 8.0 < summary["loss"] < (1 + w) * 10.5
+    tokens = load_file(tmp_path / "run" / "prior" / "prior.safetensors")["tokens"]
+    assert tokens.shape == (recipe.prior.images_per_prompt, int(name[-3:]) // 16, int(name[-3:]) // 16)

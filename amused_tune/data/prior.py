@@ -143,7 +143,7 @@ def _draw(recipe, comps, prompts: list[str], folder: Path, info: dict, device) -
     settings["temperature"] = tuple(settings["temperature"]) if isinstance(settings["temperature"], list) else \
         settings["temperature"]
     tokens = []
-    batch = 16
+    batch = max(1, min(16, 1024 // (res // 16) ** 2))  # images drawn at a time: 16 on the toy, 4 at 256 px, 1 at 512
     for start in range(0, len(hidden), batch):
         cond = tuple(t[start: start + batch].to(device, dtype) for t in (hidden, pooled))
         uncond = tuple(t.to(device, dtype) for t in empty)

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         styledrop_eval(args.recipe or DEFAULT_RECIPE, args.out or "styledrop_eval.json",
                        30 if args.prompts == 50 else args.prompts, tuple(range(args.seeds)),
-                       args.images.split(",") if args.images else None, round2=args.round2)
+                       args.images.split(",") if args.images else None, round2=args.round2, base_dir=args.dir)
         return 0
     folder = Path(args.dir) if args.dir else toy_dir()
     comps = _load_folder(folder)

@@ -79,14 +79,17 @@ def _set(section: object, dotted: str, value: object) -> None:
 RUN_OVERRIDES = {"output.overwrite": True, "output.loss_plot": False, "validation.prompts": [], "train.resume": "none"}
 
 
-def train_on(recipe_path: str | Path, spec: world.ShapeSpec, folder: Path, print_fn=print) -> tuple[Path, Recipe]:
-    """Train the recipe on the one image of `spec` (its caption as data.prompt) into `folder`/run."""
+def train_on(recipe_path: str | Path, spec: world.ShapeSpec, folder: Path, print_fn=print,
+             base: str | None = None) -> tuple[Path, Recipe]:
+    """Train the recipe on the one image of `spec` (its caption as data.prompt) into `folder`/run (`base`: another
+    pipeline folder than the recipe's model.base)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = folder / "style.png"
     world.render(spec).save(image)
     recipe = load_recipe(recipe_path, **RUN_OVERRIDES, **{
         "data.source": "single_image", "data.card": None, "data.path": str(image), "data.prompt": world.caption(spec),
-        "data.cache_dir": str(folder / "cache"), "output.dir": str(folder / "run")})
+        "data.cache_dir": str(folder / "cache"), "output.dir": str(folder / "run"),
+        **({"model.base": base} if base else {})})
     return _train(recipe, print_fn), recipe
 
 
@@ -148,7 +151,7 @@ def verdict(worst: dict) -> list[str]:
 
 def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | None = None, n_prompts: int = 30,
                    seeds=(0, 1), images: list[str] | None = None, workdir: str | Path | None = None,
-                   round2: bool = False, print_fn=print) -> dict:
+                   round2: bool = False, base_dir: str | Path | None = None, print_fn=print) -> dict:
     """Train `recipe_path` on each style image (`images`: names of `world.STYLE_IMAGES`, default all), measure each
     on `n_prompts` new-content prompts x `seeds` (`round2`: after StyleDrop round 2 with the classifier's feedback,
     `round2_on`); print and return (and write to `out`) every image's numbers and
@@ -159,9 +162,10 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
     from amused_tune.toy.finetune_eval import _apply_run
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    settings = read_sampling_defaults(toy_dir())
+    folder = Path(base_dir) if base_dir else toy_dir()
+    settings = read_sampling_defaults(folder)
     names = images or list(world.STYLE_IMAGES)
-    base = load_components("toy")
+    base = load_components(str(folder))
     per_image = {}
     with tempfile.TemporaryDirectory(prefix="styledrop-eval-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
@@ -169,7 +173,7 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
             spec = world.STYLE_IMAGES[name]
             print_fn(f"{name}: {world.caption(spec)!r}")
             prompts = new_content_prompts(spec, n_prompts)
-            run, recipe = train_on(recipe_path, spec, root / name, print_fn)
+            run, recipe = train_on(recipe_path, spec, root / name, print_fn, str(base_dir) if base_dir else None)
             if round2:
                 run = round2_on(recipe, run, prompts, print_fn=print_fn)
             numbers = measure(base, _apply_run(base, run), prompts, settings, seeds)
@@ -179,7 +183,7 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
     print_fn("worst image: " + "  ".join(f"{k} {worst[k]:.2f}" for k in KEYS))
     for line in verdict(worst):
         print_fn("  " + line)
-    result = {"recipe": str(recipe_path), "round2": round2, "prompts": n_prompts, "seeds": list(seeds), "sampling": settings,
+    result = {"recipe": str(recipe_path), "base": str(folder), "round2": round2, "prompts": n_prompts, "seeds": list(seeds), "sampling": settings,
               "images": per_image, "worst": worst}
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
