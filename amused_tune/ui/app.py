@@ -88,7 +88,9 @@ class Page:
             return command, f"error: {error}", [], "", None
         view = prepare.check_data(recipe)
         text, rows = prepare.estimate_text(recipe)
-        return command, "\n\n".join(view.lines), [(thumbnail(f), cap) for f, cap in view.images], text, rows or None
+        listed = [f"`{Path(f).name}`: {cap}" for f, cap in view.images]
+        lines = "\n\n".join(view.lines + (["first images, with the prompts they train with:"] + listed if listed else []))
+        return command, lines, [(thumbnail(f), cap) for f, cap in view.images], text, rows or None
 
     def start(self, *fields):
         form = self.form(*fields)

@@ -44,9 +44,9 @@ def runs_tab(page: Page, demo: gr.Blocks) -> gr.Dropdown:
             stopped = gr.Markdown(elem_id="stop-message")
     status = gr.Markdown(elem_id="run-status")
     with gr.Row():
-        plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss", elem_id="loss-plot", height=330,
-                           color_map=CURVE_COLOURS, caption="blue: each logged step · orange: mean of the last 10 · "
-                                                            "green: held-out loss (when the run logs it)")
+        # no fixed height: the chart sizes itself, its legend (each step, the mean, held-out) included
+        plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss curve", show_label=False,
+                           elem_id="loss-plot", color_map=CURVE_COLOURS)
         with gr.Column():
             grid = gr.Image(label="validation grid", type="filepath", elem_id="grid-image", height=300,
                             show_label=False, interactive=False)
@@ -104,7 +104,7 @@ def new_run_tab(page: Page) -> None:
     message = gr.Markdown(elem_id="new-run-message")
     with gr.Row():
         data_lines = gr.Markdown(elem_id="data-check")
-        images = gr.Gallery(label="the first images, with their training prompts", columns=4, height="auto",
+        images = gr.Gallery(label="the first images, with their training prompts", columns=4, height=260,
                             elem_id="data-images", object_fit="contain", fit_columns=False)
     fits = gr.Dataframe(headers=["GPU", "fits", "what --max-memory changes"], interactive=False,
                         label="which cards it fits", elem_id="fits", wrap=True)
@@ -134,7 +134,7 @@ def compare_tab(page: Page, tab: gr.Tab) -> None:
         lam_a = gr.Number(1.0, label="lambda A (adapter vs base)")
         lam_b = gr.Number(1.0, label="lambda B (text)")
     go = gr.Button("Generate", variant="primary", elem_id="compare-generate")
-    gallery = gr.Gallery(label="same prompt, same seed", columns=4, height="auto", elem_id="compare-gallery",
+    gallery = gr.Gallery(label="same prompt, same seed", columns=4, height=340, elem_id="compare-gallery",
                          object_fit="contain", fit_columns=False)
     message = gr.Markdown(elem_id="compare-message")
     chosen.change(guarded(page.base_of, 1), chosen, base)

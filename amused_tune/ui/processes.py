@@ -107,7 +107,7 @@ def early_failure(runs: Path, out: Path, wait_s: float = 5.0) -> str | None:
     return None
 
 
-def log_tail(runs: Path, out: Path, lines: int = 12) -> str:
+def log_tail(runs: Path, out: Path, lines: int = 40) -> str:
     """The last lines of the run's log (progress bars' carriage returns folded to their last state)."""
     record = record_of(runs, out)
     if not record:
