@@ -76,3 +76,13 @@ def test_the_same_weights_score_the_same_heldout_loss(tmp_path, data):
     second = run.heldout(run.comps.transformer, run.empty, run.accelerator)
     reset_accelerate()
     assert first == second and len(run.dataset) == 3
+
+
+def test_holdout_and_dora_round_trip_through_print_config(capsys, tmp_path):
+    from amused_tune.cli import main as cli_main
+    from amused_tune.cli.args import parse_recipe
+
+    assert cli_main(["recipes/quickstart.yaml", "--validation.holdout=3", "--adapter.kind=dora", "--print_config"]) == 0
+    (tmp_path / "r.yaml").write_text(capsys.readouterr().out)
+    recipe = parse_recipe([str(tmp_path / "r.yaml")])[0]
+    assert (recipe.validation.holdout, recipe.adapter.kind) == (3, "dora")
