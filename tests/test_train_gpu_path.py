@@ -75,6 +75,9 @@ def test_tensorboard_writes_loss_lr_and_the_sample_grids(tmp_path, image_folder)
     assert {"loss", "lr", "grad_norm"} <= tags["scalars"]
     assert any(t.startswith("samples") for t in tags["images"])
     assert {s for tag, found in steps.items() for s in found} == {0, 2, 3}  # before step 1, every 2, the last
+    from PIL import Image
+
+    assert Image.open(tmp_path / "run" / "samples" / "step-2.png").text["draws"] == "fast"  # grids draw fast
 
 
 def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path, image_folder, capsys, monkeypatch):

@@ -216,8 +216,8 @@ def data_loader(run: Run, step: int) -> DataLoader:
     t, accelerator = run.recipe.train, run.accelerator
     sampler = EpochSampler(len(run.dataset), t.seed, accelerator.process_index, accelerator.num_processes,
                            start=step * t.batch_size * t.grad_accum)
-    return DataLoader(run.dataset, batch_size=t.batch_size, collate_fn=collate,
-                      num_workers=run.recipe.data.num_workers, sampler=sampler)
+    return DataLoader(run.dataset, batch_size=t.batch_size, collate_fn=collate, sampler=sampler,
+                      num_workers=run.recipe.data.num_workers, pin_memory=run.device.type == "cuda")
 
 
 def already_done(run: Run, step: int) -> dict:

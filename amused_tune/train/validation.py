@@ -21,6 +21,9 @@ from amused_tune.train.report import say
 from amused_tune.sampling_defaults import describe_taken, resolve_sampling
 
 
+DRAWS = "fast"  # one uniform per token, drawn up front (amused-tune sample --draws fast redraws a grid's image)
+
+
 class Validator:
     """Writes one grid of `validation.prompts` x `images_per_prompt` per call."""
 
@@ -58,7 +61,8 @@ class Validator:
         res = self.comps.resolution
         with accelerator.autocast():
             tokens = sample_tokens(
-                transformer, cond, empty, self.seeds, micro_conds=micro_conditioning(res, res), **self.sampling,
+                transformer, cond, empty, self.seeds, micro_conds=micro_conditioning(res, res), draws=DRAWS,
+                **self.sampling,
             )
         transformer.train(was_training)
         vq = self.comps.vqvae
@@ -67,7 +71,7 @@ class Validator:
         images = torch.cat([decode_tokens(vq, one[None]).float().cpu() for one in tokens])
         vq.to(home)
         texts = {"prompts": json.dumps(self.prompts), "seeds": json.dumps(self.seeds), "step": str(step),
-                 **self.sampling}
+                 "draws": DRAWS, **self.sampling}
         tiles = viewable_tiles(to_pil(images), self.prompts)  # small bases: scaled up to be seen, and labelled
         path = save_grid(tiles, out / "samples" / f"step-{step}.png", texts, nrow=v.images_per_prompt)
         log_grid(accelerator, images, tiles, step)
