@@ -75,7 +75,31 @@ def test_single_image_styledrop_draws_the_style_only_when_asked(quickstart):
     assert quickstart["style_without"] < 0.10, quickstart
 
 
-@pytest.mark.xfail(reason="the one-image LoRA paints the whole background grey, not only the frame "
-                          "(measured 0.02-0.12; docs/toy.md, 'Fine-tuning')", strict=True)
+@pytest.mark.xfail(reason="one image + prior preservation draws the frame and the caption together in 0.56 of "
+                          "samples (target 0.80; docs/toy.md, 'Single-image StyleDrop for any style image')", strict=True)
 def test_single_image_styledrop_keeps_the_caption(quickstart):
     assert quickstart["style_match"] >= 0.80, quickstart
+
+
+# the shipped method (the quickstart: single image + prior preservation) on three of the six style images, one per
+# shape, on a saturated, a dark and a light background; the full command (six images) is in docs/toy.md
+STYLE_IMAGES_TESTED = ("yellow_square_on_blue", "red_circle_on_black", "blue_triangle_on_white")
+
+
+@pytest.mark.slow
+def test_styledrop_method_learns_the_style_for_any_style_image(tmp_path, monkeypatch):
+    """`python -m amused_tune.toy eval --styledrop` on three images, 30 new-content prompts x 2 seeds: the worst
+    image's rates (measured floors; the targets and the six-image numbers are in docs/toy.md)."""
+    from amused_tune.toy.styledrop_eval import styledrop_eval
+
+    monkeypatch.chdir(ROOT)
+    result = styledrop_eval(ROOT / "recipes" / "quickstart.yaml", tmp_path / "styledrop_eval.json",
+                            images=list(STYLE_IMAGES_TESTED), workdir=tmp_path / "runs")
+    worst = result["worst"]
+    assert set(result["images"]) == set(STYLE_IMAGES_TESTED)
+    assert json.loads((tmp_path / "styledrop_eval.json").read_text())["worst"] == worst
+    assert worst["style_with"] >= 0.40, worst  # measured 0.45
+    assert worst["style_match"] >= 0.10, worst  # measured 0.15
+    assert worst["leak"] <= 0.05, worst
+    assert worst["caption_kept"] >= 0.95, worst  # measured 1.00
+    assert worst["clean"] >= 0.02, worst  # measured 0.03 (one sample in 60 is 0.017)
