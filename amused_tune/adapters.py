@@ -8,6 +8,8 @@ Formats written by `save_lora(out_dir, ...)`:
   reloads at the strength it was trained at.
 - ``adapter_config.json`` + ``adapter_model.safetensors``: peft's format for the U-ViT (``PeftModel.from_pretrained``);
   the text encoder's LoRA, when trained, goes to ``text_encoder/`` in the same format.
+
+LoKr and LoHa adapters (`amused_tune.lycoris`) go through the same functions, in peft's format only.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from amused_tune import lycoris
 from amused_tune.common import DIFFUSERS_FILE, PEFT_CONFIG, PEFT_FILE  # noqa: F401 (the adapter files)
 
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "lora_adapter_metadata"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_PREFIXES = ("lora_", *lycoris.WEIGHT_PREFIXES)  # how the trained tensors of each kind are named
 
 
 class AdapterError(ValueError):
@@ -43,18 +48,23 @@ def attach_lora(
     dropout: float = 0.0,
     adapter_name: str = "default",
     use_dora: bool = False,
+    kind: str = "lora",
 ) -> LoraConfig:
     """Inject a LoRA adapter into every module named in `targets` (DoRA with `use_dora`: a trained magnitude per
-    output row as well); only the adapter's weights stay trainable."""
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, init_lora_weights=True,
-        use_dora=use_dora,
-    )
+    output row as well; kind "lokr" / "loha": peft's LoKr / LoHa, with r = rank, no input dropout); only the
+    adapter's weights stay trainable."""
+    if kind in lycoris.KINDS:
+        config = lycoris.lycoris_config(kind, rank, alpha, targets)
+    else:
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, init_lora_weights=True,
+            use_dora=use_dora or kind == "dora",
+        )
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
     _remember_config(model, adapter_name, config)
     for name, param in model.named_parameters():
-        if "lora_" in name and f".{adapter_name}." in name:
+        if any(p in name for p in WEIGHT_PREFIXES) and f".{adapter_name}." in f"{name}.":
             param.requires_grad_(True)
     return config
 
@@ -71,7 +81,7 @@ def lora_config(model: torch.nn.Module, adapter_name: str = "default") -> LoraCo
 
 def lora_modules(model: torch.nn.Module) -> list[str]:
     """Names of the modules that carry a LoRA adapter."""
-    return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
 def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -88,7 +98,8 @@ def save_lora(
     base_model: str | None = None,
     record: dict | None = None,
 ) -> Path:
-    """Write the adapter in diffusers' format (alpha in the metadata) and in peft's format. Returns `out_dir`.
+    """Write the adapter in diffusers' format (alpha in the metadata; LoRA and DoRA only, which diffusers loads)
+    and in peft's format. Returns `out_dir`.
 
     `record` (amused_tune.provenance: the base and the sampling settings) goes into the safetensors metadata and
     into amused_tune.json beside the weights."""
@@ -112,7 +123,8 @@ def save_lora(
 
         header[RECORD_KEY] = json.dumps(record, sort_keys=True)
         write_record(out, record)
-    save_file(packed, out / DIFFUSERS_FILE, metadata=header)
+    if not any(lycoris.is_lycoris(lora_config(m, adapter_name)) for m in parts.values()):
+        save_file(packed, out / DIFFUSERS_FILE, metadata=header)
 
     for prefix, model in parts.items():
         folder = out if prefix == "transformer" else out / prefix
@@ -200,6 +212,8 @@ def read_adapter(
         config_dict = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
     if not state:
         raise AdapterError(f"{file} has no LoRA weights for the {part}")
+    if lycoris.kind_of(config_dict):  # LoKr / LoHa: peft's format only, its config as saved
+        return state, lycoris.config_from_dict(config_dict, state)
     state = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in state.items()}
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
     ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
@@ -238,7 +252,7 @@ def load_lora(
             f"adapter {source} was trained on another base model: {len(missing)} of its modules "
             f"(e.g. {missing[0]}) do not exist in this {part}"
         )
-    for key, value in state.items():
+    for key, value in state.items() if not lycoris.is_lycoris(config) else ():  # LoKr / LoHa: peft checks shapes
         module = names[key.rsplit(".lora_", 1)[0]]
         expected_in = module.in_features if ".lora_A." in key else config.r
         expected_out = config.r if ".lora_A." in key else module.out_features
@@ -272,13 +286,17 @@ def set_adapter_scales(model: torch.nn.Module, scales: dict[str, float]) -> None
             for name, scale in scales.items():
                 if name in module.lora_A:
                     module.scaling[name] = scale * module.lora_alpha[name] / module.r[name]
+        elif isinstance(module, lycoris.LycorisLayer):
+            module.set_adapter(names)
+            for name, scale in scales.items():
+                module.set_scale(name, scale)  # scale * alpha / r, for the adapters this layer holds
     model.requires_grad_(False)
 
 
 def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     """Fold the active adapters into the base weights and remove the LoRA layers (faster sampling, plain model)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, BaseTunerLayer):  # LoRA, DoRA, LoKr, LoHa
             module.merge(safe_merge=True)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

@@ -137,12 +137,14 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: Literal["lora", "dora", "full"] = "lora"
+    kind: Literal["lora", "dora", "lokr", "loha", "full"] = "lora"
     """lora: train low-rank adapters on `targets`; dora: weight-decomposed LoRA (peft's DoRA: a LoRA on the
-    direction of each weight plus a trained magnitude per output, saved in the same two formats); full: train
+    direction of each weight plus a trained magnitude per output, saved in the same two formats); lokr / loha:
+    peft's LoKr (Kronecker product) / LoHa (Hadamard product) on `targets`, with r = rank and alpha = alpha,
+    saved in peft's format only: the kit's sampler, merge and peft load them, diffusers does not; full: train
     every weight of the U-ViT."""
     rank: int = 16
-    """LoRA rank r."""
+    """LoRA rank r (LoKr / LoHa: peft's r)."""
     alpha: float = 32.0
     """LoRA alpha; the update is scaled by alpha / rank. Saved with the adapter, so it reloads at this strength."""
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v"])
@@ -357,6 +359,7 @@ class Recipe:
             raise RecipeError(f"validation.top_k must be >= 0 (0: off), got {self.validation.top_k}")
         if self.adapter.kind != "full":
             _positive("adapter", rank=self.adapter.rank, alpha=self.adapter.alpha)
+        self._check_lycoris()
         if self.prior.images_per_prompt < 1 or self.prior.weight < 0:
             raise RecipeError(f"prior.images_per_prompt must be >= 1 and prior.weight >= 0, got "
                               f"{self.prior.images_per_prompt} and {self.prior.weight}")
@@ -379,6 +382,19 @@ class Recipe:
         if self.output.push_to_hub and not self.output.hub_repo_id:
             raise RecipeError("output.push_to_hub=true needs output.hub_repo_id (e.g. user/my-lora)")
         return self
+
+    def _check_lycoris(self) -> None:
+        a = self.adapter
+        if a.kind not in ("lokr", "loha"):
+            return
+        if a.text_encoder:
+            raise RecipeError(f"adapter.kind={a.kind} trains the U-ViT only: set adapter.text_encoder=false or use "
+                              "adapter.kind=lora")
+        if self.model.quantize:
+            raise RecipeError(f"model.quantize needs adapter.kind=lora or dora: peft's {a.kind} cannot wrap 8/4-bit "
+                              "layers")
+        if a.dropout:
+            raise RecipeError(f"adapter.dropout is LoRA's input dropout: adapter.kind={a.kind} has none, set it to 0")
 
     def _resolve_optimizer(self) -> None:
         o = self.optim

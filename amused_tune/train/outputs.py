@@ -180,8 +180,9 @@ def write_loss_plot(metrics: Path, png: Path) -> Path | None:
 
 def final_written(out: Path, recipe: Recipe) -> bool:
     """Whether the run's final weights are in `out` (adapter/ for LoRA, transformer/ for full fine-tuning)."""
-    if recipe.adapter.kind != "full":
-        return (out / "adapter" / adapters.DIFFUSERS_FILE).is_file() and (out / "adapter" / adapters.PEFT_FILE).is_file()
+    if recipe.adapter.kind != "full":  # LoKr / LoHa: peft's format only (diffusers cannot load them)
+        files = [adapters.PEFT_FILE] + ([adapters.DIFFUSERS_FILE] if recipe.adapter.kind in ("lora", "dora") else [])
+        return all((out / "adapter" / f).is_file() for f in files)
     return (out / "transformer" / "config.json").is_file() and any((out / "transformer").glob("*.safetensors"))
 
 

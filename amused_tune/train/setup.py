@@ -116,7 +116,7 @@ def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> lis
     model and text encoder are placed before, by `place_encoders`."""
     frozen_dtype = torch_dtype(recipe.model.dtype)
     transformer = comps.transformer
-    if recipe.adapter.kind != "full":  # lora or dora
+    if recipe.adapter.kind != "full":  # lora, dora, lokr or loha
         if recipe.model.quantize:  # before LoRA, so that peft wraps the 8/4-bit layers (CUDA only)
             from amused_tune.quantize import quantize_linear_layers
 
@@ -125,7 +125,7 @@ def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> lis
         dora = recipe.adapter.kind == "dora"
         adapters.attach_lora(
             transformer, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.targets, recipe.adapter.dropout,
-            use_dora=dora,
+            use_dora=dora, kind=recipe.adapter.kind,
         )
         if recipe.adapter.text_encoder:
             adapters.attach_lora(
