@@ -261,10 +261,11 @@ def test_toy_picker_keeps_style_and_caption_only():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["styledrop_256", "styledrop_512"])
+@pytest.mark.parametrize("name", ["styledrop_256"])  # styledrop_512: the same keys; ~2x longer on a CPU
 def test_styledrop_recipes_train_a_step_with_prior_preservation_at_real_size(tmp_path, monkeypatch, name):
     """The shipped StyleDrop method (single image + prior preservation) on the real-size random model: the base
-    draws its prior image first, then one step trains on the style image and it (one prompt here, to stay short)."""
+    draws its prior image first, then one step trains on the style image and it (one prompt here, to stay short;
+    about 4 minutes on a busy 2-core machine)."""
     from safetensors.torch import load_file
 
     from amused_tune.models import build_real_size
