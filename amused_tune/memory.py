@@ -71,6 +71,7 @@ class Plan:
     grad_checkpointing: bool
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v")
+    adapter_kind: str = "lora"  # lora, dora, lokr or loha: what the trainable weights are (not used when full)
     loss: str = "kit"
     validation_images: int = 0  # the sample grid drawn between steps (validation.prompts x images_per_prompt)
     optimizer: str | None = None  # optim.name (None: adamw, or adamw8bit with adam_8bit)
@@ -163,6 +164,7 @@ def plan_of(recipe) -> Plan:
         adam_8bit=recipe.optim.adam_8bit, batch_size=t.batch_size * (2 if recipe.prior.prompts else 1),
         grad_accum=t.grad_accum, autocast=t.precision,
         grad_checkpointing=t.grad_checkpointing, lora_rank=a.rank, lora_targets=tuple(a.targets),
+        adapter_kind=a.kind if a.kind != "full" else "lora",
         validation_images=len(recipe.validation.prompts) * recipe.validation.images_per_prompt,
         optimizer=recipe.optim.resolved_name, ema=ema_device(recipe))
 
@@ -186,12 +188,13 @@ def reference_plan(resolution: int, full: bool, adam_8bit: bool, batch_size: int
 
 
 @functools.lru_cache(maxsize=8)
-def parameter_counts(resolution: int, rank: int, targets: tuple[str, ...]) -> dict:
+def parameter_counts(resolution: int, rank: int, targets: tuple[str, ...], kind: str = "lora") -> dict:
     """Element counts of the real-size parts, from a meta-device build: U-ViT linear weights (what 8/4-bit
-    quantization replaces, with their output rows and biases) and the rest, LoRA tensors, text encoder, VQ."""
+    quantization replaces, with their output rows and biases) and the rest, the adapter's tensors (`kind`: lora,
+    dora, lokr or loha), text encoder, VQ."""
     import torch
 
-    from amused_tune.adapters import attach_lora
+    from amused_tune.adapters import WEIGHT_PREFIXES, attach_lora
     from amused_tune.memory_trace import _meta_components
 
     comps = _meta_components(resolution)
@@ -209,9 +212,10 @@ def parameter_counts(resolution: int, rank: int, targets: tuple[str, ...]) -> di
         "text_buffers": sum(b.numel() for b in comps.text_encoder.buffers()),
         "vq": sum(p.numel() for p in comps.vqvae.parameters()),
     }
-    attach_lora(uvit, rank, 2.0 * rank, list(targets))
-    counts["lora_sizes"] = [p.numel() for n, p in uvit.named_parameters() if "lora_" in n]
-    counts["lora_shapes"] = [tuple(p.shape) for n, p in uvit.named_parameters() if "lora_" in n]
+    attach_lora(uvit, rank, 2.0 * rank, list(targets), kind=kind)
+    trained = [p for n, p in uvit.named_parameters() if any(f in n for f in WEIGHT_PREFIXES)]
+    counts["lora_sizes"] = [p.numel() for p in trained]
+    counts["lora_shapes"] = [tuple(p.shape) for p in trained]
     return counts
 
 
@@ -261,7 +265,8 @@ def weight_rows(plan: Plan, counts: dict) -> list[Row]:
         else:
             size, detail = frozen_b * counts["uvit"], f"{counts['uvit'] / 1e6:.0f}M x {plan.frozen_dtype}"
         rows.append(Row("U-ViT weights (frozen)", detail, size))
-        rows.append(Row("LoRA weights (trainable)", f"{lora / 1e6:.2f}M x fp32, rank {plan.lora_rank}", 4 * lora))
+        label = "LoRA" if plan.adapter_kind == "lora" else {"dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}[plan.adapter_kind]
+        rows.append(Row(f"{label} weights (trainable)", f"{lora / 1e6:.2f}M x fp32, rank {plan.lora_rank}", 4 * lora))
     if plan.cache and not plan.text_lora:
         rows.append(Row("text encoder", "off the GPU (data.cache)", 0))
     else:
@@ -282,7 +287,7 @@ def estimate_plan(plan: Plan) -> Estimate:
     """The estimate for what a trainer keeps on the GPU (see `plan_of`, `reference_plan`)."""
     from amused_tune.memory_trace import TRACED_BATCHES, peak_at, trace_encode, trace_step
 
-    counts = parameter_counts(plan.resolution, plan.lora_rank, plan.lora_targets)
+    counts = parameter_counts(plan.resolution, plan.lora_rank, plan.lora_targets, plan.adapter_kind)
     sizes = trainable_sizes(plan, counts)
     est = Estimate(plan, weight_rows(plan, counts))
     grads = 4 * sum(sizes)

@@ -132,3 +132,18 @@ def test_a_quantized_base_is_refused():
 
     with pytest.raises(RecipeError, match="model.quantize needs adapter.kind=lora or dora: peft's lokr"):
         Recipe(model=ModelConfig(quantize="8bit"), adapter=AdapterConfig(kind="lokr")).validate()
+
+
+def test_the_memory_estimate_counts_each_kinds_trainable_weights():
+    from amused_tune import memory
+    from amused_tune.cli.args import parse_recipe
+
+    rows = {}
+    for kind in ("lora", *KINDS):
+        recipe = parse_recipe(["recipes/styledrop_256.yaml", f"--adapter.kind={kind}", "--adapter.text_encoder=false"])[0]
+        est = memory.estimate(recipe)
+        rows[kind] = next(r for r in est.rows if r.what.endswith("weights (trainable)"))
+        assert est.peak_gb > 1.0
+    # LoHa holds two rank-r pairs per weight where LoRA holds one; LoKr's Kronecker factors are far smaller
+    assert rows["loha"].bytes == 2 * rows["lora"].bytes and 0 < rows["lokr"].bytes < rows["lora"].bytes / 4
+    assert rows["lokr"].what == "LoKr weights (trainable)" and rows["loha"].what == "LoHa weights (trainable)"
