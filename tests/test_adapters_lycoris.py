@@ -147,3 +147,20 @@ def test_the_memory_estimate_counts_each_kinds_trainable_weights():
     # LoHa holds two rank-r pairs per weight where LoRA holds one; LoKr's Kronecker factors are far smaller
     assert rows["loha"].bytes == 2 * rows["lora"].bytes and 0 < rows["lokr"].bytes < rows["lora"].bytes / 4
     assert rows["lokr"].what == "LoKr weights (trainable)" and rows["loha"].what == "LoHa weights (trainable)"
+
+
+def test_peft_loads_the_adapter_and_diffusers_loader_builds_nothing_from_it(trained):
+    from diffusers.loaders import AmusedLoraLoaderMixin
+    from peft import PeftModel
+
+    from conftest import tiny_uvit_logits
+
+    _, run, _ = trained
+    kit = build_tiny()
+    adapters.load_lora(kit.transformer, run)
+    peft_model = PeftModel.from_pretrained(build_tiny().transformer, f"{run}/adapter")
+    torch.testing.assert_close(tiny_uvit_logits(peft_model.base_model.model), tiny_uvit_logits(kit.transformer))
+    plain = build_tiny()  # diffusers reads LoRA / DoRA only: it loads none of these weights, without an error
+    state, alphas = AmusedLoraLoaderMixin.lora_state_dict(f"{run}/adapter", weight_name=adapters.PEFT_FILE)
+    AmusedLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas, transformer=plain.transformer)
+    assert not [n for n, _ in plain.transformer.named_parameters() if "lokr_" in n or "hada_" in n or "lora_" in n]
