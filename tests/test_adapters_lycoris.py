@@ -164,3 +164,13 @@ def test_peft_loads_the_adapter_and_diffusers_loader_builds_nothing_from_it(trai
     state, alphas = AmusedLoraLoaderMixin.lora_state_dict(f"{run}/adapter", weight_name=adapters.PEFT_FILE)
     AmusedLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas, transformer=plain.transformer)
     assert not [n for n, _ in plain.transformer.named_parameters() if "lokr_" in n or "hada_" in n or "lora_" in n]
+
+
+def test_the_model_card_names_the_kind_and_shows_no_diffusers_loader(trained):
+    from amused_tune.share.hub import read_recipe, render_card
+
+    kind, run, _ = trained
+    text = render_card(run, read_recipe(run))
+    assert f"A {'LoKr' if kind == 'lokr' else 'LoHa'} (peft) (rank 4, alpha 8.0" in text and f"- {kind}\n" in text
+    assert "AmusedLoraLoaderMixin" not in text and "full-fine-tune" not in text and "full fine-tune" not in text
+    assert f"PeftModel.from_pretrained(pipe.transformer, \"{run}/adapter\")" in text

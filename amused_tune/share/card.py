@@ -123,14 +123,19 @@ def _front_matter(text: str) -> dict:
 # --------------------------------------------------------------------------------------------- rendering
 
 
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA (weight-decomposed LoRA)", "lokr": "LoKr (peft)",
+                 "loha": "LoHa (peft)"}  # what the card calls each adapter.kind
+
 def card_metadata(recipe: dict, out: Path) -> dict:
     """The YAML front matter: the fields the Hub indexes."""
     model, adapter = recipe.get("model") or {}, recipe.get("adapter") or {}
     data, validation = resolved_data(recipe.get("data") or {}), recipe.get("validation") or {}
     base = str(model.get("base") or "amused/amused-256")
-    lora = adapter.get("kind", "lora") == "lora"
+    kind = adapter.get("kind", "lora")
+    lora = kind != "full"  # an adapter: lora, dora, lokr or loha
     styledrop = data.get("source") == "single_image"
     tags = ["amused", "lora" if lora else "full-fine-tune", "text-to-image", "diffusers", "amused-tune"]
+    tags += [kind] if kind in ADAPTER_NAMES and kind != "lora" else []
     if styledrop:
         tags.append("styledrop")
     meta: dict = {"base_model": base, "library_name": "diffusers", "license": base_license(base), "tags": tags}
@@ -156,7 +161,8 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     adapter = recipe.get("adapter") or {}
     data = resolved_data(recipe.get("data") or {})
     validation = recipe.get("validation") or {}
-    base, lora = meta["base_model"], adapter.get("kind", "lora") == "lora"
+    kind = adapter.get("kind", "lora")
+    base, lora = meta["base_model"], kind != "full"
     name = repo_id.split("/")[-1] if repo_id else out.resolve().name
     source = repo_id or str(out / "adapter" if lora else out)
     prompt = meta.get("instance_prompt") or next(iter(validation.get("prompts") or []), "a photo of a cat")
@@ -165,7 +171,7 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000).strip(), "---", MARKER, ""]
     lines.append(f"# {name}")
     lines.append("")
-    what = (f"A LoRA (rank {adapter.get('rank')}, alpha {adapter.get('alpha')}, on "
+    what = (f"A {ADAPTER_NAMES.get(kind, kind)} (rank {adapter.get('rank')}, alpha {adapter.get('alpha')}, on "
             f"{', '.join(adapter.get('targets') or [])}{' and the CLIP text encoder' if adapter.get('text_encoder') else ''})"
             if lora else "A full fine-tune of the U-ViT")
     lines.append(f"{what} for {_model_link(base)}, trained with amused-tune "
@@ -185,7 +191,8 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     if section.is_file():
         lines += ["", *section.read_text().strip("\n").splitlines()]
     lines += ["", "## Use it", ""] + _recorded_lines(out, lora)
-    lines += _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id, _call_settings(out, lora))
+    lines += _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id, _call_settings(out, lora),
+                    diffusers_loads=kind in ("lora", "dora"))
     return "\n".join(lines) + "\n"
 
 
@@ -308,8 +315,9 @@ def _call_settings(out: Path, lora: bool) -> str:
 
 
 def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, repo_id: str | None,
-           settings: str = "") -> list[str]:
-    """The "Use it" section. Strings go into the code as literals (json.dumps / shlex.quote), whatever they hold."""
+           settings: str = "", diffusers_loads: bool = True) -> list[str]:
+    """The "Use it" section. Strings go into the code as literals (json.dumps / shlex.quote), whatever they hold.
+    `diffusers_loads=False` (LoKr, LoHa): no diffusers loader snippet, which would load nothing from the file."""
     py_source, py_prompt = json.dumps(source), json.dumps(prompt)
     sh_base, sh_source, sh_prompt = shlex.quote(base), shlex.quote(source), shlex.quote(prompt)
     if not lora:
@@ -330,9 +338,7 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
                "text_encoder=pipe.text_encoder, prefix=\"text_encoder\", metadata=metadata\n)\n") if text_encoder else ""
     peft_te = (f"pipe.text_encoder = PeftModel.from_pretrained(pipe.text_encoder, {py_source}, "
                'subfolder="text_encoder").merge_and_unload()\n') if text_encoder else ""
-    return [
-        "With amused-tune:", "", "```bash",
-        f"amused-tune sample --base {sh_base} --adapter {sh_source} --prompt {sh_prompt} --out samples/", "```", "",
+    diffusers = [
         "With diffusers. `AmusedPipeline` has no `load_lora_weights`: load the adapter with the LoRA loader mixin. "
         "`return_lora_metadata=True` keeps `lora_alpha`, so the adapter applies at the strength it was trained at.",
         "", "```python",
@@ -347,6 +353,14 @@ def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, 
         ")",
         f"{te_line}image = pipe({py_prompt}, generator=torch.manual_seed(0){settings}).images[0]",
         'image.save("sample.png")', "```", "",
+    ] if diffusers_loads else [
+        "diffusers' LoRA loader cannot read this adapter (it is in peft's format only): load it with peft, or fold it "
+        "into a pipeline folder with `amused-tune merge`.", "",
+    ]
+    return [
+        "With amused-tune:", "", "```bash",
+        f"amused-tune sample --base {sh_base} --adapter {sh_source} --prompt {sh_prompt} --out samples/", "```", "",
+        *diffusers,
         "With peft (the same adapter in peft's format, `adapter_config.json` + `adapter_model.safetensors`):", "",
         "```python",
         *_imports(base, "from diffusers import AmusedPipeline", "from peft import PeftModel"),
