@@ -24,7 +24,7 @@ def parse_size(text: str) -> int:
 
 def _levers(recipe) -> list[tuple[str, object, bool]]:
     """The kit's memory levers in the order --max-memory tries them: (key, value, already on)."""
-    lora = recipe.adapter.kind != "full"  # lora or dora
+    lora = recipe.adapter.kind in ("lora", "dora")  # the kinds that can wrap a quantized base
     return [
         ("model.dtype", "bf16", recipe.model.dtype != "fp32"),
         ("data.cache", True, recipe.data.cache),

@@ -174,3 +174,12 @@ def test_the_model_card_names_the_kind_and_shows_no_diffusers_loader(trained):
     assert f"A {'LoKr' if kind == 'lokr' else 'LoHa'} (peft) (rank 4, alpha 8.0" in text and f"- {kind}\n" in text
     assert "AmusedLoraLoaderMixin" not in text and "full-fine-tune" not in text and "full fine-tune" not in text
     assert f"PeftModel.from_pretrained(pipe.transformer, \"{run}/adapter\")" in text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_max_memory_never_offers_a_quantized_base_to_lokr_or_loha(kind):
+    from amused_tune.memory_fit import _levers
+
+    levers = _levers(Recipe(adapter=AdapterConfig(kind=kind)))
+    assert [already for key, _, already in levers if key == "model.quantize"] == [True, True]  # skipped
+    assert [already for key, _, already in _levers(Recipe()) if key == "model.quantize"] == [False, False]
