@@ -98,7 +98,7 @@ def test_unknown_key_in_the_yaml_file(capsys, tmp_path, data):
     bad = base_recipe(data, tmp_path / "run")
     bad["optim"]["learning_rate"] = 1e-3
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    fails(capsys, [tmp_path / "bad.yaml"], "optim.learning_rate is not a recipe key", "optim takes lr")
+    fails(capsys, [tmp_path / "bad.yaml"], "optim.learning_rate is not a recipe key", "optim takes name, lr")
 
 
 @pytest.mark.parametrize("override,fragments", [
