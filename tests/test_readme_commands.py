@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 KIT = ("recipes", "datasets_cards", "assets")
 KNOWN_NEEDS = {"network", "gpu", "minutes", "browser"}
 MAX_LEFT_OUT = 10
-NEEDS = re.compile(r"#.*\bneeds: (\w+)")
+NEEDS = re.compile(r"#.*\bneeds:\s*([^\s;,)]+)")  # any word after it: an unknown one fails the test
 
 
 def readme_commands(text: str) -> list[tuple[str, str | None]]:
