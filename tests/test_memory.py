@@ -156,7 +156,7 @@ def test_building_the_cache_holds_less_than_a_training_step_for_every_real_size_
         assert est.at(memory.ENCODING) < est.at("forward/backward"), name
         assert est.resident[memory.ENCODING] == 0  # the U-ViT is placed after the cache is built
     lora_512 = memory.estimate(recipe("styledrop_512"))
-    assert lora_512.at(memory.ENCODING) / memory.GB == pytest.approx(1.25, abs=0.02)  # was 7.2 with every weight on
+    assert lora_512.at(memory.ENCODING) / memory.GB == pytest.approx(1.54, abs=0.02)  # was 7.2 with every weight on (1.25 before the VQ model was held in fp32)
 
 
 def test_validation_decode_is_counted_for_one_image():
