@@ -210,9 +210,11 @@ PERTURBED = {
     "prompt_template": ("{caption}", "a painting of {caption}"), "center_crop": (False, True),
     "random_flip": (False, True), "min_image_size": (None, 0), "random_crops": (2, 3), "cache": (True, False),
     "cache_dir": ("a", "b"), "on_bad_sample": ("skip", "error"), "num_workers": (0, 2),
-    "card": (None, "local_imagefolder"), "path": ("data", "moved"),
+    "card": (None, "local_imagefolder"), "path": ("data", "moved"), "trigger_word": (None, "sks"),
+    "shuffle_tags": (False, True), "keep_tags": (0, 1), "caption_dropout": (None, 0.5),
 }
-NOT_FOR_AN_IMAGEFOLDER = {"source", "split", "image_column"}  # (hub, and the source kind: covered by its identity)
+# hub, the source kind (covered by its identity), and a list of sources (each one cached under its own key)
+NOT_FOR_AN_IMAGEFOLDER = {"source", "split", "image_column", "sources"}
 
 
 def cache_contents(cfg, folder: Path, comps) -> tuple:

@@ -71,6 +71,11 @@ NOT_IN_TOKEN_KEY = {
     "cache_dir": "where the cache is, not what it holds",
     "num_workers": "how fast training reads, not what",
     "on_bad_sample": "what a bad sample does to the run; every shard records its bad samples either way",
+    "trigger_word": "applied to the captions after the cache, as prompt_prefix; the text cache's key covers it",
+    "shuffle_tags": "a per-draw change of the finished prompt, made while training; tokens do not depend on it",
+    "keep_tags": "a per-draw change of the finished prompt, made while training; tokens do not depend on it",
+    "caption_dropout": "drawn per sample while training, never cached",
+    "sources": "a list of sources is cached source by source, each under its own key",
 }
 
 
