@@ -30,6 +30,9 @@ from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimCon
                                 TrainConfig, ValidationConfig)
 from amused_tune.train import loop, outputs, step as train_step  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import shared_copy  # noqa: E402  (bench/train.py: a structural copy over the same CPU weights)
+
 
 def images(folder: Path, n: int, size: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,19 +167,6 @@ class Smoke:
             tags["images"] |= set(acc.Tags()["images"])
         return {"ok": {"loss", "lr"} <= tags["scalars"] and bool(tags["images"]),
                 "scalars": sorted(tags["scalars"]), "images": sorted(tags["images"])}
-
-
-def shared_copy(comps):
-    """A structural copy over the same CPU weights (as bench/train.py): the trainer moves them to the GPU."""
-    import copy
-
-    memo = {}
-    for module in (comps.transformer, comps.vqvae, comps.text_encoder):
-        for p in module.parameters():
-            memo[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-        for b in module.buffers():
-            memo[id(b)] = b
-    return copy.deepcopy(comps, memo)
 
 
 def device_name() -> str:
