@@ -248,16 +248,20 @@ def test_round2_with_the_clip_picker_picks_and_finalizes_in_one_command(round1, 
     assert "--clip-model" in capsys.readouterr().err
 
 
-def test_toy_picker_keeps_style_and_caption_only():
+def test_toy_picker_keeps_style_and_caption_without_stray_cells_only():
     from amused_tune.toy import world
     from amused_tune.toy.styledrop_eval import toy_picker
 
     styled = world.ShapeSpec("circle", "red", "blue", style=True)
     plain = world.ShapeSpec("circle", "red", "blue")
     prompt = world.caption(styled)
-    assert toy_picker([world.render(styled), world.render(plain), world.render(styled)],
-                      [prompt, prompt, world.caption(world.ShapeSpec("square", "red", "blue", style=True))]) == [
-        True, False, False]
+    stray = world.render(styled).copy()
+    for x in range(4, 8):  # one background cell of the second ring (cell (1, 1)) painted yellow
+        for y in range(4, 8):
+            stray.putpixel((x, y), world.PALETTE["yellow"])
+    assert toy_picker([world.render(styled), world.render(plain), world.render(styled), stray],
+                      [prompt, prompt, world.caption(world.ShapeSpec("square", "red", "blue", style=True)), prompt]) == [
+        True, False, False, False]
 
 
 @pytest.mark.slow

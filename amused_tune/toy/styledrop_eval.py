@@ -48,9 +48,9 @@ def new_content_prompts(spec: world.ShapeSpec, n: int = 30) -> list[str]:
 
 def toy_picker(images, prompts: list[str], reference=None) -> list[bool]:
     """StyleDrop round 2's automatic feedback on the toy: keep a candidate when it shows the style and its
-    caption's shape, colour and background (`amused-tune styledrop-round2 RUN --pick toy`)."""
+    caption's shape, colour and background, without a stray cell (`amused-tune styledrop-round2 RUN --pick toy`)."""
     found = [classify(image) for image in images]
-    return [f.style and f.matches(p) for f, p in zip(found, prompts)]
+    return [f.style and f.matches(p) and is_clean(image, f) for image, f, p in zip(images, found, prompts)]
 
 
 def load_recipe(path: str | Path, **overrides: object) -> Recipe:
