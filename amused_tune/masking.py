@@ -25,29 +25,32 @@ def linear_schedule(r: torch.Tensor) -> torch.Tensor:
 SCHEDULES = {"cosine": cosine_schedule, "linear": linear_schedule}
 
 
-def masking_rate(r: torch.Tensor, min_masking_rate: float = 0.0) -> torch.Tensor:
+def masking_rate(r: torch.Tensor, min_masking_rate: float = 0.0, max_masking_rate: float = 1.0) -> torch.Tensor:
     """The fraction of an image's tokens masked for a draw r ~ U(0, 1): cos(r pi / 2), raised to at least
     `min_masking_rate` (diffusers' aMUSEd trainer clips the cosine rate from below the same way, so a share
-    P(cos(r pi / 2) < m) = 1 - 2 acos(m) / pi of the images is masked at exactly m)."""
-    return cosine_schedule(r).clamp(min=min_masking_rate)
+    P(cos(r pi / 2) < m) = 1 - 2 acos(m) / pi of the images is masked at exactly m) and lowered to at most
+    `max_masking_rate` (a share 2 acos(M) / pi of the images is masked at exactly M)."""
+    return cosine_schedule(r).clamp(min=min_masking_rate, max=max_masking_rate)
 
 
 def mask_tokens(
-    tokens: torch.Tensor, mask_id: int, generator: torch.Generator | None = None, min_masking_rate: float = 0.0
+    tokens: torch.Tensor, mask_id: int, generator: torch.Generator | None = None, min_masking_rate: float = 0.0,
+    max_masking_rate: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask a max(cos(r*pi/2), min_masking_rate) fraction of each image's tokens, r ~ U(0, 1); at least one token.
+    """Mask a cos(r*pi/2) fraction of each image's tokens, r ~ U(0, 1), clamped to [min_masking_rate,
+    max_masking_rate]; at least one token.
 
     tokens: [B, h, w] VQ ids. Returns (input_ids with mask_id at masked positions, bool mask [B, h, w]).
     Draws come from `generator` on the CPU, image by image, so an image's mask depends only on the generator's
-    state when its turn comes: batch 4 and four batches of 1 draw the same masks. The minimum rate changes no
-    draw: an image whose cosine rate is already above it gets the same mask as without it.
+    state when its turn comes: batch 4 and four batches of 1 draw the same masks. The bounds change no draw: an
+    image whose cosine rate is already within them gets the same mask as without them.
     """
     b, h, w = tokens.shape
     n = h * w
     masks = []
     for _ in range(b):
         r = torch.rand(1, generator=generator)
-        num_masked = int((masking_rate(r, min_masking_rate) * n).round().clamp(min=1, max=n))
+        num_masked = int((masking_rate(r, min_masking_rate, max_masking_rate) * n).round().clamp(min=1, max=n))
         scores = torch.rand(n, generator=generator)
         mask = torch.zeros(n, dtype=torch.bool)
         mask[scores.argsort()[:num_masked]] = True

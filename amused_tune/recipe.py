@@ -233,6 +233,11 @@ class TrainConfig:
     min_masking_rate: float = 0.0
     """Lowest share of an image's tokens masked per training example: the cosine-schedule rate is raised to at
     least this value (as diffusers' aMUSEd trainer does); 0 keeps the plain schedule."""
+    max_masking_rate: float = 1.0
+    """Highest share of an image's tokens masked per training example (the prior images' too): the cosine-schedule
+    rate is lowered to at most this value; 1 keeps the plain schedule. Single-image StyleDrop uses 0.5: with
+    every token masked the only way to predict the one image is to learn it whole (its shape, its colours) as
+    what `[v]` means; with half of it visible the content is given and the adapter learns what the style adds."""
     compile: bool = False
     """torch.compile the U-ViT for training (the first steps compile; faster after, mostly on a GPU)."""
     skip_nonfinite: bool = False
@@ -373,6 +378,9 @@ class Recipe:
             raise RecipeError(f"train.ema_decay must be in [0, 1) (0: no EMA; usual 0.99-0.9999), got {self.train.ema_decay}")
         if not 0 <= self.train.min_masking_rate <= 1:
             raise RecipeError(f"train.min_masking_rate must be in [0, 1], got {self.train.min_masking_rate}")
+        if not 0 < self.train.max_masking_rate <= 1 or self.train.max_masking_rate < self.train.min_masking_rate:
+            raise RecipeError(f"train.max_masking_rate must be in (0, 1] and >= train.min_masking_rate "
+                              f"({self.train.min_masking_rate}), got {self.train.max_masking_rate}")
         if self.train.keep_checkpoints < 1:
             raise RecipeError(f"train.keep_checkpoints must be >= 1, got {self.train.keep_checkpoints}")
         if self.optim.warmup_steps < 0:

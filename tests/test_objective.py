@@ -88,15 +88,32 @@ def test_min_masking_rate_raises_low_draws_and_keeps_the_rest():
     assert (n_floor.float() / 16).mean().item() == pytest.approx(expected, abs=0.015)
 
 
+def test_max_masking_rate_lowers_high_draws_and_keeps_the_rest():
+    tokens = torch.zeros(3000, 4, 4, dtype=torch.long)
+    _, plain = mask_tokens(tokens, 99, torch.Generator().manual_seed(0))
+    _, capped = mask_tokens(tokens, 99, torch.Generator().manual_seed(0), max_masking_rate=0.5)
+    n_plain, n_cap = plain.flatten(1).sum(1), capped.flatten(1).sum(1)
+    assert int(n_plain.max()) == 16 and int(n_cap.max()) == 8  # round(16 * 0.5)
+    below = n_plain < 8  # the cosine masked fewer: the same draws, the same masks
+    assert torch.equal(capped[below], plain[below])
+    assert bool((n_cap[n_plain > 8] == 8).all())
+    # round(16 min(cos(r pi/2), 0.5)) = 8 <=> cos(r pi/2) >= 7.5/16
+    assert (n_cap == 8).float().mean().item() == pytest.approx(2 * math.acos(7.5 / 16) / math.pi, abs=0.025)
+
+
 def test_recipe_refuses_out_of_range_objective_values():
     for key, value in (("label_smoothing", 1.0), ("label_smoothing", -0.1), ("min_masking_rate", 1.5),
-                       ("min_masking_rate", -0.2)):
+                       ("min_masking_rate", -0.2), ("max_masking_rate", 0.0), ("max_masking_rate", 1.5)):
         recipe = Recipe()
         setattr(recipe.train, key, value)
         with pytest.raises(RecipeError, match=f"train.{key}"):
             recipe.validate()
     recipe = Recipe()
-    recipe.train.label_smoothing, recipe.train.min_masking_rate = 0.1, 0.3
+    recipe.train.min_masking_rate, recipe.train.max_masking_rate = 0.6, 0.5
+    with pytest.raises(RecipeError, match="train.max_masking_rate must be in .* >= train.min_masking_rate"):
+        recipe.validate()
+    recipe = Recipe()
+    recipe.train.label_smoothing, recipe.train.min_masking_rate, recipe.train.max_masking_rate = 0.1, 0.3, 0.5
     assert recipe.validate().train.label_smoothing == 0.1
 
 
@@ -108,9 +125,9 @@ def test_trainer_passes_both_levers_to_the_objective(tmp_path, image_folder, mon
     seen = {}
     real_mask, real_loss = step.mask_tokens, step.masked_cross_entropy  # the objective's one call site
 
-    def mask_spy(tokens, mask_id, generator, min_masking_rate=0.0):
-        seen["min_masking_rate"] = min_masking_rate
-        return real_mask(tokens, mask_id, generator, min_masking_rate)
+    def mask_spy(tokens, mask_id, generator, min_masking_rate=0.0, max_masking_rate=1.0):
+        seen["min_masking_rate"], seen["max_masking_rate"] = min_masking_rate, max_masking_rate
+        return real_mask(tokens, mask_id, generator, min_masking_rate, max_masking_rate)
 
     def loss_spy(logits, tokens, mask, label_smoothing=0.0):
         seen["label_smoothing"] = label_smoothing
@@ -124,7 +141,7 @@ def test_trainer_passes_both_levers_to_the_objective(tmp_path, image_folder, mon
                     adapter=AdapterConfig(kind="lora", rank=4), output=OutputConfig(dir=str(tmp_path / "run"),
                                                                                     loss_plot=False),
                     train=TrainConfig(batch_size=2, max_steps=1, precision="fp32", label_smoothing=0.2,
-                                      min_masking_rate=0.9))
+                                      min_masking_rate=0.9, max_masking_rate=0.95))
     loop.train(recipe, components=build_tiny())
-    assert seen["label_smoothing"] == 0.2 and seen["min_masking_rate"] == 0.9
-    assert seen["masked_share"] >= 58 / 64  # round(64 * 0.9) = 58 of the 8x8 tokens, at least
+    assert seen["label_smoothing"] == 0.2 and seen["min_masking_rate"] == 0.9 and seen["max_masking_rate"] == 0.95
+    assert 58 / 64 <= seen["masked_share"] <= 61 / 64  # round(64 * 0.9) = 58 .. round(64 * 0.95) = 61 of 8x8 tokens

@@ -72,7 +72,8 @@ def compute_loss(
     tokens = batch_tokens(batch, comps, device)
     drop = draw_dropout(tokens.shape[0], recipe.train.cond_dropout, generators["dropout"])
     cond = batch_conditioning(batch, comps, empty, drop, recipe.adapter.text_encoder, device, text_encoder)
-    input_ids, mask = mask_tokens(tokens, comps.mask_id, generators["mask"], recipe.train.min_masking_rate)
+    input_ids, mask = mask_tokens(tokens, comps.mask_id, generators["mask"], recipe.train.min_masking_rate,
+                                 recipe.train.max_masking_rate)
     logits = transformer(
         input_ids,
         encoder_hidden_states=cond.hidden,
