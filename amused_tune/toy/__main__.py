@@ -45,10 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--styledrop", action="store_true",
                    help="train a single-image StyleDrop recipe on each style image of the world and print each one's "
                         "rates on new content and the worst image's (see amused_tune/toy/styledrop_eval.py)")
-    e.add_argument("--round2", action="store_true", help="with --styledrop: measure after StyleDrop round 2 with the "
-                                                         "classifier as the automatic feedback")
+    e.add_argument("--round2", action="store_true", help="with --styledrop: the same as --rounds 2")
+    e.add_argument("--rounds", type=int, default=1, help="with --styledrop: measure after StyleDrop's rounds 2..N, each "
+                                                         "trained on what the classifier kept of the previous round's "
+                                                         "samples (and of earlier rounds'); 1: round 1 only")
+    e.add_argument("--per-prompt", type=int, default=2, help="with --rounds > 1: candidates drawn per world caption "
+                                                             "in each round")
     e.add_argument("--recipe", default=None, help="with --styledrop: the recipe to train (default recipes/quickstart.yaml)")
     e.add_argument("--images", default=None, help="with --styledrop: comma-separated style image names (default all)")
+    e.add_argument("--workdir", default=None, help="with --styledrop: keep each image's runs and round-2 candidates "
+                                                   "in this folder (default: a temporary folder, deleted at the end)")
     e.add_argument("--out", default=None, help="with --styledrop: write the numbers to this JSON file "
                                                "(default styledrop_eval.json)")
     e.add_argument("--prompts", type=int, default=50, help="world prompts (with --styledrop: new-content prompts, "
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
         styledrop_eval(args.recipe or DEFAULT_RECIPE, args.out or "styledrop_eval.json",
                        30 if args.prompts == 50 else args.prompts, tuple(range(args.seeds)),
-                       args.images.split(",") if args.images else None, round2=args.round2, base_dir=args.dir)
+                       args.images.split(",") if args.images else None, rounds=max(args.rounds, 2 if args.round2 else 1), per_prompt=args.per_prompt,
+                       workdir=args.workdir, base_dir=args.dir)
         return 0
     folder = Path(args.dir) if args.dir else toy_dir()
     comps = _load_folder(folder)

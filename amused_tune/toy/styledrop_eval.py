@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import fields
@@ -102,20 +103,35 @@ def _train(recipe: Recipe, print_fn) -> Path:
     return Path(recipe.output.dir)
 
 
-def round2_on(recipe: Recipe, run: Path, held_out: list[str], per_prompt: int = 2, print_fn=print) -> Path:
-    """StyleDrop round 2 with the classifier as the feedback: round 1 draws every world caption but the held-out
-    (evaluation) ones, with " in [v] style", `per_prompt` seeds each; `toy_picker` keeps the ones that show the
-    style and the caption, and a fresh adapter is trained on them (and round 1's image) with the same recipe."""
-    from amused_tune.train.styledrop import CandidateOptions, finalize, generate_candidates, pick
+def feedback_rounds(recipe: Recipe, run: Path, held_out: list[str], rounds: int = 2, per_prompt: int = 2,
+                    print_fn=print) -> Path:
+    """StyleDrop's later rounds with the classifier as the feedback. In round r (2..`rounds`) the previous round's
+    adapter draws every world caption but the held-out (evaluation) ones, with " in [v] style", `per_prompt` seeds
+    each (new seeds every round); `toy_picker` keeps the ones that show the style and the caption without a stray
+    cell, and a fresh adapter is trained with the same recipe on everything kept so far and round 1's image.
+    Returns the last round's run folder."""
+    from amused_tune.train.styledrop import CANDIDATES, CandidateOptions, finalize, generate_candidates, pick
 
     prompts = [c + world.STYLE_SUFFIX for c in world.all_captions() if c not in held_out]
-    out = run.parent / "round2"
-    generate_candidates(recipe, run, out, prompts, CandidateOptions(per_prompt=per_prompt, device="cpu"))
-    kept, total = pick(out, toy_picker)
-    print_fn(f"  round 2: the classifier kept {kept} of {total} candidates")
-    second = load_recipe(finalize(recipe, run, out), **RUN_OVERRIDES, **{
-        "data.cache_dir": str(run.parent / "cache"), "output.dir": str(run.parent / "run2")})
-    return _train(second, print_fn)
+    root, earlier = run.parent, []
+    for r in range(2, rounds + 1):
+        out = root / f"round{r}"
+        generate_candidates(recipe, run, out, prompts,
+                            CandidateOptions(per_prompt=per_prompt, seed=10_000 * (r - 2), device="cpu"))
+        kept, total = pick(out, toy_picker)
+        print_fn(f"  round {r}: the classifier kept {kept} of {total} candidates ({len(earlier)} kept before)")
+        with (out / CANDIDATES).open("a") as rows:
+            for path, text in earlier:
+                name = f"{path.parent.name}-{path.name}"
+                shutil.copyfile(path, out / name)
+                rows.write(json.dumps({"file_name": name, "text": text}) + "\n")
+        lines = [json.loads(line) for line in (out / CANDIDATES).read_text().splitlines() if line.strip()]
+        earlier = [(out / row["file_name"], row["text"]) for row in lines
+                   if (out / row["file_name"]).is_file() and not row["file_name"].startswith("reference")]
+        trained = load_recipe(finalize(recipe, run, out), **RUN_OVERRIDES, **{
+            "data.cache_dir": str(root / f"cache{r}"), "output.dir": str(root / f"run{r}")})
+        run = _train(trained, print_fn)
+    return run
 
 
 @torch.no_grad()
@@ -151,11 +167,11 @@ def verdict(worst: dict) -> list[str]:
 
 def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | None = None, n_prompts: int = 30,
                    seeds=(0, 1), images: list[str] | None = None, workdir: str | Path | None = None,
-                   round2: bool = False, base_dir: str | Path | None = None, print_fn=print) -> dict:
+                   rounds: int = 1, per_prompt: int = 2, base_dir: str | Path | None = None, print_fn=print) -> dict:
     """Train `recipe_path` on each style image (`images`: names of `world.STYLE_IMAGES`, default all), measure each
-    on `n_prompts` new-content prompts x `seeds` (`round2`: after StyleDrop round 2 with the classifier's feedback,
-    `round2_on`); print and return (and write to `out`) every image's numbers and
-    the worst image's."""
+    on `n_prompts` new-content prompts x `seeds` (`rounds` > 1: after StyleDrop's later rounds with the classifier's
+    feedback, `per_prompt` candidates per caption, `feedback_rounds`); print and return (and write to `out`) every
+    image's numbers and the worst image's."""
     from amused_tune.models import load_components
     from amused_tune.toy import toy_dir
     from amused_tune.toy.evaluate import read_sampling_defaults
@@ -174,8 +190,8 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
             print_fn(f"{name}: {world.caption(spec)!r}")
             prompts = new_content_prompts(spec, n_prompts)
             run, recipe = train_on(recipe_path, spec, root / name, print_fn, str(base_dir) if base_dir else None)
-            if round2:
-                run = round2_on(recipe, run, prompts, print_fn=print_fn)
+            if rounds > 1:
+                run = feedback_rounds(recipe, run, prompts, rounds, per_prompt, print_fn)
             numbers = measure(base, _apply_run(base, run), prompts, settings, seeds)
             per_image[name] = numbers
             print_fn("  " + "  ".join(f"{k} {numbers[k]:.2f}" for k in KEYS))
@@ -183,7 +199,7 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
     print_fn("worst image: " + "  ".join(f"{k} {worst[k]:.2f}" for k in KEYS))
     for line in verdict(worst):
         print_fn("  " + line)
-    result = {"recipe": str(recipe_path), "base": str(folder), "round2": round2, "prompts": n_prompts, "seeds": list(seeds), "sampling": settings,
+    result = {"recipe": str(recipe_path), "base": str(folder), "rounds": rounds, "per_prompt": per_prompt, "prompts": n_prompts, "seeds": list(seeds), "sampling": settings,
               "images": per_image, "worst": worst}
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
