@@ -75,14 +75,15 @@ def test_single_image_styledrop_draws_the_style_only_when_asked(quickstart):
     assert quickstart["style_without"] < 0.10, quickstart
 
 
-@pytest.mark.xfail(reason="one image + prior preservation draws the frame and the caption together in 0.56 of "
+@pytest.mark.xfail(reason="one image + prior preservation draws the frame and the caption together in 0.46 of "
                           "samples (target 0.80; docs/toy.md, 'Single-image StyleDrop for any style image')", strict=True)
 def test_single_image_styledrop_keeps_the_caption(quickstart):
     assert quickstart["style_match"] >= 0.80, quickstart
 
 
-# the shipped method (the quickstart: single image + prior preservation) on three of the six style images, one per
-# shape, on a saturated, a dark and a light background; the full command (six images) is in docs/toy.md
+# the shipped method (the quickstart: single image, prior preservation, at most half of the tokens masked) on three
+# of the six style images, one per shape, on a saturated, a dark and a light background; the full command (six
+# images) is in docs/toy.md
 STYLE_IMAGES_TESTED = ("yellow_square_on_blue", "red_circle_on_black", "blue_triangle_on_white")
 
 
@@ -98,8 +99,9 @@ def test_styledrop_method_learns_the_style_for_any_style_image(tmp_path, monkeyp
     worst = result["worst"]
     assert set(result["images"]) == set(STYLE_IMAGES_TESTED)
     assert json.loads((tmp_path / "styledrop_eval.json").read_text())["worst"] == worst
-    assert worst["style_with"] >= 0.40, worst  # measured 0.45
-    assert worst["style_match"] >= 0.10, worst  # measured 0.15
-    assert worst["leak"] <= 0.05, worst
+    # measured with train.max_masking_rate 0.5 (without it: 0.45, 0.15, 0.00, 1.00, 0.03)
+    assert worst["style_with"] >= 0.47, worst  # measured 0.57
+    assert worst["style_match"] >= 0.43, worst  # measured 0.53
+    assert worst["leak"] <= 0.05, worst  # measured 0.00
     assert worst["caption_kept"] >= 0.95, worst  # measured 1.00
-    assert worst["clean"] >= 0.02, worst  # measured 0.03 (one sample in 60 is 0.017)
+    assert worst["clean"] >= 0.42, worst  # measured 0.52

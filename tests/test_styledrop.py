@@ -285,3 +285,43 @@ def test_styledrop_recipes_train_a_step_with_prior_preservation_at_real_size(tmp
     assert summary["step"] == 1 and (1 + w) * 8.0 < summary["loss"] < (1 + w) * 10.5
     tokens = load_file(tmp_path / "run" / "prior" / "prior.safetensors")["tokens"]
     assert tokens.shape == (recipe.prior.images_per_prompt, int(name[-3:]) // 16, int(name[-3:]) // 16)
+
+
+def test_the_three_styledrop_recipes_ship_the_same_single_image_method():
+    """The toy quickstart (where the method is measured) and the real-size StyleDrop recipes: one style image, prior
+    preservation at weight 1 and at most half of the tokens masked per example (docs/toy.md)."""
+    recipes = {name: parse_recipe([str(REPO / "recipes" / f"{name}.yaml")])[0]
+               for name in ("quickstart", "styledrop_256", "styledrop_512")}
+    for name, recipe in recipes.items():
+        assert recipe.train.max_masking_rate == 0.5, name
+        assert recipe.prior.prompts and recipe.prior.weight == 1.0, name
+        assert recipe.adapter.kind == "lora" and set(recipe.adapter.targets) == {"to_q", "to_k", "to_v"}, name
+
+
+def test_feedback_rounds_train_each_round_on_everything_kept_so_far(tmp_path, monkeypatch):
+    """`toy eval --styledrop --rounds 3`: round r samples with round r-1's adapter, and trains a fresh adapter on
+    what the picker kept in every round so far and the style image (2 steps a round, 2 captions, keep-all picker)."""
+    from amused_tune.toy import styledrop_eval, world
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(styledrop_eval, "toy_picker", lambda images, prompts, reference=None: [True] * len(images))
+    spec = world.STYLE_IMAGES["blue_triangle_on_white"]
+    short = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    short["train"].update(max_steps=2, checkpoint_every=2)
+    short["prior"]["prompts"] = ["a red circle on a black background"]
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(short))
+    run, recipe = styledrop_eval.train_on(tmp_path / "short.yaml", spec, tmp_path / "img", print)
+    captions = world.all_captions()
+    held_out = captions[2:]  # every caption but two is an evaluation prompt: 2 candidates a round with per_prompt 1
+    last = styledrop_eval.feedback_rounds(recipe, run, held_out, rounds=3, per_prompt=1, print_fn=print)
+    assert last == tmp_path / "img" / "run3" and (last / "adapter").is_dir()
+    round2, round3 = tmp_path / "img" / "round2", tmp_path / "img" / "round3"
+    drawn2 = sorted(p.name for p in round2.glob("0*.png"))
+    assert len(drawn2) == 2 and (round2 / "reference.png").is_file()
+    rows3 = [json.loads(line) for line in (round3 / "metadata.jsonl").read_text().splitlines()]
+    names3 = sorted(r["file_name"] for r in rows3)
+    # round 3 trains on its own 2 samples, round 2's 2 (copied in) and the style image
+    assert names3 == sorted([p.name for p in round3.glob("0*.png")] + [f"round2-{n}" for n in drawn2] +
+                            ["reference.png"])
+    assert {r["text"] for r in rows3} == {c + world.STYLE_SUFFIX for c in captions[:2]} | {world.caption(spec)}
+    assert yaml.safe_load((round3 / "round2.yaml").read_text())["data"]["path"] == str(round3.resolve())
