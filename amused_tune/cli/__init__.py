@@ -11,7 +11,7 @@ commands:
   amused-tune caption FOLDER     write a .txt caption per image with an image-to-text model (BLIP by default)
   amused-tune ui                 a local web page: start, watch, compare and share runs (pip install "amused-tune[ui]")
 
-try it:     amused-tune recipes/quickstart.yaml               (StyleDrop from one image on the toy base, CPU, ~1.5 min)
+try it:     amused-tune recipes/quickstart.yaml               (StyleDrop from one image on the toy base, CPU, ~80 s)
 your data:  amused-tune recipes cp my_folder my.yaml          (set data.path), then: amused-tune my.yaml
 options:    amused-tune COMMAND --help
 """

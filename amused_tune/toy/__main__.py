@@ -97,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         world.render(world.STYLE_EXAMPLE).save(style)
         print(f"wrote {folder} ({len(world.concept_finetune_specs())} images) and {style} "
               f"(caption: {world.caption(world.STYLE_EXAMPLE)!r})")
+        captions = world.all_captions()
+        for name, header, suffix in (
+                ("prior_prompts.txt", "the toy world's 90 captions, without [v]: what the base draws for prior "
+                                      "preservation", ""),
+                ("round2_prompts.txt", "the toy world's 90 captions in [v] style: what the round-1 adapter draws for "
+                                       "StyleDrop round 2", world.STYLE_SUFFIX)):
+            (style.parent / name).write_text(f"# {header}\n" + "".join(c + suffix + "\n" for c in captions))
+        print(f"wrote {style.parent / 'prior_prompts.txt'} and {style.parent / 'round2_prompts.txt'}")
         styles = root / "assets" / "styledrop_toy"
         styles.mkdir(parents=True, exist_ok=True)
         for name, spec in world.STYLE_IMAGES.items():
