@@ -206,6 +206,8 @@ def test_merge_checks_its_inputs_before_loading(capsys, tmp_path, junk, finished
      ["--out", "a-file is a file"]),
     (["styledrop-round2", "{run}", "--prompts", "{prompts}", "--steps", "0"], "amused-tune styledrop-round2",
      ["--steps must be >= 1"]),
+    (["styledrop-round2", "{run}", "--prompts", "{prompts}", "--adapter-scales", "1", "0"],
+     "amused-tune styledrop-round2", ["--adapter-scales must be > 0, got 1 0"]),
     (["styledrop-round2", "{run}", "--prompts", "{junk}"], "amused-tune styledrop-round2",
      ["--prompts", "is a folder"]),
     (["recipes", "cp", "quickstart", "{junk}/a-file/q.yaml"], "amused-tune recipes", ["a-file is a file"]),

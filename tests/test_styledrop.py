@@ -88,6 +88,33 @@ def test_round2_candidates_pick_dataset_and_recipe(round1, tmp_path, capsys, mon
     assert json.loads((round2_run / "data_report.json").read_text())["used"] == 4
 
 
+def test_round2_candidates_at_several_adapter_strengths(round1, tmp_path, monkeypatch):
+    """--adapter-scales 1 2: --per-prompt candidates at each strength, new seeds for each, the strength recorded; at
+    scale 2 the adapter's change to the base's logits is twice what it trained to (so the images differ)."""
+    _, run = round1
+    monkeypatch.setenv("AMUSED_TUNE_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A house in [V] style\n")
+    out = tmp_path / "round2"
+    assert round2_main([str(run), "--prompts", str(prompts), "--per-prompt", "2", "--steps", "2", "--out", str(out),
+                        "--adapter-scales", "1", "2", "--no-reference"]) == 0
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["adapter_scale"]) for r in rows] == [(0, 1.0), (1, 1.0), (2, 2.0), (3, 2.0)]
+    assert [r["file_name"].rsplit("-", 1)[1] for r in rows] == ["x1.png", "x1.png", "x2.png", "x2.png"]
+    assert Image.open(out / rows[2]["file_name"]).text["adapter_scale"] == "2.0"
+
+    from amused_tune.train.styledrop import CandidateOptions, generate_candidates
+
+    recipe = parse_recipe([str(run / "recipe.yaml")])[0]
+    one = [Image.open(out / rows[0]["file_name"])]
+    for scale, same in ((1.0, True), (2.0, False)):
+        again = tmp_path / f"again-{scale:g}"
+        generate_candidates(recipe, run, again, ["A house in [V] style"], CandidateOptions(
+            per_prompt=1, steps=2, reference=False, device="cpu", adapter_scales=(scale,)))
+        image = Image.open(next(again.glob("*.png")))
+        assert (list(image.getdata()) == list(one[0].getdata())) == same, scale
+
+
 def test_round2_errors_are_one_line(tmp_path, capsys):
     assert round2_main([str(tmp_path), "--prompts", "p.txt"]) == 2
     assert "no recipe.yaml" in capsys.readouterr().err

@@ -51,6 +51,9 @@ def build_parser() -> SubcommandParser:
                         "(image-text score) and style (image-image score to the reference)")
     p.add_argument("--clip-model", default=None, help="with --pick clip: a CLIP model, Hub id or local folder "
                                                       "(e.g. openai/clip-vit-base-patch32)")
+    p.add_argument("--adapter-scales", type=float, nargs="+", default=[1.0], metavar="SCALE",
+                   help="draw --per-prompt candidates at each of these adapter strengths (1: as trained), e.g. 1 1.5: "
+                        "a style round 1 draws too weakly on some content shows up at a higher strength")
     p.add_argument("--no-reference", action="store_true", help="do not add round 1's reference image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     return p
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("pass --prompts prompts.txt (generate candidates) or --finalize (after picking), not both")
     if args.per_prompt < 1:
         return _fail("--per-prompt must be >= 1")
+    if min(args.adapter_scales) <= 0:
+        return _fail(f"--adapter-scales must be > 0, got {' '.join(f'{x:g}' for x in args.adapter_scales)}")
     if args.steps is not None and args.steps < 1:
         return _fail(f"--steps must be >= 1, got {args.steps}")
     if (args.pick == "clip") != bool(args.clip_model):
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"{out} already holds candidates: finalize them with --finalize, or pass --out DIR")
         options = CandidateOptions(per_prompt=args.per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                                    styledrop_guidance=args.styledrop_guidance, reference=not args.no_reference,
-                                   device=args.device)
+                                   device=args.device, adapter_scales=tuple(args.adapter_scales))
         rows = generate_candidates(recipe, run, out, read_prompts(args.prompts), options)
         if args.pick:
             kept, total = pick(out, _picker(args))

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                                                              "in each round")
     e.add_argument("--recipe", default=None, help="with --styledrop: the recipe to train (default recipes/quickstart.yaml)")
     e.add_argument("--images", default=None, help="with --styledrop: comma-separated style image names (default all)")
+    e.add_argument("--adapter-scales", type=float, nargs="+", default=[1.0], metavar="SCALE",
+                   help="with --rounds > 1: draw --per-prompt candidates at each of these adapter strengths")
     e.add_argument("--workdir", default=None, help="with --styledrop: keep each image's runs and round-2 candidates "
                                                    "in this folder (default: a temporary folder, deleted at the end)")
     e.add_argument("--out", default=None, help="with --styledrop: write the numbers to this JSON file "
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         styledrop_eval(args.recipe or DEFAULT_RECIPE, args.out or "styledrop_eval.json",
                        30 if args.prompts == 50 else args.prompts, tuple(range(args.seeds)),
                        args.images.split(",") if args.images else None, rounds=max(args.rounds, 2 if args.round2 else 1), per_prompt=args.per_prompt,
-                       workdir=args.workdir, base_dir=args.dir)
+                       workdir=args.workdir, base_dir=args.dir, adapter_scales=tuple(args.adapter_scales))
         return 0
     folder = Path(args.dir) if args.dir else toy_dir()
     comps = _load_folder(folder)

@@ -104,10 +104,10 @@ def _train(recipe: Recipe, print_fn) -> Path:
 
 
 def feedback_rounds(recipe: Recipe, run: Path, held_out: list[str], rounds: int = 2, per_prompt: int = 2,
-                    print_fn=print) -> Path:
+                    print_fn=print, adapter_scales: tuple[float, ...] = (1.0,)) -> Path:
     """StyleDrop's later rounds with the classifier as the feedback. In round r (2..`rounds`) the previous round's
     adapter draws every world caption but the held-out (evaluation) ones, with " in [v] style", `per_prompt` seeds
-    each (new seeds every round); `toy_picker` keeps the ones that show the style and the caption without a stray
+    each (new seeds every round) at each of `adapter_scales`; `toy_picker` keeps the ones that show the style and the caption without a stray
     cell, and a fresh adapter is trained with the same recipe on everything kept so far and round 1's image.
     Returns the last round's run folder."""
     from amused_tune.train.styledrop import CANDIDATES, CandidateOptions, finalize, generate_candidates, pick
@@ -117,7 +117,8 @@ def feedback_rounds(recipe: Recipe, run: Path, held_out: list[str], rounds: int 
     for r in range(2, rounds + 1):
         out = root / f"round{r}"
         generate_candidates(recipe, run, out, prompts,
-                            CandidateOptions(per_prompt=per_prompt, seed=10_000 * (r - 2), device="cpu"))
+                            CandidateOptions(per_prompt=per_prompt, seed=10_000 * (r - 2), device="cpu",
+                                             adapter_scales=adapter_scales))
         kept, total = pick(out, toy_picker)
         print_fn(f"  round {r}: the classifier kept {kept} of {total} candidates ({len(earlier)} kept before)")
         with (out / CANDIDATES).open("a") as rows:
@@ -167,11 +168,12 @@ def verdict(worst: dict) -> list[str]:
 
 def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | None = None, n_prompts: int = 30,
                    seeds=(0, 1), images: list[str] | None = None, workdir: str | Path | None = None,
-                   rounds: int = 1, per_prompt: int = 2, base_dir: str | Path | None = None, print_fn=print) -> dict:
+                   rounds: int = 1, per_prompt: int = 2, base_dir: str | Path | None = None, print_fn=print,
+                   adapter_scales: tuple[float, ...] = (1.0,)) -> dict:
     """Train `recipe_path` on each style image (`images`: names of `world.STYLE_IMAGES`, default all), measure each
     on `n_prompts` new-content prompts x `seeds` (`rounds` > 1: after StyleDrop's later rounds with the classifier's
-    feedback, `per_prompt` candidates per caption, `feedback_rounds`); print and return (and write to `out`) every
-    image's numbers and the worst image's."""
+    feedback, `per_prompt` candidates per caption at each of `adapter_scales`, `feedback_rounds`); print and return
+    (and write to `out`) every image's numbers and the worst image's."""
     from amused_tune.models import load_components
     from amused_tune.toy import toy_dir
     from amused_tune.toy.evaluate import read_sampling_defaults
@@ -191,7 +193,7 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
             prompts = new_content_prompts(spec, n_prompts)
             run, recipe = train_on(recipe_path, spec, root / name, print_fn, str(base_dir) if base_dir else None)
             if rounds > 1:
-                run = feedback_rounds(recipe, run, prompts, rounds, per_prompt, print_fn)
+                run = feedback_rounds(recipe, run, prompts, rounds, per_prompt, print_fn, adapter_scales)
             numbers = measure(base, _apply_run(base, run), prompts, settings, seeds)
             per_image[name] = numbers
             print_fn("  " + "  ".join(f"{k} {numbers[k]:.2f}" for k in KEYS))
@@ -199,7 +201,7 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
     print_fn("worst image: " + "  ".join(f"{k} {worst[k]:.2f}" for k in KEYS))
     for line in verdict(worst):
         print_fn("  " + line)
-    result = {"recipe": str(recipe_path), "base": str(folder), "rounds": rounds, "per_prompt": per_prompt, "prompts": n_prompts, "seeds": list(seeds), "sampling": settings,
+    result = {"recipe": str(recipe_path), "base": str(folder), "rounds": rounds, "per_prompt": per_prompt, "adapter_scales": list(adapter_scales), "prompts": n_prompts, "seeds": list(seeds), "sampling": settings,
               "images": per_image, "worst": worst}
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")

@@ -37,6 +37,7 @@ class CandidateOptions:
     styledrop_guidance: tuple[float, float] | None = None  # (lambda_A, lambda_B) instead of guidance
     reference: bool = True  # copy round 1's reference image among the candidates
     device: str = "auto"
+    adapter_scales: tuple[float, ...] = (1.0,)  # per_prompt candidates at each of these adapter strengths
 
 
 def check_run(run: Path) -> None:
@@ -59,12 +60,15 @@ def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: 
     from amused_tune.sampling_defaults import resolve_sampling
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    scales = tuple(args.adapter_scales)
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"adapter scales must be > 0, got {list(scales)}")
     comps = load_components(recipe.model.base)
-    adapters.load_lora(comps.transformer, run / "adapter")
+    adapter_name = adapters.load_lora(comps.transformer, run / "adapter")
     if recipe.adapter.text_encoder:
         adapters.load_lora(comps.text_encoder, run / "adapter", part="text_encoder")
         adapters.merge_adapters(comps.text_encoder)
-    if not args.styledrop_guidance:
+    if not args.styledrop_guidance and scales == (1.0,):
         adapters.merge_adapters(comps.transformer)
     dtype = torch_dtype(recipe.model.dtype) if device.type == "cuda" else torch.float32
     for module, module_dtype in ((comps.transformer, dtype), (comps.text_encoder, dtype), (comps.vqvae, torch.float32)):
@@ -77,15 +81,19 @@ def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: 
 
     out.mkdir(parents=True, exist_ok=True)
     rows, k = [], 0
-    for i, prompt in enumerate(prompts):
-        seeds = [args.seed + k + j for j in range(args.per_prompt)]
-        _, images = generate(comps, [prompt], seeds, **sampling, styledrop=styledrop)
-        for seed, image in zip(seeds, to_pil(images)):
-            name = f"{i:03d}-{slug(prompt)}-seed{seed}.png"
-            image.save(out / name, pnginfo=png_info({"prompt": prompt, "seed": seed, **sampling,
-                                                      "adapter": str(run / "adapter")}))
-            rows.append({"file_name": name, "text": prompt, "seed": seed})
-        k += args.per_prompt
+    for scale in scales:
+        if scales != (1.0,):
+            adapters.set_adapter_scales(comps.transformer, {adapter_name: scale})
+        tag = "" if len(scales) == 1 else f"-x{scale:g}"
+        for i, prompt in enumerate(prompts):
+            seeds = [args.seed + k + j for j in range(args.per_prompt)]
+            _, images = generate(comps, [prompt], seeds, **sampling, styledrop=styledrop)
+            for seed, image in zip(seeds, to_pil(images)):
+                file = f"{i:03d}-{slug(prompt)}-seed{seed}{tag}.png"
+                image.save(out / file, pnginfo=png_info({"prompt": prompt, "seed": seed, **sampling,
+                                                         "adapter": str(run / "adapter"), "adapter_scale": scale}))
+                rows.append({"file_name": file, "text": prompt, "seed": seed, "adapter_scale": scale})
+            k += args.per_prompt
     data = resolve_config(recipe.data)
     if data.source == "single_image" and args.reference:
         reference = resolve_path(data.path)
