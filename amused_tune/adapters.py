@@ -232,6 +232,19 @@ def read_adapter(
     return state, config
 
 
+def _expected_lora_shape(module: torch.nn.Module, key: str, rank: int) -> tuple[int, ...]:
+    """The shape peft gives `key` (lora_A / lora_B / DoRA magnitude) on `module`, a Linear or a Conv2d."""
+    if isinstance(module, torch.nn.Conv2d):  # A: a conv with the module's kernel into r channels; B: 1x1 back out
+        if ".lora_magnitude_vector" in key:
+            return (1, module.out_channels, 1, 1)
+        if ".lora_A." in key:
+            return (rank, module.in_channels // module.groups, *module.kernel_size)
+        return (module.out_channels, rank, 1, 1)
+    if ".lora_magnitude_vector" in key:
+        return (module.out_features,)
+    return (rank, module.in_features) if ".lora_A." in key else (module.out_features, rank)
+
+
 def load_lora(
     model: torch.nn.Module,
     source: str | os.PathLike,
@@ -253,10 +266,7 @@ def load_lora(
             f"(e.g. {missing[0]}) do not exist in this {part}"
         )
     for key, value in state.items() if not lycoris.is_lycoris(config) else ():  # LoKr / LoHa: peft checks shapes
-        module = names[key.rsplit(".lora_", 1)[0]]
-        expected_in = module.in_features if ".lora_A." in key else config.r
-        expected_out = config.r if ".lora_A." in key else module.out_features
-        expected = (expected_out,) if ".lora_magnitude_vector" in key else (expected_out, expected_in)  # DoRA
+        expected = _expected_lora_shape(names[key.rsplit(".lora_", 1)[0]], key, config.r)
         if tuple(value.shape) != expected:
             raise AdapterError(
                 f"adapter {source}: {key} has shape {tuple(value.shape)}, this {part} needs "

@@ -79,3 +79,46 @@ def test_dora_merges_into_the_same_outputs(dora_run):
     before = tiny_uvit_logits(kit.transformer)
     adapters.merge_adapters(kit.transformer)
     torch.testing.assert_close(tiny_uvit_logits(kit.transformer), before, atol=1e-4, rtol=1e-4)
+
+
+def test_a_lora_on_the_output_convolutions_reloads_as_trained(tmp_path):
+    """peft puts a LoRA on Conv2d layers too (here the U-ViT's output head, mlm_layer.conv1/conv2): the saved
+    adapter loads back with the conv shapes and gives the trained model's logits; a conv LoRA of another rank
+    under the same names is refused with the expected shape."""
+    from conftest import tiny_uvit_logits
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    data = make_images(tmp_path / "data")
+    recipe = recipe_for(tmp_path / "run", data, max_steps=2)
+    recipe.adapter = AdapterConfig(rank=4, alpha=8.0, targets=["to_q", "to_k", "to_v", "mlm_layer.conv1",
+                                                                  "mlm_layer.conv2"])
+    recipe.optim.lr = 5e-2
+    train(recipe)
+    state, config = adapters.read_adapter(recipe.output.dir)
+    assert tuple(state["mlm_layer.conv2.lora_A.weight"].shape)[0] == 4
+    assert state["mlm_layer.conv2.lora_B.weight"].shape[2:] == (1, 1)
+    kit = build_tiny()
+    base = tiny_uvit_logits(kit.transformer)
+    adapters.load_lora(kit.transformer, recipe.output.dir)
+    loaded = tiny_uvit_logits(kit.transformer)
+    assert not torch.allclose(loaded, base)
+    trained = build_tiny()
+    adapters.attach_lora(trained.transformer, rank=4, alpha=8, targets=config.target_modules)
+    with torch.no_grad():
+        for name, p in trained.transformer.named_parameters():
+            if "lora_" in name:
+                key = name.replace(".default", "")
+                p.copy_(state[key])
+    torch.testing.assert_close(loaded, tiny_uvit_logits(trained.transformer))
+
+    file = tmp_path / "run" / "adapter" / adapters.DIFFUSERS_FILE
+    with safe_open(file, framework="pt") as f:
+        meta = f.metadata()
+    raw = load_file(file)
+    key = "transformer.mlm_layer.conv2.lora_B.weight"
+    raw[key] = torch.zeros(raw[key].shape[0], 4, 3, 3)  # a 3x3 B: not what peft builds on a 1x1 conv
+    bad = tmp_path / "bad.safetensors"
+    save_file(raw, bad, metadata=meta)
+    with pytest.raises(adapters.AdapterError, match=r"mlm_layer.conv2.lora_B.weight has shape .*needs \(\d+, 4, 1, 1\)"):
+        adapters.load_lora(build_tiny().transformer, bad)
