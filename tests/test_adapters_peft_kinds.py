@@ -83,8 +83,8 @@ def test_dora_merges_into_the_same_outputs(dora_run):
 
 def test_a_lora_on_the_output_convolutions_reloads_as_trained(tmp_path):
     """peft puts a LoRA on Conv2d layers too (here the U-ViT's output head, mlm_layer.conv1/conv2): the saved
-    adapter loads back with the conv shapes and gives the trained model's logits; a conv LoRA of another rank
-    under the same names is refused with the expected shape."""
+    adapter loads back with the conv shapes and gives the trained model's logits; a conv LoRA whose B is not the
+    1x1 conv peft builds is refused, naming the shape it needs."""
     from conftest import tiny_uvit_logits
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
