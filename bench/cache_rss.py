@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from amused_tune.data import cache
     from amused_tune.data.cards import resolve_config
     from amused_tune.data.sources import open_source
-    from amused_tune.models import build_tiny
+    from amused_tune.model.bases import build_tiny
     from amused_tune.recipe import DataConfig
 
     torch.set_num_threads(1)

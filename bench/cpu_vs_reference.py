@@ -44,7 +44,7 @@ def prepare(work: Path, images: int) -> None:
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
-    from amused_tune.models import build_real_size
+    from amused_tune.model.bases import build_real_size
 
     if not (work / "base" / "model_index.json").is_file():
         comps = build_real_size(256)

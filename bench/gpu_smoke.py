@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amused_tune.models import build_real_size, build_tiny  # noqa: E402
+from amused_tune.model.bases import build_real_size, build_tiny  # noqa: E402
 from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,  # noqa: E402
                                 TrainConfig, ValidationConfig)
 from amused_tune.train import loop, outputs, step as train_step  # noqa: E402

@@ -4,7 +4,7 @@
     python bench/memory_table.py --update-recipes   # also write `# predicted peak: X GB` into each recipe header
     python bench/memory_table.py --print            # print the tables, write nothing
 
-The predictions come from `amused_tune.memory.estimate` (no GPU, no weights: about a second per new setup after
+The predictions come from `amused_tune.memory.estimate.estimate` (no GPU, no weights: about a second per new setup after
 the imports). The recipes table shows, per recipe, the paper's figure, the reference trainer's measured peak
 (bench/reference_h100.yaml, where the paper's configuration was measured), the prediction and, once a GPU run
 has written it (bench/train.py --update-recipes), the kit's measured peak. The "fits" table says for 6, 8, 12
@@ -23,7 +23,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amused_tune import memory, memory_fit  # noqa: E402
+from amused_tune.memory import estimate as memory
+
+from amused_tune.memory import fit as memory_fit  # noqa: E402
 from amused_tune.cli.args import parse_recipe  # noqa: E402
 from amused_tune.cli.recipes import list_recipes  # noqa: E402
 

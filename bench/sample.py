@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amused_tune.models import build_real_size, build_tiny  # noqa: E402
-from amused_tune.sampler import generate  # noqa: E402
+from amused_tune.model.bases import build_real_size, build_tiny  # noqa: E402
+from amused_tune.sampling.sampler import generate  # noqa: E402
 
 PROMPT = "a photo of a red fox in the snow"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

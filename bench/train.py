@@ -49,10 +49,10 @@ from amused_tune.cli import recipes as recipes_cli  # noqa: E402
 from amused_tune.cli.args import parse_recipe  # noqa: E402
 from amused_tune.train import checkpoints, outputs  # noqa: E402
 from amused_tune.train import loop as trainer  # noqa: E402
-from amused_tune.models import build_real_size, build_tiny  # noqa: E402
+from amused_tune.model.bases import build_real_size, build_tiny  # noqa: E402
 
 # The reference to beat: diffusers' examples/amused/train_amused.py measured on one H100 (bench/reference_h100.yaml,
-# which says how). Its GB are 10^9 bytes, as the kit's predictions (amused_tune.memory) and this bench's figures.
+# which says how). Its GB are 10^9 bytes, as the kit's predictions (amused_tune.memory.estimate) and this bench's figures.
 REFERENCE_FILE = Path(__file__).resolve().parent / "reference_h100.yaml"
 GB = 10**9
 CARDS = {"amused-256": "nouns_256", "amused-512": "minecraft_512"}
@@ -84,8 +84,7 @@ def reference() -> dict[str, dict]:
 
 def predicted(recipe) -> dict:
     """The memory estimator's peak and its cache-building moment for a recipe (GB), None on the tiny model."""
-    from amused_tune import memory
-
+    from amused_tune.memory import estimate as memory
     try:
         est = memory.estimate(recipe)
     except memory.EstimateError:

@@ -75,8 +75,8 @@ def tiny_uvit_logits(transformer) -> torch.Tensor:
 
 def tiny_with_random_lora(seed: int = 0):
     """The tiny model with a rank-4 LoRA whose B matrices are random (so the adapter changes the logits)."""
-    from amused_tune.adapters import attach_lora
-    from amused_tune.models import build_tiny
+    from amused_tune.model.adapters import attach_lora
+    from amused_tune.model.bases import build_tiny
 
     comps = build_tiny()
     attach_lora(comps.transformer, rank=4, alpha=8)

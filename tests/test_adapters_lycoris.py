@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from amused_tune import adapters
+from amused_tune.model import adapters
 from amused_tune.cli.sample import load_adapters
-from amused_tune.models import build_tiny
+from amused_tune.model.bases import build_tiny
 from amused_tune.recipe import AdapterConfig, Recipe, RecipeError
-from amused_tune.sampler import generate
+from amused_tune.sampling.sampler import generate
 from amused_tune.train.loop import train
 from conftest import make_images
 from test_resume import final_weights, recipe_for
@@ -135,7 +135,7 @@ def test_a_quantized_base_is_refused():
 
 
 def test_the_memory_estimate_counts_each_kinds_trainable_weights():
-    from amused_tune import memory
+    from amused_tune.memory import estimate as memory
     from amused_tune.cli.args import parse_recipe
 
     rows = {}
@@ -178,7 +178,7 @@ def test_the_model_card_names_the_kind_and_shows_no_diffusers_loader(trained):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_max_memory_never_offers_a_quantized_base_to_lokr_or_loha(kind):
-    from amused_tune.memory_fit import _levers
+    from amused_tune.memory.fit import _levers
 
     levers = _levers(Recipe(adapter=AdapterConfig(kind=kind)))
     assert [already for key, _, already in levers if key == "model.quantize"] == [True, True]  # skipped

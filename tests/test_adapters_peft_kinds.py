@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 
-from amused_tune import adapters
-from amused_tune.models import build_tiny
+from amused_tune.model import adapters
+from amused_tune.model.bases import build_tiny
 from amused_tune.recipe import AdapterConfig
-from amused_tune.sampler import generate
+from amused_tune.sampling.sampler import generate
 from amused_tune.train.loop import train
 from conftest import make_images
 from test_resume import recipe_for

@@ -65,7 +65,7 @@ def trained_loss(name: str, tmp_path: Path) -> float:
     from conftest import reset_accelerate
 
     from amused_tune.cli.args import parse_recipe
-    from amused_tune.models import build_tiny
+    from amused_tune.model.bases import build_tiny
     from amused_tune.train.loop import train
 
     bench_module = sys.modules["bench_train"]
@@ -122,7 +122,7 @@ def test_update_recipes_writes_the_measured_header(bench, tmp_path):
 def test_shared_copy_shares_weights_but_not_parameters(bench):
     import torch
 
-    from amused_tune.models import build_tiny
+    from amused_tune.model.bases import build_tiny
 
     base = build_tiny()
     copy = bench.shared_copy(base)

@@ -17,7 +17,7 @@ from amused_tune.data import cache
 from amused_tune.data.cards import DataError, resolve_config
 from amused_tune.data.preprocess import preprocess
 from amused_tune.data.sources import open_source
-from amused_tune.models import build_tiny, encode_images
+from amused_tune.model.bases import build_tiny, encode_images
 from amused_tune.recipe import AdapterConfig, DataConfig, ModelConfig, OutputConfig, Recipe, TrainConfig
 from amused_tune.train.loop import train
 

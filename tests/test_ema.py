@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from amused_tune import memory
-from amused_tune.adapters import read_adapter
+from amused_tune.memory import estimate as memory
+from amused_tune.model.adapters import read_adapter
 from amused_tune.cli import main as cli_main
 from amused_tune.cli.args import parse_recipe
-from amused_tune.ema import EMA, decay_at
+from amused_tune.train.ema import EMA, decay_at
 from amused_tune.recipe import Recipe, RecipeError, TrainConfig
 from amused_tune.train import checkpoints
 from conftest import make_images

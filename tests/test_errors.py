@@ -334,7 +334,7 @@ def test_sharded_launch_is_refused(capsys, recipe, monkeypatch, kind):
 
 
 def test_base_folder_with_only_pickle_weights_is_refused(tmp_path):
-    from amused_tune.models import BaseModelError, build_tiny, load_components
+    from amused_tune.model.bases import BaseModelError, build_tiny, load_components
 
     comps = build_tiny()
     comps.save_pretrained(tmp_path / "base")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_with_random_lora
 
-from amused_tune.guidance import (
+from amused_tune.sampling.guidance import (
     ClassifierFree,
     NoGuidance,
     Passes,
@@ -18,8 +18,8 @@ from amused_tune.guidance import (
     choose_guidance,
     guidance_scales,
 )
-from amused_tune.models import build_tiny, micro_conditioning
-from amused_tune.sampler import generate, step_plan
+from amused_tune.model.bases import build_tiny, micro_conditioning
+from amused_tune.sampling.sampler import generate, step_plan
 
 STEPS = [0, 1, 5, 10, 11]  # steps checked of T = 12
 
@@ -112,7 +112,7 @@ def styled():
 
 @torch.no_grad()
 def test_styledrop_matches_its_formula_with_nonzero_lambdas(styled):
-    from amused_tune.sampler import encode_texts, empty_prompt_embeds
+    from amused_tune.sampling.sampler import encode_texts, empty_prompt_embeds
 
     model = styled.transformer
     cond, uncond = encode_texts(styled, ["a cat", "a dog"]), empty_prompt_embeds(styled)

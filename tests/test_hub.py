@@ -127,9 +127,9 @@ def test_card_usage_code_runs_with_diffusers_and_peft(run_dir, tmp_path, monkeyp
     """The card's two Python snippets, run as written (base: a local tiny pipeline folder), give the kit's logits."""
     import torch
 
-    from amused_tune import adapters
+    from amused_tune.model import adapters
     from amused_tune.share.hub import read_recipe, render_card
-    from amused_tune.models import build_tiny, encode_prompts, load_components
+    from amused_tune.model.bases import build_tiny, encode_prompts, load_components
 
     base = tmp_path / "tiny-pipeline"
     build_tiny().save_pretrained(base)

@@ -21,8 +21,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
 
-from amused_tune import adapters
-from amused_tune.models import build_tiny, encode_prompts
+from amused_tune.model import adapters
+from amused_tune.model.bases import build_tiny, encode_prompts
 from conftest import tiny_uvit_logits as logits
 
 TOL = dict(atol=1e-6, rtol=1e-6)
@@ -118,7 +118,7 @@ def test_diffusers_style_file_loads_in_the_kit_with_alpha_equal_to_rank(diffuser
     assert adapters.METADATA_KEY not in meta  # no alpha anywhere in the file
 
     kit = build_tiny().transformer
-    with caplog.at_level(logging.WARNING, logger="amused_tune.adapters"):
+    with caplog.at_level(logging.WARNING, logger="amused_tune.model.adapters"):
         adapters.load_lora(kit, diffusers_file.parent)
     assert "alpha = rank" in caplog.text
     assert list(kit.transformer_layers[0].attn1.to_q.scaling.values()) == [1.0]

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "amused_tune"
-# bottom to top; a module's layer is its sub-package, the top-level modules are the core; ui (the web page) sits above
-# the commands: it calls their functions, and `amused-tune ui` reaches it by module name only
-LAYERS = ("core", "data", "share", "train", "toy", "cli", "ui")
+# bottom to top; a module's layer is its sub-package, the few top-level modules (constants, the recipe schema, the
+# optimizer registry) are the core; model/ (bases, adapters, the objective) sits below sampling/ (the sampler draws
+# with the bases' encoders), both below memory/ (the estimate traces the model's steps); styledrop/ runs training
+# rounds, so it sits above train/; ui (the web page) sits above the commands: it calls their functions, and
+# `amused-tune ui` reaches it by module name only
+LAYERS = ("core", "model", "sampling", "memory", "data", "share", "train", "styledrop", "toy", "cli", "ui")
 
 
 def module_name(path: Path) -> str:
@@ -98,15 +101,27 @@ def test_every_import_of_the_kit_names_one_of_its_modules():
     assert missing == []
 
 
-def test_core_does_not_reach_the_toy_or_the_commands():
+def test_the_package_root_holds_only_the_core_few():
+    root = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert root == ["common", "optimizers", "recipe"]
+
+
+def test_every_folder_of_the_package_has_a_layer():
+    folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+    assert set(folders) == set(LAYERS) - {"core"}
+
+
+def test_the_model_folder_does_not_reach_the_sampler_the_toy_or_the_commands():
     graph = import_graph()
-    core = [m for m in graph if layer_of(m) == "core"]
-    assert "amused_tune.models" in core and "amused_tune.sampler" in core
-    assert not {t for m in core for t in graph[m] if layer_of(t) != "core"}
+    low = [m for m in graph if layer_of(m) in ("core", "model")]
+    assert "amused_tune.model.bases" in low and "amused_tune.recipe" in low
+    assert not {t for m in low for t in graph[m] if layer_of(t) not in ("core", "model")}
 
 
 @pytest.mark.parametrize("bad", [
-    {"amused_tune.models": {"amused_tune.toy"}},
+    {"amused_tune.model.bases": {"amused_tune.toy"}},
+    {"amused_tune.model.adapters": {"amused_tune.sampling.sampler"}},
+    {"amused_tune.sampling.sampler": {"amused_tune.memory.estimate"}},
     {"amused_tune.data.cache": {"amused_tune.train.loop"}},
     {"amused_tune.share.hub": {"amused_tune.cli.args"}},
     {"amused_tune.train.outputs": {"amused_tune.cli"}},
@@ -127,9 +142,9 @@ def test_a_cycle_inside_one_layer_is_caught():
 
 
 def test_the_import_reader_sees_lazy_and_from_imports(tmp_path):
-    modules = {"amused_tune.cli.args", "amused_tune.data", "amused_tune.data.cache", "amused_tune.models"}
+    modules = {"amused_tune.cli.args", "amused_tune.data", "amused_tune.data.cache", "amused_tune.recipe"}
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from amused_tune.cli.args import parse_recipe\n"
-                     "from amused_tune.data import cache\nfrom . import models\n")
-    got = {m for m in imports_of(probe, modules, name="amused_tune.quantize") if m in modules}
-    assert got == {"amused_tune.cli.args", "amused_tune.data.cache", "amused_tune.models"}
+                     "from amused_tune.data import cache\nfrom . import recipe\n")
+    got = {m for m in imports_of(probe, modules, name="amused_tune.common") if m in modules}
+    assert got == {"amused_tune.cli.args", "amused_tune.data.cache", "amused_tune.recipe"}

@@ -10,8 +10,10 @@ import pytest
 import torch
 import yaml
 
-from amused_tune import memory, memory_fit
-from amused_tune.memory_trace import BLOCK, GpuAutocast, LiveBytes, storage_keys
+from amused_tune.memory import estimate as memory
+
+from amused_tune.memory import fit as memory_fit
+from amused_tune.memory.trace import BLOCK, GpuAutocast, LiveBytes, storage_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = yaml.safe_load((ROOT / "bench" / "reference_h100.yaml").read_text())["trainer"]
@@ -183,7 +185,7 @@ def test_encoders_build_the_cache_before_the_uvit_is_placed(tmp_path, monkeypatc
     from conftest import make_images
 
     from amused_tune.data import cache
-    from amused_tune.models import build_tiny
+    from amused_tune.model.bases import build_tiny
     from amused_tune.train import loop, setup
 
     comps = build_tiny()
@@ -202,7 +204,7 @@ def test_encoders_build_the_cache_before_the_uvit_is_placed(tmp_path, monkeypatc
 def test_validation_grid_is_decoded_one_image_at_a_time_into_the_same_png_bytes(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from amused_tune.models import build_tiny, decode_tokens
+    from amused_tune.model.bases import build_tiny, decode_tokens
     from amused_tune.recipe import ModelConfig, OutputConfig, Recipe, ValidationConfig
     from amused_tune.train import validation
 

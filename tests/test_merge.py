@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import make_images, reset_accelerate
 
-from amused_tune import adapters
+from amused_tune.model import adapters
 from amused_tune.cli import main as cli_main
-from amused_tune.models import encode_prompts, load_components
+from amused_tune.model.bases import encode_prompts, load_components
 from conftest import tiny_uvit_logits as logits
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from amused_tune.cli import main as cli_main
-from amused_tune.models import BaseModelError, build_tiny, load_components
+from amused_tune.model.bases import BaseModelError, build_tiny, load_components
 
 
 @pytest.fixture

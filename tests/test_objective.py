@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amused_tune.masking import mask_tokens, masked_cross_entropy, masking_rate
+from amused_tune.model.masking import mask_tokens, masked_cross_entropy, masking_rate
 from amused_tune.recipe import Recipe, RecipeError
 
 
@@ -118,7 +118,7 @@ def test_recipe_refuses_out_of_range_objective_values():
 
 
 def test_trainer_passes_both_levers_to_the_objective(tmp_path, image_folder, monkeypatch):
-    from amused_tune.models import build_tiny
+    from amused_tune.model.bases import build_tiny
     from amused_tune.recipe import AdapterConfig, DataConfig, ModelConfig, OutputConfig, TrainConfig
     from amused_tune.train import loop, step
 

@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from amused_tune.cli.args import parse_recipe
-from amused_tune.models import build_real_size
+from amused_tune.model.bases import build_real_size
 from amused_tune.train.loop import train
 from conftest import make_images
 

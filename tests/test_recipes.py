@@ -197,7 +197,7 @@ def _quantize_recipe(bits: str):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 def test_quantize_on_a_cpu_is_a_clear_recipe_error(bits):
-    from amused_tune.models import build_tiny
+    from amused_tune.model.bases import build_tiny
     from amused_tune.recipe import RecipeError
     from amused_tune.train.setup import setup_models
 
@@ -211,9 +211,9 @@ def test_quantized_base_is_wrapped_by_lora_and_trains(bits):
     import bitsandbytes as bnb
     from peft.tuners.lora import bnb as peft_bnb
 
-    from amused_tune import adapters
-    from amused_tune.models import build_tiny
-    from amused_tune.quantize import quantize_linear_layers
+    from amused_tune.model import adapters
+    from amused_tune.model.bases import build_tiny
+    from amused_tune.model.quantize import quantize_linear_layers
     from amused_tune.common import place
 
     transformer = build_tiny().transformer
@@ -242,9 +242,9 @@ def test_quantized_base_is_wrapped_by_lora_and_trains(bits):
 
 
 def test_quantize_refuses_a_module_with_lora_and_bad_bits():
-    from amused_tune import adapters
-    from amused_tune.models import build_tiny
-    from amused_tune.quantize import quantize_linear_layers
+    from amused_tune.model import adapters
+    from amused_tune.model.bases import build_tiny
+    from amused_tune.model.quantize import quantize_linear_layers
     from amused_tune.recipe import RecipeError
 
     transformer = build_tiny().transformer

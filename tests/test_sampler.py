@@ -14,8 +14,8 @@ from conftest import tiny_with_random_lora
 from PIL import Image
 
 from amused_tune.cli import sample as sample_cli
-from amused_tune.models import build_tiny, decode_tokens, encode_images
-from amused_tune.sampler import (
+from amused_tune.model.bases import build_tiny, decode_tokens, encode_images
+from amused_tune.sampling.sampler import (
     SampleError,
     StyleDropGuidance,
     adapters_disabled,
@@ -27,7 +27,7 @@ from amused_tune.sampler import (
     step_plan,
     truncate,
 )
-from amused_tune.sampling_defaults import SamplingDefaultsError, describe_taken, resolve_sampling, sampling_defaults
+from amused_tune.model.sampling_defaults import SamplingDefaultsError, describe_taken, resolve_sampling, sampling_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK_ID = 64  # tiny model: codebook 64, mask id = vocab_size - 1
@@ -190,14 +190,14 @@ def test_mask_image_file_maps_white_pixels_to_tokens(tmp_path):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    from amused_tune.adapters import save_lora
+    from amused_tune.model.adapters import save_lora
 
     comps = tiny_with_random_lora(seed=0)
     return save_lora(tmp_path_factory.mktemp("run") / "adapter", comps.transformer)
 
 
 def test_lora_scale_and_styledrop_guidance(tiny, adapter_dir):
-    from amused_tune.adapters import load_lora, merge_adapters
+    from amused_tune.model.adapters import load_lora, merge_adapters
 
     base_tokens, _ = generate(tiny, ["a cat"], [0])
     zero = build_tiny()
@@ -340,7 +340,7 @@ def test_cli_writes_images_and_grid_byte_identically(tmp_path, adapter_dir):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
     meta = Image.open(outs[0] / "001-seed2.png").text
     assert (meta["prompt"], meta["seed"], meta["steps"], meta["guidance"]) == ("a cat", "2", "12", "10.0")
-    assert Image.open(outs[0] / "grid.png").size == (512, 256)  # 32 px images shown at 256 px (amused_tune.preview)
+    assert Image.open(outs[0] / "grid.png").size == (512, 256)  # 32 px images shown at 256 px (amused_tune.sampling.preview)
 
     out = tmp_path / "lora"
     argv = ["sample", "--base", "tiny", "--prompt", "a cat", "--out", str(out), "--adapter", str(adapter_dir),

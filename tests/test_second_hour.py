@@ -56,7 +56,7 @@ def png_settings(folder: Path) -> dict:
 
 
 def test_a_run_records_its_base_and_validated_settings_beside_the_weights_and_in_the_file(run):
-    from amused_tune.provenance import read_record
+    from amused_tune.model.provenance import read_record
 
     record = json.loads((run / "adapter" / "amused_tune.json").read_text())
     assert record["base"] == "toy"

@@ -103,7 +103,7 @@ def test_round2_candidates_at_several_adapter_strengths(round1, tmp_path, monkey
     assert [r["file_name"].rsplit("-", 1)[1] for r in rows] == ["x1.png", "x1.png", "x2.png", "x2.png"]
     assert Image.open(out / rows[2]["file_name"]).text["adapter_scale"] == "2.0"
 
-    from amused_tune.train.styledrop import CandidateOptions, generate_candidates
+    from amused_tune.styledrop.round2 import CandidateOptions, generate_candidates
 
     recipe = parse_recipe([str(run / "recipe.yaml")])[0]
     one = [Image.open(out / rows[0]["file_name"])]
@@ -143,9 +143,9 @@ def test_prior_images_are_the_bases_own_cached_with_the_run_and_resume_bit_exact
     from safetensors.torch import load_file
     from test_resume import assert_same_run
 
-    from amused_tune.models import build_tiny
-    from amused_tune.sampler import generate
-    from amused_tune.sampling_defaults import resolve_sampling
+    from amused_tune.model.bases import build_tiny
+    from amused_tune.sampling.sampler import generate
+    from amused_tune.model.sampling_defaults import resolve_sampling
     from amused_tune.train.loop import train
 
     data = make_images(tmp_path / "data")
@@ -171,7 +171,7 @@ def test_prior_images_are_the_bases_own_cached_with_the_run_and_resume_bit_exact
 
 
 def test_prior_loss_is_the_training_loss_plus_weight_times_the_prior_images_loss():
-    from amused_tune.models import build_tiny, encode_prompts, micro_conditioning
+    from amused_tune.model.bases import build_tiny, encode_prompts, micro_conditioning
     from amused_tune.train.step import Conditioning, compute_loss
 
     comps = build_tiny()
@@ -228,7 +228,7 @@ def _tiny_clip(folder: Path) -> Path:
     """A random CLIP (text and vision towers) with the tiny model's tokenizer, saved as a model folder."""
     from transformers import CLIPConfig, CLIPModel
 
-    from amused_tune.models import build_tiny_tokenizer
+    from amused_tune.model.bases import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
@@ -242,7 +242,7 @@ def _tiny_clip(folder: Path) -> Path:
 
 
 def test_clip_picker_scores_content_and_style_and_keeps_the_good_at_both(tmp_path):
-    from amused_tune.train.clip_picker import ClipPicker
+    from amused_tune.styledrop.clip_picker import ClipPicker
 
     picker = ClipPicker.load(str(_tiny_clip(tmp_path / "clip")))
     reference = Image.new("RGB", (32, 32), (200, 30, 30))
@@ -299,7 +299,7 @@ def test_styledrop_recipes_train_a_step_with_prior_preservation_at_real_size(tmp
     about 4 minutes on a busy 2-core machine)."""
     from safetensors.torch import load_file
 
-    from amused_tune.models import build_real_size
+    from amused_tune.model.bases import build_real_size
     from amused_tune.train.loop import train
 
     monkeypatch.setenv("AMUSED_TUNE_CACHE", str(tmp_path / "cache"))

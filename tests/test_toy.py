@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from toyworld_helpers import classify, eval_prompts, match_rate, toy_components
 
-from amused_tune.models import encode_images, encode_prompts, load_components
+from amused_tune.model.bases import encode_images, encode_prompts, load_components
 from amused_tune.toy import toy_dir, world
 from amused_tune.toy.build import cell_ids
 from amused_tune.toy.classify import is_clean
@@ -187,7 +187,7 @@ def test_toy_sampling_defaults_turn_guidance_on():
 
 
 def test_vq_round_trip_is_exact_on_every_colour_and_the_style(toy):
-    from amused_tune.models import decode_tokens
+    from amused_tune.model.bases import decode_tokens
 
     specs = every_world_image() + every_framed_image()
     pixels = torch.from_numpy(world.to_array([world.render(s) for s in specs]))
@@ -262,7 +262,7 @@ def test_held_out_colours_are_not_drawn_by_the_base(toy):
 
 
 def test_eight_toy_samples_take_under_five_seconds(toy):
-    from amused_tune.sampler import generate
+    from amused_tune.sampling.sampler import generate
 
     d = read_sampling_defaults(toy_dir())
     t0 = time.perf_counter()

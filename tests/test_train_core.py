@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from amused_tune import adapters
+from amused_tune.model import adapters
 from amused_tune.cli import main as cli_main
 from amused_tune.cli.args import parse_recipe
-from amused_tune.masking import mask_tokens, masked_cross_entropy
-from amused_tune.models import build_tiny, encode_images, encode_prompts, micro_conditioning
+from amused_tune.model.masking import mask_tokens, masked_cross_entropy
+from amused_tune.model.bases import build_tiny, encode_images, encode_prompts, micro_conditioning
 from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
                                 TrainConfig)
 from amused_tune.train.loop import train

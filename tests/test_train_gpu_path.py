@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from amused_tune.cli import main as cli_main
-from amused_tune.models import build_tiny, encode_prompts
+from amused_tune.model.bases import build_tiny, encode_prompts
 from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
                                 TrainConfig, ValidationConfig)
 from amused_tune.train import loop, outputs, step as train_step, validation

@@ -169,8 +169,8 @@ def test_the_data_check_says_what_would_be_skipped_and_why(tmp_path):
 
 
 def test_the_estimate_lists_each_card_size(monkeypatch):
-    from amused_tune import memory, memory_fit
-
+    from amused_tune.memory import estimate as memory
+    from amused_tune.memory import fit as memory_fit
     class Est:
         peak_bytes, peak_gb = int(7.0 * memory.GB), 7.0
 

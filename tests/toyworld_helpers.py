@@ -28,7 +28,7 @@ __all__ = [
 @lru_cache(maxsize=1)
 def toy_components():
     """The shipped toy base (read-only by convention: do not train it, use `fresh_toy()`)."""
-    from amused_tune.models import load_components
+    from amused_tune.model.bases import load_components
 
     return load_components("toy")
 

@@ -55,7 +55,7 @@ def safetensors_problem(path: Path) -> str | None:
 
 def adapter_problem(source: str, allow_pickle: bool = False) -> str | None:
     """Why a local adapter (run dir, adapter dir or file) cannot be read, or None. Hub ids are checked on loading."""
-    from amused_tune.adapters import AdapterError, resolve_adapter
+    from amused_tune.model.adapters import AdapterError, resolve_adapter
 
     path = Path(source).expanduser()
     if not path.exists():

@@ -35,7 +35,8 @@ def apply(recipe, options: dict):
     A user's mistake (a bad size, a recipe that cannot fit, a CPU-sized base) is a one-line error, exit 2."""
     if not options["estimate"] and options["max_memory"] is None:
         return recipe, None
-    from amused_tune import memory, memory_fit
+    from amused_tune.memory import estimate as memory
+    from amused_tune.memory import fit as memory_fit
     from amused_tune.cli.args import fail
 
     try:

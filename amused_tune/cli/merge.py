@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     problem = inputs_problem(Path(args.run).expanduser(), args.out)
     if problem:
         return fail(problem)
-    from amused_tune.adapters import AdapterError
+    from amused_tune.model.adapters import AdapterError
     from amused_tune.share.merge import MergeError, merge_run
 
     quiet_libraries()
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
 
 def announce_base(run: Path, base: str | None) -> None:
     """One line on stderr: the base chosen and why; a warning when --base is not the one the run recorded."""
-    from amused_tune.provenance import mismatch_warning
+    from amused_tune.model.provenance import mismatch_warning
     from amused_tune.share.merge import choose_base
 
     if not run.exists():

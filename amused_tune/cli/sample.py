@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from amused_tune.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
+from amused_tune.sampling.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
 from amused_tune.cli.args import DefaultsFormatter, SubcommandParser, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem, image_problem
-from amused_tune.preview import viewable_tiles
+from amused_tune.sampling.preview import viewable_tiles
 from amused_tune.common import DTYPE_NAMES, place, torch_dtype
-from amused_tune.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsError, describe_taken, resolve_sampling
+from amused_tune.model.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsError, describe_taken, resolve_sampling
 
 EXAMPLES = """examples:
   amused-tune sample --base toy --prompt "a red circle on a white background"
@@ -90,7 +90,7 @@ def load_adapters(transformer: torch.nn.Module, sources: list[str], scales: list
                   merge: bool = True, allow_pickle: bool = False) -> list[str]:
     """Load LoRA adapters (run dirs, adapter dirs, .safetensors files or Hub ids), each at its scale, all active
     together; `merge` folds them into the weights (faster; StyleDrop guidance needs them unmerged)."""
-    from amused_tune.adapters import load_lora, merge_adapters, set_adapter_scales
+    from amused_tune.model.adapters import load_lora, merge_adapters, set_adapter_scales
 
     scales = scales or [1.0] * len(sources)
     names = [load_lora(transformer, src, scale=s, allow_pickle=allow_pickle) for src, s in zip(sources, scales)]
@@ -113,7 +113,7 @@ def choose_base(args) -> dict | None:
     """Set args.base when it was not given: the base the first adapter recorded, else DEFAULT_BASE; say which, in
     one line. Warn when an explicit --base differs from the recorded one. Returns the record the settings come from
     (None when the adapters record nothing, or were trained on another base than the one used)."""
-    from amused_tune.provenance import loadable_base, mismatch_warning, read_record, same_base
+    from amused_tune.model.provenance import loadable_base, mismatch_warning, read_record, same_base
 
     found = [(a, read_record(a)) for a in args.adapter]
     found = [(a, r) for a, r in found if r]
@@ -142,7 +142,7 @@ def _sampling_settings(args, record: dict | None) -> dict:
     """steps, guidance, guidance_schedule, temperature: the flags given, else the settings the adapter recorded
     (those it was validated with), else the base's sampling.json, else diffusers' defaults; what did not come from
     a flag is said on stderr."""
-    from amused_tune.provenance import recorded_sampling
+    from amused_tune.model.provenance import recorded_sampling
 
     t = args.temperature
     given = dict(steps=args.steps, guidance=args.guidance, guidance_schedule=args.guidance_schedule,
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + k for k in range(len(prompts))]
 
-    from amused_tune.adapters import AdapterError
-    from amused_tune.models import BaseModelError
+    from amused_tune.model.adapters import AdapterError
+    from amused_tune.model.bases import BaseModelError
 
     quiet_libraries()
     try:
@@ -243,7 +243,7 @@ def usage_problem(args) -> str | None:
 
 def load_models(args, device: torch.device, dtype: torch.dtype, scales: list[float]):
     """The base with its adapters (merged unless StyleDrop guidance needs them apart), placed, maybe quantized."""
-    from amused_tune.models import load_components
+    from amused_tune.model.bases import load_components
 
     print(f"loading base model {args.base} ...", flush=True)
     comps = load_components(args.base)
@@ -253,7 +253,7 @@ def load_models(args, device: torch.device, dtype: torch.dtype, scales: list[flo
     place(comps.vqvae, device, torch.float32 if getattr(comps.vqvae.config, "force_upcast", False) else dtype)
     place(comps.transformer, torch.device("cpu") if args.quantize else device, dtype)
     if args.quantize:  # cast first: quantized weights must not be cast again
-        from amused_tune.quantize import quantize_linear_layers
+        from amused_tune.model.quantize import quantize_linear_layers
 
         quantize_linear_layers(comps.transformer, args.quantize, dtype, device, under_lora=True)
         comps.transformer.to(device)  # the rest (norms, embeddings) follows; quantized layers stay as they are

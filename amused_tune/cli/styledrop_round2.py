@@ -11,7 +11,7 @@ and seed in each PNG's text chunks and in RUN/round2/candidates.jsonl, and copie
 there too. Step 3 writes RUN/round2/metadata.jsonl for the images still there (an imagefolder dataset) and
 RUN/round2/round2.yaml: round 1's recipe training a fresh adapter on that folder into RUN-round2/.
 With automatic feedback, steps 1-3 are one command: `--pick toy` (the toy world's classifier, model.base=toy)
-or `--pick clip --clip-model NAME` (a CLIP model scores content and style; amused_tune/train/clip_picker.py)
+or `--pick clip --clip-model NAME` (a CLIP model scores content and style; amused_tune/styledrop/clip_picker.py)
 deletes the candidates it rejects and finalizes:
 
     amused-tune styledrop-round2 RUN --prompts prompts.txt --pick clip --clip-model openai/clip-vit-base-patch32
@@ -75,7 +75,7 @@ def _picker(args):
         from amused_tune.toy.styledrop_eval import toy_picker
 
         return toy_picker
-    from amused_tune.train.clip_picker import ClipPicker
+    from amused_tune.styledrop.clip_picker import ClipPicker
 
     return ClipPicker.load(args.clip_model)
 
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         return _fail(problem)
 
-    from amused_tune.adapters import AdapterError
+    from amused_tune.model.adapters import AdapterError
     from amused_tune.data.cards import DataError
-    from amused_tune.models import BaseModelError
-    from amused_tune.sampler import SampleError
-    from amused_tune.train.styledrop import (CANDIDATES, CandidateOptions, check_run, finalize, generate_candidates,
+    from amused_tune.model.bases import BaseModelError
+    from amused_tune.sampling.sampler import SampleError
+    from amused_tune.styledrop.round2 import (CANDIDATES, CandidateOptions, check_run, finalize, generate_candidates,
                                              pick)
 
     quiet_libraries()

@@ -52,13 +52,13 @@ def print_config(argv: list[str]) -> int:
 
 def run_training(recipe) -> int:
     """Train a parsed recipe; every way a run can end becomes an exit code and at most one line on stderr."""
-    from amused_tune.adapters import AdapterError
+    from amused_tune.model.adapters import AdapterError
     from amused_tune.cli.args import quiet_libraries
     from amused_tune.cli.checks import data_path_problem, validation_prompts_from_data
     from amused_tune.data.cards import DataError
-    from amused_tune.models import BaseModelError
+    from amused_tune.model.bases import BaseModelError
     from amused_tune.recipe import RecipeError
-    from amused_tune.sampling_defaults import SamplingDefaultsError
+    from amused_tune.model.sampling_defaults import SamplingDefaultsError
     from amused_tune.train.loop import TrainingStopped, train
 
     problem = data_path_problem(recipe.data)

@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
-from amused_tune.memory import CACHE_TEXT_BATCH, cache_batches
-from amused_tune.models import Components, encode_images, encode_prompts
+from amused_tune.memory.estimate import CACHE_TEXT_BATCH, cache_batches
+from amused_tune.model.bases import Components, encode_images, encode_prompts
 from amused_tune.recipe import DataConfig
 
 log = logging.getLogger(__name__)

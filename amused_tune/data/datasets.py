@@ -33,7 +33,7 @@ from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption
 from amused_tune.data.prior import with_prior
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
-from amused_tune.models import encode_prompts
+from amused_tune.model.bases import encode_prompts
 from amused_tune.recipe import DataConfig
 
 

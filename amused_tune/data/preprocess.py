@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from amused_tune.data.captions import with_trigger
-from amused_tune.models import micro_conditioning
+from amused_tune.model.bases import micro_conditioning
 from amused_tune.recipe import DataConfig
 
 

@@ -104,7 +104,7 @@ def with_prior(recipe, comps, dataset: Dataset, accelerator) -> Dataset:
 
 
 def _info(recipe, prompts: list[str]) -> dict:
-    from amused_tune.sampling_defaults import resolve_sampling
+    from amused_tune.model.sampling_defaults import resolve_sampling
 
     sampling, _ = resolve_sampling(recipe.model.base)
     return {"base": recipe.model.base, "prompts": prompts, "images_per_prompt": recipe.prior.images_per_prompt,
@@ -123,8 +123,8 @@ def _draw(recipe, comps, prompts: list[str], folder: Path, info: dict, device) -
     """Sample the prior images with the base (tokens) and write them with their text embeddings."""
     from safetensors.torch import save_file
 
-    from amused_tune.models import encode_prompts, micro_conditioning
-    from amused_tune.sampler import sample_tokens
+    from amused_tune.model.bases import encode_prompts, micro_conditioning
+    from amused_tune.sampling.sampler import sample_tokens
 
     transformer = comps.transformer
     dtype = torch_dtype(recipe.model.dtype) if recipe.adapter.kind == "lora" else torch.float32

@@ -108,7 +108,7 @@ def _captionfolder(root: Path, cfg: DataConfig) -> Source:
 def _hub(cfg: DataConfig) -> Source:
     import datasets
 
-    from amused_tune.models import hub_unreachable
+    from amused_tune.model.bases import hub_unreachable
 
     local = resolve_path(cfg.path)
     saved = (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()

@@ -24,7 +24,7 @@ import yaml
 
 from amused_tune.common import DIFFUSERS_FILE, METRICS_FILE
 from amused_tune.data.cards import DataError, card_path, load_card
-from amused_tune.sampling_defaults import DIFFUSERS_DEFAULTS, describe_taken, resolve_sampling
+from amused_tune.model.sampling_defaults import DIFFUSERS_DEFAULTS, describe_taken, resolve_sampling
 
 CARD = "README.md"
 MARKER = ("<!-- written by amused-tune; `amused-tune push` refreshes this card. "
@@ -180,7 +180,7 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
         lines += ["", f"StyleDrop: trained on a single image captioned `{meta['instance_prompt']}`; put the same "
                       "style words in your prompts."]
     if base in BUILT_IN_BASES:
-        lines += ["", f"The base `{base}` is built into amused-tune (`amused_tune.models.load_components({base!r})`), "
+        lines += ["", f"The base `{base}` is built into amused-tune (`amused_tune.model.bases.load_components({base!r})`), "
                       "not a Hub model: this repository is a test artifact."]
     if dcard.get("license") or dcard.get("licence"):
         lines += ["", f"Training data licence: {dcard.get('license') or dcard.get('licence')}."]
@@ -212,7 +212,7 @@ def _samples_lines(out: Path, base: str, validation: dict) -> list[str]:
 
 def _recorded_lines(out: Path, lora: bool) -> list[str]:
     """What the weights record about their base and sampling settings (amused_tune.json beside them)."""
-    from amused_tune.provenance import INFO_FILE, read_record
+    from amused_tune.model.provenance import INFO_FILE, read_record
 
     record = read_record(out / ("adapter" if lora else "transformer"))
     sampling = (record or {}).get("sampling")
@@ -302,12 +302,12 @@ def _pipeline(base: str, transformer: bool = False) -> str:
 
 def _imports(base: str, *lines: str) -> list[str]:
     """A code block's import lines, with the kit's loader for its built-in bases."""
-    return [*lines, *(["from amused_tune.models import load_components"] if base in BUILT_IN_BASES else []), ""]
+    return [*lines, *(["from amused_tune.model.bases import load_components"] if base in BUILT_IN_BASES else []), ""]
 
 
 def _call_settings(out: Path, lora: bool) -> str:
     """The recorded guidance and steps as AmusedPipeline's call arguments (", guidance_scale=2.0, ..."), or ""."""
-    from amused_tune.provenance import read_record
+    from amused_tune.model.provenance import read_record
 
     sampling = (read_record(Path(out) / ("adapter" if lora else "transformer")) or {}).get("sampling") or {}
     names = {"guidance": "guidance_scale", "steps": "num_inference_steps"}

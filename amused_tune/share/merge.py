@@ -4,7 +4,7 @@
 
 DIR holds transformer/, vqvae/, text_encoder/, tokenizer/, scheduler/ and model_index.json: diffusers'
 `AmusedPipeline.from_pretrained(DIR)` loads it, and so does the kit (`model.base: DIR`, `amused-tune sample --base
-DIR`). The base model is the one the weights recorded (amused_tune.provenance: amused_tune.json, the LoRA file's
+DIR`). The base model is the one the weights recorded (amused_tune.model.provenance: amused_tune.json, the LoRA file's
 metadata, else OUTPUT_DIR/recipe.yaml) unless --base names another. DIR/sampling.json keeps the base's sampling
 settings with the run's validated ones over them, so DIR samples at its defaults as base + adapter do. A
 text-encoder LoRA, when the run trained one, is fused into the text encoder too. A full fine-tuning run
@@ -23,8 +23,8 @@ from pathlib import Path
 
 
 from amused_tune.common import place, torch_dtype
-from amused_tune.provenance import loadable_base, merged_sampling_file, read_record, same_base
-from amused_tune.sampling_defaults import sampling_defaults
+from amused_tune.model.provenance import loadable_base, merged_sampling_file, read_record, same_base
+from amused_tune.model.sampling_defaults import sampling_defaults
 
 
 
@@ -36,7 +36,7 @@ def text_encoder_source(source: Path):
     """Where the text encoder's LoRA of `source` is (a file or a peft folder), or None when it has none."""
     from safetensors import safe_open
 
-    from amused_tune.adapters import PEFT_FILE, resolve_adapter
+    from amused_tune.model.adapters import PEFT_FILE, resolve_adapter
 
     file, fmt = resolve_adapter(source)
     if fmt == "diffusers":
@@ -65,8 +65,7 @@ def trained_on(record: dict | None, base: str) -> bool:
 
 def fuse(comps, run: Path, scale: float) -> None:
     """Put the run's weights into `comps`: its full U-ViT, or its LoRA (U-ViT and text encoder) folded in."""
-    from amused_tune import adapters
-
+    from amused_tune.model import adapters
     if (run / "transformer" / "config.json").is_file() and not (run / "adapter").is_dir():
         comps.transformer = load_full_transformer(run / "transformer")
         return
@@ -92,8 +91,8 @@ def load_full_transformer(folder: Path):
 def merge_run(run: str | os.PathLike, out: str | os.PathLike, base: str | None = None, scale: float = 1.0,
               dtype: str = "fp32", overwrite: bool = False):
     """Build the merged pipeline and write it to `out`; returns the merged `Components`."""
-    from amused_tune import adapters
-    from amused_tune.models import BaseModelError, load_components
+    from amused_tune.model import adapters
+    from amused_tune.model.bases import BaseModelError, load_components
 
     explicit = base is not None
     run, out = Path(run).expanduser(), Path(out).expanduser()

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record, indent=2))
         return 0
 
-    from amused_tune.models import _load_folder
+    from amused_tune.model.bases import _load_folder
     from amused_tune.toy import toy_dir
     from amused_tune.toy.evaluate import evaluate, read_sampling_defaults
 

@@ -11,7 +11,7 @@ Four stages, each deterministic (fixed seeds, one thread) and small enough for a
    an earlier build (``--vq-from``) when the world's palette has not changed;
 3. the tokenizer (one token per word, `amused_tune.toy.text`) and a small CLIP text encoder;
 4. the U-ViT, pretrained on the world's captions and tokens together with the text encoder (which is then
-   frozen): MaskGIT objective (`amused_tune.masking`) with label smoothing, condition dropout for
+   frozen): MaskGIT objective (`amused_tune.model.masking`) with label smoothing, condition dropout for
    classifier-free guidance.
 
 The pipeline is written with `Components.save_pretrained` to `amused_tune/toy/weights/` (or ``--out``) with
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from diffusers import AmusedScheduler, UVit2DModel, VQModel
 from transformers import CLIPTextModelWithProjection
 
-from amused_tune.masking import mask_tokens, masked_cross_entropy
-from amused_tune.models import Components, encode_images, encode_prompts, micro_conditioning, tiny_text_encoder_config
+from amused_tune.model.masking import mask_tokens, masked_cross_entropy
+from amused_tune.model.bases import Components, encode_images, encode_prompts, micro_conditioning, tiny_text_encoder_config
 from amused_tune.toy import world
 from amused_tune.toy.text import build_toy_tokenizer
 
@@ -186,7 +186,7 @@ def train_vq(vq: VQModel, steps: int, batch_size: int = 32, lr: float = 2e-3, se
 def vq_round_trip(vq: VQModel, specs: list[world.ShapeSpec]) -> dict:
     """How exactly the VQ round trip keeps world images: codes equal to the cells' colours, images read right by
     the classifier (shape, colour, background, frame and style)."""
-    from amused_tune.models import decode_tokens
+    from amused_tune.model.bases import decode_tokens
     from amused_tune.toy.classify import classify
 
     pixels = torch.from_numpy(world.to_array([world.render(s) for s in specs]))

@@ -3,7 +3,7 @@
     python -m amused_tune.toy eval       # the toy's defaults (sampling.json), the guidance sweep, held-out colours,
                                          # framed captions, the clean share (no stray cell)
 
-Sampling uses the kit's own MaskGIT sampler (`amused_tune.sampler.generate`), so this also checks the sampler.
+Sampling uses the kit's own MaskGIT sampler (`amused_tune.sampling.sampler.generate`), so this also checks the sampler.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from amused_tune.models import Components
-from amused_tune.sampling_defaults import SAMPLING_FILE, read_sampling_file
+from amused_tune.model.bases import Components
+from amused_tune.model.sampling_defaults import SAMPLING_FILE, read_sampling_file
 from amused_tune.toy import world
 from amused_tune.toy.classify import Classification, classify, is_clean
 
@@ -99,7 +99,7 @@ class MatchResult:
 
 def _sampler_kwargs(settings: dict) -> dict:
     """generate() keywords from sampling settings (the guidance schedule only where the sampler knows it)."""
-    from amused_tune.sampler import generate
+    from amused_tune.sampling.sampler import generate
 
     kw = {"steps": int(settings["steps"]), "guidance": float(settings["guidance"]),
           "temperature": tuple(settings["temperature"]), "min_p": float(settings.get("min_p", 0.0)),
@@ -116,7 +116,7 @@ def _sampler_kwargs(settings: dict) -> dict:
 def match_rate(components: Components, prompts: list[str], seeds=(0, 1), steps: int = 12, guidance: float = 3.0,
                **sample_kw) -> MatchResult:
     """Sample every prompt with every seed (the kit's sampler) and classify each image against its caption."""
-    from amused_tune.sampler import generate
+    from amused_tune.sampling.sampler import generate
 
     all_prompts = [p for _ in seeds for p in prompts]
     all_seeds = [s for s in seeds for _ in prompts]

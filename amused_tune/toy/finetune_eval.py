@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from amused_tune.models import Components
+from amused_tune.model.bases import Components
 from amused_tune.toy import world
 from amused_tune.share.card import EVAL_SECTION
 from amused_tune.toy.evaluate import _sampler_kwargs, eval_prompts, match_rate
@@ -88,7 +88,7 @@ def styledrop_sweep(base: Components, run: Path, settings: dict, print_fn=print)
 def _apply_run(comps: Components, run: Path, adapter: str = "adapter") -> Components:
     """A copy of `comps` with the run's result in it: its LoRA loaded (unmerged; `adapter`: the folder, adapter-raw
     for a run's last trained weights when it kept an EMA), or its full U-ViT."""
-    from amused_tune.adapters import load_lora
+    from amused_tune.model.adapters import load_lora
 
     comps = copy.copy(comps)
     if (run / "transformer").is_dir():
@@ -117,7 +117,7 @@ def side_by_side(run: Path) -> Path | None:
     seeds), made with the kit's `save_grid`; None when the run wrote fewer than two grids."""
     from PIL import Image
 
-    from amused_tune.sampler import save_grid
+    from amused_tune.sampling.sampler import save_grid
 
     grids = sorted((run / "samples").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
     if len(grids) < 2:

@@ -110,7 +110,7 @@ def feedback_rounds(recipe: Recipe, run: Path, held_out: list[str], rounds: int 
     each (new seeds every round) at each of `adapter_scales`; `toy_picker` keeps the ones that show the style and the caption without a stray
     cell, and a fresh adapter is trained with the same recipe on everything kept so far and round 1's image.
     Returns the last round's run folder."""
-    from amused_tune.train.styledrop import CANDIDATES, CandidateOptions, finalize, generate_candidates, pick
+    from amused_tune.styledrop.round2 import CANDIDATES, CandidateOptions, finalize, generate_candidates, pick
 
     prompts = [c + world.STYLE_SUFFIX for c in world.all_captions() if c not in held_out]
     root, earlier = run.parent, []
@@ -174,7 +174,7 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
     on `n_prompts` new-content prompts x `seeds` (`rounds` > 1: after StyleDrop's later rounds with the classifier's
     feedback, `per_prompt` candidates per caption at each of `adapter_scales`, `feedback_rounds`); print and return
     (and write to `out`) every image's numbers and the worst image's."""
-    from amused_tune.models import load_components
+    from amused_tune.model.bases import load_components
     from amused_tune.toy import toy_dir
     from amused_tune.toy.evaluate import read_sampling_defaults
     from amused_tune.toy.finetune_eval import _apply_run

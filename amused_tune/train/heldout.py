@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import Dataset
 
 from amused_tune.data.datasets import collate
-from amused_tune.ema import swap
-from amused_tune.masking import masked_cross_entropy
-from amused_tune.models import encode_images
+from amused_tune.train.ema import swap
+from amused_tune.model.masking import masked_cross_entropy
+from amused_tune.model.bases import encode_images
 from amused_tune.recipe import RecipeError
 from amused_tune.train.report import say
 from amused_tune.train.step import batch_conditioning

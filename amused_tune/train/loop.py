@@ -19,10 +19,10 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from amused_tune import adapters
+from amused_tune.model import adapters
 from amused_tune.common import RECIPE_FILE
 from amused_tune.data.datasets import collate, prepare_training_data
-from amused_tune.models import Components, load_components
+from amused_tune.model.bases import Components, load_components
 from amused_tune.recipe import Recipe
 from amused_tune.train import checkpoints, outputs, report
 from amused_tune.train.progress import Reporter
@@ -32,7 +32,7 @@ from amused_tune.train.setup import (EpochSampler, check_distributed, check_reso
 from amused_tune.train.step import Conditioning, train_step
 from amused_tune.train.stops import StopFlag, TrainingStopped  # noqa: F401 (TrainingStopped: what train raises)
 from amused_tune.train.validation import Validator
-from amused_tune.ema import EMA, make_ema, swap
+from amused_tune.train.ema import EMA, make_ema, swap
 from amused_tune.train import heldout
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ import os
 import shutil
 from pathlib import Path
 
-from amused_tune import adapters
+from amused_tune.model import adapters
 from amused_tune.common import METRICS_FILE, RECIPE_FILE
-from amused_tune.provenance import run_record, write_record
+from amused_tune.model.provenance import run_record, write_record
 from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.share import hub
 from amused_tune.train import checkpoints

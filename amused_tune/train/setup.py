@@ -14,9 +14,9 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from diffusers.optimization import get_scheduler
 from torch.utils.data import Sampler
 
-from amused_tune import adapters
+from amused_tune.model import adapters
 from amused_tune.common import place, torch_dtype
-from amused_tune.models import Components
+from amused_tune.model.bases import Components
 from amused_tune.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> lis
     transformer = comps.transformer
     if recipe.adapter.kind != "full":  # lora, dora, lokr or loha
         if recipe.model.quantize:  # before LoRA, so that peft wraps the 8/4-bit layers (CUDA only)
-            from amused_tune.quantize import quantize_linear_layers
+            from amused_tune.model.quantize import quantize_linear_layers
 
             quantize_linear_layers(transformer, recipe.model.quantize, frozen_dtype, device)
         place(transformer, device, frozen_dtype)

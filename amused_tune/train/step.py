@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from amused_tune.masking import mask_tokens, masked_cross_entropy
-from amused_tune.models import Components, encode_images, encode_prompts, text_conditioning
+from amused_tune.model.masking import mask_tokens, masked_cross_entropy
+from amused_tune.model.bases import Components, encode_images, encode_prompts, text_conditioning
 from amused_tune.recipe import Recipe
 from amused_tune.train.stops import TrainingStopped, nonfinite_message
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from amused_tune.models import Components, decode_tokens, encode_prompts, micro_conditioning
+from amused_tune.model.bases import Components, decode_tokens, encode_prompts, micro_conditioning
 from amused_tune.recipe import Recipe
-from amused_tune.preview import viewable_tiles
-from amused_tune.sampler import sample_tokens, save_grid, to_pil
+from amused_tune.sampling.preview import viewable_tiles
+from amused_tune.sampling.sampler import sample_tokens, save_grid, to_pil
 from amused_tune.train.report import say
-from amused_tune.sampling_defaults import describe_taken, resolve_sampling
+from amused_tune.model.sampling_defaults import describe_taken, resolve_sampling
 
 
 DRAWS = "fast"  # one uniform per token, drawn up front (amused-tune sample --draws fast redraws a grid's image)

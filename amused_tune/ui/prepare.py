@@ -113,7 +113,7 @@ def check_data(recipe) -> DataView:
 
 
 def _resolution(recipe) -> int:
-    from amused_tune.memory import EstimateError, resolution_of
+    from amused_tune.memory.estimate import EstimateError, resolution_of
 
     try:
         return resolution_of(recipe)
@@ -123,8 +123,8 @@ def _resolution(recipe) -> int:
 
 def estimate_text(recipe) -> tuple[str, list[list[str]]]:
     """(`--estimate`'s breakdown or its one-line error, rows: card size, fits?, what --max-memory changes)."""
-    from amused_tune import memory, memory_fit
-
+    from amused_tune.memory import estimate as memory
+    from amused_tune.memory import fit as memory_fit
     try:
         est = memory.estimate(recipe)
     except memory.EstimateError as err:

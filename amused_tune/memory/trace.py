@@ -146,7 +146,7 @@ class StepSetup:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v")
     grad_checkpointing: bool = False
-    loss: str = "kit"  # kit: amused_tune.masking.masked_cross_entropy; reference: train_amused.py's mean CE
+    loss: str = "kit"  # kit: amused_tune.model.masking.masked_cross_entropy; reference: train_amused.py's mean CE
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def peak_at(first: tuple[int, ...], second: tuple[int, ...], batch: int) -> int:
 
 
 def _meta_components(resolution: int):
-    from amused_tune.models import build_real_size
+    from amused_tune.model.bases import build_real_size
 
     with torch.device("meta"):
         return build_real_size(resolution)
@@ -199,7 +199,7 @@ def _checkpoint_blocks(transformer, autocast: torch.dtype | None) -> None:
 
 
 def _uvit_for(setup: StepSetup):
-    from amused_tune.adapters import attach_lora
+    from amused_tune.model.adapters import attach_lora
 
     transformer = _meta_components(setup.resolution).transformer
     transformer.to = functools.partial(torch.nn.Module.to, transformer)  # (diffusers warns on every cast)
@@ -222,7 +222,7 @@ def _loss(setup: StepSetup, logits: torch.Tensor, tokens: torch.Tensor) -> tuple
         b, v = logits.shape[:2]
         flat = logits.reshape(b, v, -1).permute(0, 2, 1).reshape(-1, v)
         return F.cross_entropy(flat, tokens.reshape(-1), ignore_index=-100), [flat]
-    from amused_tune.masking import masked_cross_entropy
+    from amused_tune.model.masking import masked_cross_entropy
 
     return masked_cross_entropy(logits, tokens, torch.ones_like(tokens, dtype=torch.bool)), []
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 
-from amused_tune.memory import CUDA_CONTEXT_GB, GB, EstimateError, estimate
+from amused_tune.memory.estimate import CUDA_CONTEXT_GB, GB, EstimateError, estimate
 
 
 def parse_size(text: str) -> int:

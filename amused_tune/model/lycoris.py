@@ -4,7 +4,7 @@ A LoKr update of a weight is the Kronecker product of two small matrices (the la
 `rank` is small against the weight); a LoHa update is the element-wise (Hadamard) product of two rank-`rank`
 products. Both are scaled by alpha / rank, like a LoRA. diffusers' ``AmusedLoraLoaderMixin`` reads LoRA and DoRA
 only, so these kinds are saved in peft's format alone (``adapter_config.json`` + ``adapter_model.safetensors``);
-the kit's sampler and merge load them through `amused_tune.adapters.load_lora`.
+the kit's sampler and merge load them through `amused_tune.model.adapters.load_lora`.
 """
 
 from __future__ import annotations

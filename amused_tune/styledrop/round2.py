@@ -52,12 +52,12 @@ def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: 
     """Sample the candidates with the round-1 adapter; returns the rows written to candidates.jsonl."""
     import torch
 
-    from amused_tune import adapters
+    from amused_tune.model import adapters
     from amused_tune.data.cards import resolve_config
     from amused_tune.data.sources import resolve_path
-    from amused_tune.models import load_components
-    from amused_tune.sampler import StyleDropGuidance, generate, png_info, to_pil
-    from amused_tune.sampling_defaults import resolve_sampling
+    from amused_tune.model.bases import load_components
+    from amused_tune.sampling.sampler import StyleDropGuidance, generate, png_info, to_pil
+    from amused_tune.model.sampling_defaults import resolve_sampling
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     scales = tuple(args.adapter_scales)

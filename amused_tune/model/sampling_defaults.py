@@ -7,7 +7,7 @@ A base folder may hold ``sampling.json`` with any subset of::
 
 `resolve_sampling(base, guidance=None, ...)` fills every value the caller did not give (None) from that file, then
 from diffusers' defaults (guidance 10, constant schedule, 12 steps, temperature 2 -> 0, no truncation: min_p 0
-and top_k 0, see `amused_tune.sampler`), and says which values came from the base. `amused-tune sample`, the validation grids of a run and its model card all resolve this way, so one
+and top_k 0, see `amused_tune.sampling.sampler`), and says which values came from the base. `amused-tune sample`, the validation grids of a run and its model card all resolve this way, so one
 base's recommended settings reach all three. The file is looked up in a local pipeline folder, in the toy base's
 folder, and for a Hub id in the Hugging Face cache only (nothing is downloaded for it). Torch-free.
 """

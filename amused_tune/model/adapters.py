@@ -9,7 +9,7 @@ Formats written by `save_lora(out_dir, ...)`:
 - ``adapter_config.json`` + ``adapter_model.safetensors``: peft's format for the U-ViT (``PeftModel.from_pretrained``);
   the text encoder's LoRA, when trained, goes to ``text_encoder/`` in the same format.
 
-LoKr and LoHa adapters (`amused_tune.lycoris`) go through the same functions, in peft's format only.
+LoKr and LoHa adapters (`amused_tune.model.lycoris`) go through the same functions, in peft's format only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from amused_tune import lycoris
+from amused_tune.model import lycoris
 from amused_tune.common import DIFFUSERS_FILE, PEFT_CONFIG, PEFT_FILE  # noqa: F401 (the adapter files)
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def save_lora(
     """Write the adapter in diffusers' format (alpha in the metadata; LoRA and DoRA only, which diffusers loads)
     and in peft's format. Returns `out_dir`.
 
-    `record` (amused_tune.provenance: the base and the sampling settings) goes into the safetensors metadata and
+    `record` (amused_tune.model.provenance: the base and the sampling settings) goes into the safetensors metadata and
     into amused_tune.json beside the weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def save_lora(
             metadata[f"{prefix}.{key}"] = value
     header = {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     if record is not None:
-        from amused_tune.provenance import METADATA_KEY as RECORD_KEY, write_record
+        from amused_tune.model.provenance import METADATA_KEY as RECORD_KEY, write_record
 
         header[RECORD_KEY] = json.dumps(record, sort_keys=True)
         write_record(out, record)

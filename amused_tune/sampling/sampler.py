@@ -5,7 +5,7 @@ of T steps predict every masked token, sample it, then re-mask the least confide
 that a fraction gamma((i + 1) / T) of the starting masked count stays masked (gamma = cos(r * pi / 2), or 1 - r).
 Confidence is log p(sampled token) plus Gumbel noise whose temperature falls linearly over the steps ((2, 0) by
 default). How a step's logits are made (no guidance, classifier-free guidance with a schedule, StyleDrop) is a
-small strategy from `amused_tune.guidance`.
+small strategy from `amused_tune.sampling.guidance`.
 
 Truncation (`min_p`, `top_k`; off by default, as in diffusers): before a token is drawn, codes less likely than
 min_p times the most likely code, and all but the top_k most likely, get probability 0 (the rest renormalised).
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from amused_tune.guidance import (  # noqa: F401  (StyleDropGuidance, adapters_disabled: part of this API)
+from amused_tune.sampling.guidance import (  # noqa: F401  (StyleDropGuidance, adapters_disabled: part of this API)
     Embeds,
     Passes,
     SampleError,
@@ -46,9 +46,9 @@ from amused_tune.guidance import (  # noqa: F401  (StyleDropGuidance, adapters_d
     adapters_disabled,
     choose_guidance,
 )
-from amused_tune.images import load_image, mask_to_grid, png_info, save_grid, to_pil  # noqa: F401  (this API)
-from amused_tune.masking import SCHEDULES
-from amused_tune.models import Components, decode_tokens, encode_images, encode_prompts, micro_conditioning
+from amused_tune.sampling.images import load_image, mask_to_grid, png_info, save_grid, to_pil  # noqa: F401  (this API)
+from amused_tune.model.masking import SCHEDULES
+from amused_tune.model.bases import Components, decode_tokens, encode_images, encode_prompts, micro_conditioning
 
 DRAWS = ("exact", "fast")
 
@@ -344,7 +344,7 @@ def generate(
     """Text-to-image, image variation (`image`, `strength`) or inpainting (`image` + `mask`, white = regenerate).
 
     One image per seed; a single prompt is used for every seed. `prompt_embeds` (hidden, pooled) replaces encoding
-    `prompts`. `guidance_schedule`: constant, linear, cosine or ramp1 (`amused_tune.guidance`). `min_p`, `top_k`:
+    `prompts`. `guidance_schedule`: constant, linear, cosine or ramp1 (`amused_tune.sampling.guidance`). `min_p`, `top_k`:
     truncate each token's distribution before drawing (0: off; see the module docstring). The defaults are
     diffusers'; `resolve_sampling(base, ...)` gives a base's own (its sampling.json). Returns (tokens [B, h, w],
     images [B, 3, H, W] in [0, 1]).

@@ -82,7 +82,7 @@ class Plan:
         return self.optimizer or ("adamw8bit" if self.adam_8bit else "adamw")
 
     def step_setup(self):
-        from amused_tune.memory_trace import StepSetup
+        from amused_tune.memory.trace import StepSetup
 
         frozen = self.frozen_dtype if not self.quantize else (self.autocast if self.autocast != "fp32" else "bf16")
         return StepSetup(self.resolution, self.autocast, frozen, self.full, self.lora_rank, self.lora_targets,
@@ -194,8 +194,8 @@ def parameter_counts(resolution: int, rank: int, targets: tuple[str, ...], kind:
     dora, lokr or loha), text encoder, VQ."""
     import torch
 
-    from amused_tune.adapters import WEIGHT_PREFIXES, attach_lora
-    from amused_tune.memory_trace import _meta_components
+    from amused_tune.model.adapters import WEIGHT_PREFIXES, attach_lora
+    from amused_tune.memory.trace import _meta_components
 
     comps = _meta_components(resolution)
     uvit = comps.transformer
@@ -242,7 +242,7 @@ def quantized_uvit_bytes(counts: dict, bits: int, compute_bytes: int) -> int:
 def linear_in_batch(trace, batch: int, attr: str) -> int:
     """A traced quantity at batch 1 and 2, extended to `batch` (every activation scales with the batch; weight
     copies made by autocast do not); timelines are extended moment by moment and their peak taken."""
-    from amused_tune.memory_trace import TRACED_BATCHES, peak_at
+    from amused_tune.memory.trace import TRACED_BATCHES, peak_at
 
     low, high = TRACED_BATCHES
     first, second = getattr(trace(low), attr), getattr(trace(high), attr)
@@ -285,7 +285,7 @@ def trainable_sizes(plan: Plan, counts: dict) -> list[int]:
 
 def estimate_plan(plan: Plan) -> Estimate:
     """The estimate for what a trainer keeps on the GPU (see `plan_of`, `reference_plan`)."""
-    from amused_tune.memory_trace import TRACED_BATCHES, peak_at, trace_encode, trace_step
+    from amused_tune.memory.trace import TRACED_BATCHES, peak_at, trace_encode, trace_step
 
     counts = parameter_counts(plan.resolution, plan.lora_rank, plan.lora_targets, plan.adapter_kind)
     sizes = trainable_sizes(plan, counts)
@@ -350,7 +350,7 @@ def add_validation(est: Estimate, plan: Plan, counts: dict, weights: int) -> Non
     """The sample grid drawn between steps (gradients freed): the U-ViT's sampling passes (prompts and empty
     prompt together), then the VQ model decoding the grid one image at a time, on the GPU for that even when the
     cache parked it."""
-    from amused_tune.memory_trace import TRACED_BATCHES, peak_at, trace_decode, trace_sampling
+    from amused_tune.memory.trace import TRACED_BATCHES, peak_at, trace_decode, trace_sampling
 
     n = plan.validation_images
     sampling = peak_at(*(trace_sampling(plan.step_setup(), k) for k in TRACED_BATCHES), 2 * n)
@@ -366,7 +366,7 @@ def add_validation(est: Estimate, plan: Plan, counts: dict, weights: int) -> Non
 def add_cache_building(est: Estimate, plan: Plan, counts: dict) -> None:
     """Building the cache (first run over the data): the VQ model and text encoder alone on the GPU (the trainer
     places the U-ViT afterwards), encoding `cache_batches` images or prompts at a time without autocast."""
-    from amused_tune.memory_trace import TRACED_BATCHES, peak_at, trace_encode
+    from amused_tune.memory.trace import TRACED_BATCHES, peak_at, trace_encode
 
     images, prompts = cache_batches(plan.resolution)
     encoders = (DTYPE_BYTES[plan.vq_dtype] * counts["vq"]

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from amused_tune.common import DIFFUSERS_FILE, PEFT_CONFIG, RECIPE_FILE
-from amused_tune.sampling_defaults import DIFFUSERS_DEFAULTS, SAMPLING_FILE, SamplingDefaultsError, resolve_sampling
+from amused_tune.model.sampling_defaults import DIFFUSERS_DEFAULTS, SAMPLING_FILE, SamplingDefaultsError, resolve_sampling
 
 INFO_FILE = "amused_tune.json"
 METADATA_KEY = "amused_tune"
@@ -126,7 +126,7 @@ def _from_hub(repo_id: str) -> dict | None:
         return None
     from huggingface_hub import hf_hub_download
 
-    from amused_tune.models import hub_unreachable
+    from amused_tune.model.bases import hub_unreachable
 
     if hub_unreachable():  # the adapter loader says so in one line; no ~30 s of retries here first
         return None
