@@ -18,6 +18,22 @@ if "AMUSED_TUNE_CACHE" not in os.environ:  # tests never write into the user's ~
 torch.set_num_threads(1)  # the CI machine has 2 cores; one thread per test process is the fastest overall
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run the whole suite: also the tests marked slow (learning checks, real-size shapes, "
+                          "multi-process runs, the README's commands, the browser); what CI runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest` alone runs the fast set; `pytest --full` (or any `-m` expression) decides otherwise."""
+    if config.getoption("--full") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 def reset_accelerate() -> None:
     """Forget accelerate's global state (it keeps one between Accelerator objects): call between two runs in a test."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

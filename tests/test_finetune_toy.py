@@ -44,6 +44,7 @@ def _train_and_measure(recipe: str, tmp_path: Path, base_numbers: dict) -> dict:
     return result
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_the_base_draws_neither_the_new_concept_nor_the_style(base_numbers):
     assert base_numbers["concept"] < 0.10
     assert base_numbers["style_with"] < 0.05 and base_numbers["style_without"] < 0.05
@@ -56,10 +57,12 @@ def _assert_concept_learnt(result: dict) -> None:
     assert tuned["world"] >= base["world"] - 0.10, (base, tuned)
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_lora_teaches_a_new_concept(tmp_path, base_numbers):
     _assert_concept_learnt(_train_and_measure("toy_concept_lora.yaml", tmp_path, base_numbers))
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_full_finetuning_with_8bit_adamw_teaches_a_new_concept(tmp_path, base_numbers):
     pytest.importorskip("bitsandbytes")
     _assert_concept_learnt(_train_and_measure("toy_concept_full8bit.yaml", tmp_path, base_numbers))
@@ -70,6 +73,7 @@ def quickstart(tmp_path_factory, base_numbers):
     return _train_and_measure("quickstart.yaml", tmp_path_factory.mktemp("quickstart"), base_numbers)["adapter"]
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_single_image_styledrop_draws_the_style_only_when_asked(quickstart):
     assert quickstart["style_with"] >= 0.80, quickstart
     assert quickstart["style_without"] < 0.10, quickstart
@@ -77,6 +81,7 @@ def test_single_image_styledrop_draws_the_style_only_when_asked(quickstart):
 
 @pytest.mark.xfail(reason="one image + prior preservation draws the frame and the caption together in 0.46 of "
                           "samples (target 0.80; docs/toy.md, 'Single-image StyleDrop for any style image')", strict=True)
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_single_image_styledrop_keeps_the_caption(quickstart):
     assert quickstart["style_match"] >= 0.80, quickstart
 

@@ -82,6 +82,7 @@ def test_reference_setup_holds_what_train_amused_keeps():
     assert "VQ encode (not cached)" in est.moments
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_max_memory_turns_levers_on_keeping_the_effective_batch_lr_and_data():
     original = recipe("nouns_256_lora_bs16x1")
     said = []
@@ -150,6 +151,7 @@ def test_cache_encodes_4_images_at_a_time_at_256_px_and_1_at_512():  # fp32 VQ: 
     assert memory.cache_batches(32) == (16, 16)  # the CPU-sized models: at most 16
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 @pytest.mark.parametrize("overrides", [(), ("--model.dtype=fp32",)], ids=["as-shipped", "fp32-encoders"])
 def test_building_the_cache_holds_less_than_a_training_step_for_every_real_size_recipe(overrides):
     assert len(REAL_SIZE) >= 20

@@ -69,12 +69,14 @@ def test_a_run_records_its_base_and_validated_settings_beside_the_weights_and_in
     assert "guidance_scale=2.0, num_inference_steps=12" in card  # diffusers' own call, at the recorded settings
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_a_recipes_own_validation_settings_are_what_is_recorded(tmp_path):
     run = toy_run(tmp_path / "g3", "--validation.guidance=3.0", "--validation.steps=8")
     record = json.loads((run / "adapter" / "amused_tune.json").read_text())
     assert (record["sampling"]["guidance"], record["sampling"]["steps"]) == (3.0, 8)
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_a_full_fine_tune_records_its_base_beside_its_transformer(tmp_path):
     run = toy_run(tmp_path / "full", "--adapter.kind=full", "--validation.prompts=[]")
     assert json.loads((run / "transformer" / "amused_tune.json").read_text())["base"] == "toy"

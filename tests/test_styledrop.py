@@ -325,6 +325,7 @@ def test_the_three_styledrop_recipes_ship_the_same_single_image_method():
         assert recipe.adapter.kind == "lora" and set(recipe.adapter.targets) == {"to_q", "to_k", "to_v"}, name
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_feedback_rounds_train_each_round_on_everything_kept_so_far(tmp_path, monkeypatch):
     """`toy eval --styledrop --rounds 3`: round r samples with round r-1's adapter, and trains a fresh adapter on
     what the picker kept in every round so far and the style image (2 steps a round, 2 captions, keep-all picker)."""

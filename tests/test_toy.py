@@ -186,6 +186,7 @@ def test_toy_sampling_defaults_turn_guidance_on():
     assert {**read, "temperature": list(read["temperature"])} == saved
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_vq_round_trip_is_exact_on_every_colour_and_the_style(toy):
     from amused_tune.model.bases import decode_tokens
 
@@ -224,6 +225,7 @@ def _match(toy, guidance: float):
     return _RATES[guidance]
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_toy_draws_what_it_is_asked_with_guidance_on(toy):
     """50 prompts x 2 seeds, 12 steps, the toy's default guidance (> 1): >= 90% caption match."""
     g = read_sampling_defaults(toy_dir())["guidance"]
@@ -241,6 +243,7 @@ def test_toy_samples_are_clean_at_its_defaults(toy):
     assert result.clean_rate >= CLEAN_THRESHOLD
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_toy_draws_framed_captions(toy):
     """Pretraining drew frames in world colours: "... with a green frame" is drawn with its frame (30 x 2)."""
     d = read_sampling_defaults(toy_dir())
@@ -249,11 +252,13 @@ def test_toy_draws_framed_captions(toy):
     assert result.framed_match >= FRAMED_THRESHOLD
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_guidance_helps(toy):
     g = read_sampling_defaults(toy_dir())["guidance"]
     assert _match(toy, g).rate >= _match(toy, 1.0).rate
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_held_out_colours_are_not_drawn_by_the_base(toy):
     """The U-ViT never saw purple/orange (its VQ did): fine-tuning checks start from a base that cannot draw them."""
     d = read_sampling_defaults(toy_dir())

@@ -313,6 +313,7 @@ def test_overrides_reach_the_recipe():
     assert (recipe.adapter.kind, recipe.optim.adam_8bit, recipe.train.grad_accum) == ("full", True, 4)
 
 
+@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
 def test_cli_full_finetune_8bit_with_accumulation_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "full"
