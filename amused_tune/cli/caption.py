@@ -16,6 +16,7 @@ from pathlib import Path
 from amused_tune.cli.args import SubcommandParser, fail, quiet_libraries
 from amused_tune.data.captions import with_trigger
 from amused_tune.data.sources import IMAGE_SUFFIXES
+from amused_tune.writes import is_write_failure, write_file
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 
@@ -110,8 +111,7 @@ def write_caption(image: Path, caption: str, trigger: str | None, result: Captio
     if not caption:
         result.empty.append(image)
         return
-    image.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-    result.written.append(image.with_suffix(".txt"))
+    result.written.append(write_file(image.with_suffix(".txt"), caption + "\n", "a caption"))
 
 
 def main(argv: list[str]) -> int:
@@ -127,7 +127,9 @@ def main(argv: list[str]) -> int:
     try:
         result = caption_folder(folder, args.model, args.prefix, args.trigger, args.overwrite, args.batch_size,
                                 args.max_new_tokens, args.device)
-    except OSError as err:  # no such model, offline and not cached
+    except OSError as err:  # no such model, offline and not cached (a failed write: amused_tune.cli.main says it)
+        if is_write_failure(err):
+            raise
         return fail(f"--model {args.model} could not be loaded ({str(err).splitlines()[0]}): pass a Hub id of an "
                     "image-to-text model or a local folder holding one")
     for path, why in result.unreadable:

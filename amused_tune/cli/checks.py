@@ -59,12 +59,25 @@ def adapter_problem(source: str, allow_pickle: bool = False) -> str | None:
 
     path = Path(source).expanduser()
     if not path.exists():
-        return None  # a Hub id, or a path the loader reports as missing
+        if looks_local(source):
+            return (f"{source} does not exist: pass a run's output.dir, an adapter folder, a .safetensors file or "
+                    "a Hub id (user/name)")
+        return None  # a Hub id: checked when it is loaded
     try:
         file, _ = resolve_adapter(path, allow_pickle=allow_pickle)
     except AdapterError as err:
         return str(err)
     return None if file.suffix != ".safetensors" else safetensors_problem(file)
+
+
+def looks_local(source: str) -> bool:
+    """Whether a name that is no local file or folder was meant as one rather than as a Hub id (user/name): it is
+    an absolute or relative path, has a file suffix, more or fewer than one slash, or its first part is a folder
+    here (`runs/typo` when runs/ exists)."""
+    if source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") != 1:
+        return True
+    head, _, name = source.partition("/")
+    return Path(name).suffix.lower() in (".safetensors", ".bin", ".pt", ".pth") or Path(head).is_dir()
 
 
 def image_problem(flag: str, path: str) -> str | None:

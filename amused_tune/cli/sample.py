@@ -20,6 +20,7 @@ from amused_tune.cli.checks import adapter_problem, folder_problem, image_proble
 from amused_tune.sampling.preview import viewable_tiles
 from amused_tune.common import DTYPE_NAMES, place, torch_dtype
 from amused_tune.model.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsError, describe_taken, resolve_sampling
+from amused_tune.writes import write_with
 
 EXAMPLES = """examples:
   amused-tune sample --base toy --prompt "a red circle on a white background"
@@ -281,10 +282,10 @@ def sample_images(args, comps, prompts: list[str], seeds: list[int], sampling: d
 
 def write_images(out: Path, images: list, prompts: list[str], seeds: list[int], common: dict) -> None:
     """One PNG per image (prompt, seed and settings in its text chunks) and grid.png, each path printed."""
-    out.mkdir(parents=True, exist_ok=True)
     for k, (img, prompt, seed) in enumerate(zip(images, prompts, seeds)):
-        path = out / f"{k:03d}-seed{seed}.png"
-        img.save(path, pnginfo=png_info({"prompt": prompt, "seed": seed, **common}))
+        info = png_info({"prompt": prompt, "seed": seed, **common})
+        path = write_with(out / f"{k:03d}-seed{seed}.png", lambda tmp: img.save(tmp, format="PNG", pnginfo=info),
+                          "a sampled image")
         print(path)
     # the grid is for looking at: small images scaled up (nearest) and labelled; the files above stay as generated
     grid = save_grid(viewable_tiles(images, prompts), out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})

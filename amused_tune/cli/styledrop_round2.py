@@ -27,6 +27,7 @@ from pathlib import Path
 from amused_tune.cli.args import SubcommandParser, parse_recipe, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem
 from amused_tune.common import RECIPE_FILE
+from amused_tune.writes import is_write_failure
 
 
 def build_parser() -> SubcommandParser:
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"  amused-tune {path}")
             return 0
     except (ValueError, OSError, DataError, BaseModelError, AdapterError, SampleError) as err:
+        if is_write_failure(err):
+            raise  # a failed write: amused_tune.cli.main says it in its one line
         return _fail(err)
     print(f"{len(rows)} candidates in {out}\ndelete the ones that miss the style, then run:\n"
           f"  amused-tune styledrop-round2 {run} --finalize")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 
-from amused_tune.cli.args import build_parser, fail, parse_recipe
+from amused_tune.cli.args import build_parser, fail, parse_recipe, write_failed
 
 
 def train_main(argv: list[str], usage: str = "") -> int:
@@ -79,13 +78,10 @@ def run_training(recipe) -> int:
         print(f"amused-tune: interrupted; the last complete checkpoint in {recipe.output.dir}/checkpoints is intact",
               file=sys.stderr)
         return 130
-    except OSError as err:
-        where = err.filename or recipe.output.dir
-        if err.errno == errno.ENOSPC:
-            return fail(f"disk full while writing {where}: free space and rerun the same command to resume from "
-                         "the last complete checkpoint")
-        return fail(f"{err.strerror or err}: {where} (output.dir={recipe.output.dir}); the last complete "
-                     "checkpoint is intact: fix this and rerun the same command to resume")
+    except OSError as err:  # a write failed: a full disk, a read-only folder (the last complete checkpoint is intact)
+        if err.filename is None:
+            err.filename = recipe.output.dir
+        return write_failed(err, "train")
     if summary.get("already_done") or os.environ.get("RANK", "0") != "0":  # (the main process reports)
         return 0
     if summary.get("push_error"):  # the run is complete and saved; the push's one-line reason is already printed
