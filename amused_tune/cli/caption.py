@@ -10,6 +10,7 @@ there is one.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,9 @@ def main(argv: list[str]) -> int:
         return fail(f"FOLDER {args.folder} is not a folder of images")
     if not images_in(folder):
         return fail(f"{args.folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if not os.access(folder, os.W_OK):  # the captions go next to the images
+        return fail(f"FOLDER {args.folder} is read-only: the captions are written next to the images; copy the folder "
+                    "to a writable disk or make it writable")
     quiet_libraries()
     try:
         result = caption_folder(folder, args.model, args.prefix, args.trigger, args.overwrite, args.batch_size,

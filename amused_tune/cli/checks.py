@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from amused_tune.common import looks_local
+
 
 def did_you_mean(word: str, choices) -> str:
     """" did you mean X?" for the closest of `choices`, else ""."""
@@ -68,16 +70,6 @@ def adapter_problem(source: str, allow_pickle: bool = False) -> str | None:
     except AdapterError as err:
         return str(err)
     return None if file.suffix != ".safetensors" else safetensors_problem(file)
-
-
-def looks_local(source: str) -> bool:
-    """Whether a name that is no local file or folder was meant as one rather than as a Hub id (user/name): it is
-    an absolute or relative path, has a file suffix, more or fewer than one slash, or its first part is a folder
-    here (`runs/typo` when runs/ exists)."""
-    if source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") != 1:
-        return True
-    head, _, name = source.partition("/")
-    return Path(name).suffix.lower() in (".safetensors", ".bin", ".pt", ".pth") or Path(head).is_dir()
 
 
 def image_problem(flag: str, path: str) -> str | None:

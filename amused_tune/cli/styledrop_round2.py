@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--pick clip needs --clip-model NAME (and --clip-model needs --pick clip)")
     if args.pick and args.finalize:
         return _fail("--pick picks while generating: pass it with --prompts, not with --finalize")
+    if not run.is_dir():
+        return _fail(f"RUN {run} does not exist: pass the output.dir of a finished round-1 run")
     problem = folder_problem("--out", out) or (None if args.finalize else adapter_problem(str(run / "adapter")))
     if problem:
         return _fail(problem)

@@ -60,8 +60,8 @@ def run_training(recipe) -> int:
     from amused_tune.model.sampling_defaults import SamplingDefaultsError
     from amused_tune.train.loop import TrainingStopped, train
 
-    problem = data_path_problem(recipe.data)
-    if problem:  # a typo in data.path: said before a model loads
+    problem = data_path_problem(recipe.data) or paths_problem(recipe)
+    if problem:  # a typo in data.path, train.resume or prior.prompts: said before a model loads
         return fail(problem)
     for line in validation_prompts_from_data(recipe):  # prompts from the captions; trigger words they lack
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
@@ -90,6 +90,27 @@ def run_training(recipe) -> int:
 
     finished(summary)
     return 0
+
+
+def paths_problem(recipe) -> str | None:
+    """A model.base folder, a train.resume path or a prior.prompts file that does not exist (one line), or None."""
+    from pathlib import Path
+
+    from amused_tune.data.prior import prior_prompts
+    from amused_tune.model.bases import missing_base
+    from amused_tune.recipe import RecipeError
+
+    if missing_base(recipe.model.base):
+        return missing_base(recipe.model.base)
+    where = recipe.train.resume
+    if where not in ("auto", "none") and not Path(where).expanduser().exists():
+        return (f"train.resume={where} does not exist, so there is no readable checkpoint there: pass a "
+                "checkpoints/step-N folder or an output dir that holds one, or train.resume=auto")
+    try:
+        prior_prompts(recipe.prior.prompts)
+    except RecipeError as err:
+        return str(err)
+    return None
 
 
 def recipe_help(argv: list[str]) -> int:
