@@ -62,8 +62,8 @@ def as_write_error(err: BaseException, path: str | os.PathLike, what: str) -> Wr
         code = int(found.group(1)) if found else errno.ENOSPC if "No space left" in text else None
     if code is None:
         code = errno.ENOSPC if free_bytes(path) == 0 else errno.EIO
-    detail = "" if isinstance(err, OSError) else (text.strip().splitlines() or [type(err).__name__])[0]
-    return WriteError(code, path, what, detail)
+    detail = "" if code != errno.EIO or isinstance(err, OSError) else (text.strip().splitlines() or [type(err).__name__])[0]
+    return WriteError(code, path, what, detail)  # (the library's words only when they name no errno)
 
 
 def sync(path: Path) -> None:
@@ -125,7 +125,7 @@ def write_file(path: str | os.PathLike, data: str | bytes, what: str) -> Path:
 @contextlib.contextmanager
 def folder_aside(path: str | os.PathLike, what: str) -> Iterator[Path]:
     """Yield a temporary folder next to `path` to write a folder's files into (with `write_into`, or a library's
-    save_pretrained); once the block ends, the folder is synced and swapped into place (an old `path` is moved
+    save_pretrained); once the block ends, its files are synced and it is swapped into place (an old `path` is moved
     aside first and removed after). A failure removes the temporary folder, leaves `path` as it was and raises
     WriteError."""
     path = Path(path)
@@ -135,6 +135,9 @@ def folder_aside(path: str | os.PathLike, what: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
+        for file in sorted(tmp.rglob("*")):  # every file on the disk before the rename (a library's too)
+            if file.is_file():
+                write_into(file, lambda _: None, what, shown=path / file.relative_to(tmp))
         _sync_folder(tmp)
         if path.exists():
             old = tmp_name(path, ".old-")
