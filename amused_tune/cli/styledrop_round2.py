@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--pick picks while generating: pass it with --prompts, not with --finalize")
     if not run.is_dir():
         return _fail(f"RUN {run} does not exist: pass the output.dir of a finished round-1 run")
+    from amused_tune.styledrop.round2 import check_run
+
+    try:
+        check_run(run)
+    except ValueError as err:
+        return _fail(err)
     problem = folder_problem("--out", out) or (None if args.finalize else adapter_problem(str(run / "adapter")))
     if problem:
         return _fail(problem)
@@ -111,12 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     from amused_tune.data.cards import DataError
     from amused_tune.model.bases import BaseModelError
     from amused_tune.sampling.sampler import SampleError
-    from amused_tune.styledrop.round2 import (CANDIDATES, CandidateOptions, check_run, finalize, generate_candidates,
-                                             pick)
+    from amused_tune.styledrop.round2 import CANDIDATES, CandidateOptions, finalize, generate_candidates, pick
 
     quiet_libraries()
     try:
-        check_run(run)
         recipe, _, _ = parse_recipe([str(run / RECIPE_FILE)])
         if args.finalize:
             path = finalize(recipe, run, out)
