@@ -492,3 +492,27 @@ def test_toy_eval_full_disk_and_read_only_then_the_rerun_writes_eval_json(disk, 
 def test_toy_eval_missing_adapter(tmp_path, capsys):
     assert toy_eval(["eval", "--adapter", tmp_path / "no-run"], capsys) == 2
     one_line(capsys, 2, "no-run does not exist", prefix="python -m amused_tune.toy")
+
+
+def test_push_full_disk_in_the_hub_librarys_own_files_is_not_called_a_network_error(tmp_path):
+    """huggingface_hub writes under HF_HOME (its cache); a full disk there is said as one, not as 'cannot reach'."""
+    from amused_tune.share.hub import _describe
+
+    line = _describe(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "hf" / "xet" / "chunk")),
+                     "alice/x", tmp_path / "run")
+    assert line.startswith(f"disk full while writing the Hub library's local files to {tmp_path / 'hf'}")
+    assert "point HF_HOME at another disk" in line and "unchanged" in line and "cannot reach" not in line
+
+
+# --------------------------------------------------------------------------------------------- recipes cp
+
+
+def test_recipes_cp_full_disk_leaves_no_half_recipe(disk, capsys):
+    target = disk.root / "my.yaml"
+    disk.fill()
+    run(["recipes", "cp", "quickstart", target], WRITE_FAILED)
+    one_line(capsys, WRITE_FAILED, "disk full while writing the recipe to", "my.yaml", prefix="amused-tune recipes")
+    assert not target.exists() and leftovers(disk.root) == []
+    disk.free()
+    run(["recipes", "cp", "quickstart", target], 0)
+    assert yaml.safe_load(target.read_text())["model"]

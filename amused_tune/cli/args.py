@@ -217,20 +217,25 @@ def write_failure_line(err: BaseException, command: str = "train") -> str | None
     """The one line a command prints for `err` when it is a failed write (a full disk, a read-only folder, no
     permission): `PROG: error: ...` with the command's advice; None for any other error. The web page shows the
     same line for its actions."""
-    from amused_tune.writes import describe, is_write_failure
+    from amused_tune.writes import is_write_failure
 
-    if not is_write_failure(err):
-        return None
-    prog, elsewhere, rerun = WRITE_ADVICE.get(command, WRITE_ADVICE["train"])
-    return f"{prog}: error: {describe(err, elsewhere, rerun)}"
+    return _write_line(err, command) if is_write_failure(err) else None
 
 
 def write_failed(err: OSError, command: str = "train") -> int:
-    """Print a failed write as its one line on stderr; returns its exit code (amused_tune.writes.WRITE_FAILED)."""
+    """Print a failed write (any OSError of one) as its one line on stderr; returns its exit code
+    (amused_tune.writes.WRITE_FAILED)."""
     from amused_tune.writes import WRITE_FAILED
 
-    print(write_failure_line(err, command), file=sys.stderr)
+    print(_write_line(err, command), file=sys.stderr)
     return WRITE_FAILED
+
+
+def _write_line(err: OSError, command: str) -> str:
+    from amused_tune.writes import describe
+
+    prog, elsewhere, rerun = WRITE_ADVICE.get(command, WRITE_ADVICE["train"])
+    return f"{prog}: error: {describe(err, elsewhere, rerun)}"
 
 
 def quiet_libraries() -> None:
