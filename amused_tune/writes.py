@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 WRITE_FAILED = 74  # exit code: a write failed (the disk, not the input); rerunning after the fix continues
 TMP_PREFIX = ".tmp-"  # the hidden names files and folders are written under before the rename
+OLD_PREFIX = ".old-"  # a folder being replaced, until the new one is in place
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
@@ -38,7 +39,7 @@ class WriteError(OSError):
 
 
 def tmp_name(path: Path, prefix: str = TMP_PREFIX) -> Path:
-    """The hidden name next to `path` that a write goes to first (`.tmp-NAME-PID`); prefix ".old-": where a
+    """The hidden name next to `path` that a write goes to first (`.tmp-NAME-PID`); with OLD_PREFIX: where a
     folder being replaced waits until the new one is in place."""
     return path.with_name(f"{prefix}{path.name}-{os.getpid()}")
 
@@ -140,7 +141,7 @@ def folder_aside(path: str | os.PathLike, what: str) -> Iterator[Path]:
                 write_into(file, lambda _: None, what, shown=path / file.relative_to(tmp))
         _sync_folder(tmp)
         if path.exists():
-            old = tmp_name(path, ".old-")
+            old = tmp_name(path, OLD_PREFIX)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)

@@ -516,3 +516,17 @@ def test_recipes_cp_full_disk_leaves_no_half_recipe(disk, capsys):
     disk.free()
     run(["recipes", "cp", "quickstart", target], 0)
     assert yaml.safe_load(target.read_text())["model"]
+
+
+@pytest.mark.parametrize("command", ["sample", "merge"])
+def test_a_missing_base_folder_is_named_before_loading(tmp_path, straight, capsys, monkeypatch, command):
+    from amused_tune.model import bases
+
+    monkeypatch.setattr(bases, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    base = tmp_path / "no-base"
+    if command == "sample":
+        argv, prefix = ["sample", "--prompt", "x", "--base", base, "--out", tmp_path / "s"], "amused-tune sample"
+    else:
+        argv, prefix = ["merge", straight, "--base", base, "--out", tmp_path / "m"], "amused-tune"
+    run(argv, 2)
+    one_line(capsys, 2, f"--base='{base}' does not exist", prefix=prefix)

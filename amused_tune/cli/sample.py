@@ -20,6 +20,7 @@ from amused_tune.cli.checks import adapter_problem, folder_problem, image_proble
 from amused_tune.sampling.preview import viewable_tiles
 from amused_tune.common import DTYPE_NAMES, place, torch_dtype
 from amused_tune.model.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsError, describe_taken, resolve_sampling
+from amused_tune.model.bases import missing_base
 from amused_tune.writes import write_with
 
 EXAMPLES = """examples:
@@ -220,6 +221,7 @@ def usage_problem(args) -> str | None:
         return "--mask needs --image (the picture to paint into)"
     problems = [image_problem(flag, path) for flag, path in (("--image", args.image), ("--mask", args.mask)) if path]
     problems += [adapter_problem(a, args.allow_pickle) for a in args.adapter] + [folder_problem("--out", args.out)]
+    problems.append(args.base and missing_base(args.base, "--base"))
     if any(problems):
         return next(p for p in problems if p)
     if args.adapter_scale and len(args.adapter_scale) != len(args.adapter):

@@ -216,11 +216,12 @@ def _load_folder(path: Path, dtype: torch.dtype | None = None) -> Components:
         ) from err
 
 
-def missing_base(base: str) -> str | None:
-    """Why `model.base` names a local folder that does not exist (one line), or None (tiny, toy, a folder, a Hub id)."""
+def missing_base(base: str, label: str = "model.base") -> str | None:
+    """Why a base (`label`: model.base, --base) names a local folder that does not exist (one line), or None (tiny,
+    toy, a folder, a Hub id)."""
     if base in ("tiny", "toy") or Path(base).expanduser().exists() or not looks_local(base):
         return None
-    return f"model.base={base!r} does not exist: pass a local pipeline folder, a Hub id such as amused/amused-256, or 'tiny'"
+    return f"{label}={base!r} does not exist: pass a local pipeline folder, a Hub id such as amused/amused-256, or 'tiny'"
 
 
 def load_components(base: str, dtype: torch.dtype | None = None) -> Components:

@@ -35,6 +35,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from amused_tune.common import RECIPE_FILE
+from amused_tune import writes
 from amused_tune.writes import folder_aside, write_into
 from amused_tune.optimizers import hyperparameters
 from amused_tune.recipe import Recipe, RecipeError
@@ -43,8 +44,8 @@ from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"
-TMP_PREFIX = f".tmp-{PREFIX}"
-OLD_PREFIX = f".old-{PREFIX}"
+TMP_PREFIX = f"{writes.TMP_PREFIX}{PREFIX}"  # a checkpoint being written (amused_tune.writes.folder_aside)
+OLD_PREFIX = f"{writes.OLD_PREFIX}{PREFIX}"
 FILES = ("trainable.safetensors", "state.pt", RECIPE_FILE)
 FORMAT = 2
 
