@@ -33,9 +33,9 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 class WriteError(OSError):
     """A write that failed: its errno, the file (its final place, not the temporary one) and what it held."""
 
-    def __init__(self, code: int, path: str | os.PathLike, what: str, detail: str = ""):
+    def __init__(self, code: int, path: str | os.PathLike, what: str):
         super().__init__(code, os.strerror(code), str(path))
-        self.what, self.detail = what, detail
+        self.what = what
 
 
 def tmp_name(path: Path, prefix: str = TMP_PREFIX) -> Path:
@@ -50,21 +50,28 @@ def is_write_failure(err: BaseException) -> bool:
     return isinstance(err, WriteError) or (isinstance(err, OSError) and err.errno in WRITE_ERRNOS)
 
 
-def as_write_error(err: BaseException, path: str | os.PathLike, what: str) -> WriteError:
-    """`err`, raised while writing `path`, as a WriteError. A library's own exception type is read for its errno
-    ("os error 28", "No space left"); one that says nothing (torch.save's "unexpected pos") on a disk with no room
-    left is a full disk, else an I/O error."""
+def as_write_error(err: BaseException, path: str | os.PathLike, what: str) -> WriteError | None:
+    """`err`, raised while writing `path`, as a WriteError; None when it shows no sign of a failed write (a bug in
+    the writer keeps its own traceback). A library's own exception type is read for its errno ("os error 28", "No
+    space left"); one that names none (torch.save's "unexpected pos") on a disk with no room left is a full disk."""
     if isinstance(err, WriteError):
         return err
+    if isinstance(err, OSError):
+        return WriteError(err.errno or errno.EIO, path, what)
     text = str(err)
-    code = err.errno if isinstance(err, OSError) and err.errno else None
-    if code is None:
-        found = re.search(r"os error (\d+)", text)
-        code = int(found.group(1)) if found else errno.ENOSPC if "No space left" in text else None
-    if code is None:
-        code = errno.ENOSPC if free_bytes(path) == 0 else errno.EIO
-    detail = "" if code != errno.EIO or isinstance(err, OSError) else (text.strip().splitlines() or [type(err).__name__])[0]
-    return WriteError(code, path, what, detail)  # (the library's words only when they name no errno)
+    found = re.search(r"os error (\d+)", text)
+    code = int(found.group(1)) if found else errno.ENOSPC if "No space left" in text else None
+    if code is None and free_bytes(path) == 0:
+        code = errno.ENOSPC
+    return None if code is None else WriteError(code, path, what)
+
+
+def _raise_write_error(err: BaseException, path: str | os.PathLike, what: str):
+    """Raise `err` as a WriteError (from inside its except block), or as it is when it is no failed write."""
+    converted = as_write_error(err, path, what)
+    if converted is None:
+        raise err
+    raise converted from err
 
 
 def sync(path: Path) -> None:
@@ -92,8 +99,8 @@ def write_into(path: Path, writer: Callable[[Path], object], what: str, shown: P
     try:
         writer(path)
         sync(path)
-    except Exception as err:  # noqa: BLE001 - every writer's failure becomes the one WriteError
-        raise as_write_error(err, shown or path, what) from err
+    except Exception as err:  # noqa: BLE001 - a writer's failed write (any library's type) becomes a WriteError
+        _raise_write_error(err, shown or path, what)
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], object], what: str) -> Path:
@@ -110,7 +117,7 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], object], what: 
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(err, Exception):
-            raise as_write_error(err, path, what) from err
+            _raise_write_error(err, path, what)
         raise
     _sync_folder(path.parent)
     return path
@@ -152,7 +159,7 @@ def folder_aside(path: str | os.PathLike, what: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) and err.filename and str(tmp) in str(err.filename):
             err.filename = str(err.filename).replace(str(tmp), str(path))  # name the file's final place
-        raise as_write_error(err, getattr(err, "filename", None) or path, what) from err
+        _raise_write_error(err, getattr(err, "filename", None) or path, what)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -192,13 +199,11 @@ def what_failed(err: OSError) -> str:
     where = err.filename or "?"
     reason = REASONS.get(err.errno, (err.strerror or str(err)).lower())
     what = getattr(err, "what", "")
-    detail = getattr(err, "detail", "")
     free = free_bytes(where) if err.filename else None
-    notes = ([f"{size_text(free)} free on that disk"] if free is not None else []) + ([detail] if detail else [])
     writing = isinstance(err, WriteError) or err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
     # (a permission error of no write the kit knows of may be a read: said without "writing")
     head = f"{reason} while writing {what + ' to ' if what else ''}{where}" if writing else f"{reason}: {where}"
-    return head + (f" ({'; '.join(notes)})" if notes else "")
+    return head + (f" ({size_text(free)} free on that disk)" if free is not None else "")
 
 
 def describe(err: OSError, elsewhere: str = "write to another folder", rerun: str = "rerun the same command") -> str:
