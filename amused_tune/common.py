@@ -44,6 +44,16 @@ def kit_path(relative: str | os.PathLike) -> Path:
     return roots[0] / relative
 
 
+def looks_local(name: str) -> bool:
+    """Whether a name that is no local file or folder was meant as one rather than as a Hub id (user/name): it is
+    an absolute or relative path, has a weights file's suffix, more or fewer than one slash, or its first part is a
+    folder here (`runs/typo` when runs/ exists)."""
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        return True
+    head, _, tail = name.partition("/")
+    return Path(tail).suffix.lower() in (".safetensors", ".bin", ".pt", ".pth") or Path(head).is_dir()
+
+
 def torch_dtype(name: str):
     """fp32 | fp16 | bf16 -> the torch dtype."""
     import torch

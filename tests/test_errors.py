@@ -256,7 +256,8 @@ def test_read_only_when_checkpointing(capsys, recipe, tmp_path, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system", args[1] if len(args) > 1 else None)
 
     monkeypatch.setattr(checkpoints, "save_file", refuse)
-    fails(capsys, [recipe], "Read-only file system", "trainable.safetensors", "rerun the same command")
+    fails(capsys, [recipe], "read-only file system while writing checkpoint step 2 to", "trainable.safetensors",
+          "rerun the same command", code=74)
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
@@ -277,8 +278,8 @@ def test_full_disk(capsys, tmp_path, finished_run, monkeypatch, where):
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
         monkeypatch.setattr(outputs.MetricsFile, "write", full)
-    fails(capsys, [run / "recipe.yaml", "--train.max_steps=4"], "disk full while writing", "free space",
-          "rerun the same command")
+    fails(capsys, [run / "recipe.yaml", "--train.max_steps=4"], "disk full while writing", "free on that disk",
+          "free space", "rerun the same command", code=74)
     assert snapshot(run / "checkpoints") == kept  # the step-2 checkpoint is untouched, no partial folder is left
     assert [r["step"] for r in outputs.read_metrics(run / "metrics.jsonl")][:2] == [1, 2]
     if where == "checkpoint":

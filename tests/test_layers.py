@@ -103,7 +103,7 @@ def test_every_import_of_the_kit_names_one_of_its_modules():
 
 def test_the_package_root_holds_only_the_core_few():
     root = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
-    assert root == ["common", "optimizers", "recipe"]
+    assert root == ["common", "optimizers", "recipe", "writes"]
 
 
 def test_every_folder_of_the_package_has_a_layer():

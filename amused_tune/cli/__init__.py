@@ -23,7 +23,8 @@ import logging
 import os
 import sys
 
-from amused_tune.cli.args import SUBCOMMANDS
+from amused_tune.cli.args import SUBCOMMANDS, write_failed
+from amused_tune.writes import is_write_failure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         from amused_tune.cli.train import train_main
 
         return train_main(argv, usage=__doc__)
-    except BrokenPipeError:  # output piped into a command that stopped reading (`| head`): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet
-        return 0
+    except OSError as err:
+        if isinstance(err, BrokenPipeError):  # output piped into a command that stopped reading (`| head`): fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet
+            return 0
+        if not is_write_failure(err):
+            raise
+        return write_failed(err, argv[0] if argv and argv[0] in SUBCOMMANDS else "train")  # every command's one line
 

@@ -198,6 +198,46 @@ def fail(err, prog: str = "amused-tune") -> int:
     return 2
 
 
+# per subcommand, for a write that fails (a full disk, a read-only folder): its error prefix, its way round a folder
+# it cannot write, and what rerunning it does
+WRITE_ADVICE = {
+    "sample": ("amused-tune sample", "pass another --out", "rerun the same command"),
+    "merge": ("amused-tune", "pass another --out", "rerun the same command"),
+    "caption": ("amused-tune", "copy the folder to a writable disk",
+                "rerun the same command: it keeps the captions already written"),
+    "push": ("amused-tune", "copy the run to a writable disk", "rerun the same command"),
+    "styledrop-round2": ("amused-tune styledrop-round2", "pass another --out", "rerun the same command"),
+    "recipes": ("amused-tune recipes", "pick another destination", "rerun the same command"),
+    "train": ("amused-tune", "pick another output.dir",
+              "rerun the same command: it resumes from the last complete checkpoint"),
+}
+
+
+def write_failure_line(err: BaseException, command: str = "train") -> str | None:
+    """The one line a command prints for `err` when it is a failed write (a full disk, a read-only folder, no
+    permission): `PROG: error: ...` with the command's advice; None for any other error. The web page shows the
+    same line for its actions."""
+    from amused_tune.writes import is_write_failure
+
+    return _write_line(err, command) if is_write_failure(err) else None
+
+
+def write_failed(err: OSError, command: str = "train") -> int:
+    """Print a failed write (any OSError of one) as its one line on stderr; returns its exit code
+    (amused_tune.writes.WRITE_FAILED)."""
+    from amused_tune.writes import WRITE_FAILED
+
+    print(_write_line(err, command), file=sys.stderr)
+    return WRITE_FAILED
+
+
+def _write_line(err: OSError, command: str) -> str:
+    from amused_tune.writes import describe
+
+    prog, elsewhere, rerun = WRITE_ADVICE.get(command, WRITE_ADVICE["train"])
+    return f"{prog}: error: {describe(err, elsewhere, rerun)}"
+
+
 def quiet_libraries() -> None:
     """Silence what the libraries print that a user cannot act on: transformers' per-model "Loading weights" bars
     and both libraries' info/warning chatter (e.g. diffusers' "modules that should be kept in float32" on every

@@ -10,12 +10,14 @@ there is one.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from amused_tune.cli.args import SubcommandParser, fail, quiet_libraries
 from amused_tune.data.captions import with_trigger
 from amused_tune.data.sources import IMAGE_SUFFIXES
+from amused_tune.writes import is_write_failure, write_file
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 
@@ -110,8 +112,7 @@ def write_caption(image: Path, caption: str, trigger: str | None, result: Captio
     if not caption:
         result.empty.append(image)
         return
-    image.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-    result.written.append(image.with_suffix(".txt"))
+    result.written.append(write_file(image.with_suffix(".txt"), caption + "\n", "a caption"))
 
 
 def main(argv: list[str]) -> int:
@@ -123,11 +124,16 @@ def main(argv: list[str]) -> int:
         return fail(f"FOLDER {args.folder} is not a folder of images")
     if not images_in(folder):
         return fail(f"{args.folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if not os.access(folder, os.W_OK):  # the captions go next to the images
+        return fail(f"FOLDER {args.folder} is read-only: the captions are written next to the images; copy the folder "
+                    "to a writable disk or make it writable")
     quiet_libraries()
     try:
         result = caption_folder(folder, args.model, args.prefix, args.trigger, args.overwrite, args.batch_size,
                                 args.max_new_tokens, args.device)
-    except OSError as err:  # no such model, offline and not cached
+    except OSError as err:  # no such model, offline and not cached (a failed write: amused_tune.cli.main says it)
+        if is_write_failure(err):
+            raise
         return fail(f"--model {args.model} could not be loaded ({str(err).splitlines()[0]}): pass a Hub id of an "
                     "image-to-text model or a local folder holding one")
     for path, why in result.unreadable:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from amused_tune.common import looks_local
+
 
 def did_you_mean(word: str, choices) -> str:
     """" did you mean X?" for the closest of `choices`, else ""."""
@@ -59,7 +61,10 @@ def adapter_problem(source: str, allow_pickle: bool = False) -> str | None:
 
     path = Path(source).expanduser()
     if not path.exists():
-        return None  # a Hub id, or a path the loader reports as missing
+        if looks_local(source):
+            return (f"{source} does not exist: pass a run's output.dir, an adapter folder, a .safetensors file or "
+                    "a Hub id (user/name)")
+        return None  # a Hub id: checked when it is loaded
     try:
         file, _ = resolve_adapter(path, allow_pickle=allow_pickle)
     except AdapterError as err:

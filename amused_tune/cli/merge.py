@@ -28,7 +28,9 @@ def main(argv: list[str]) -> int:
     args, code = build_parser().parse_or_exit_code(argv)
     if args is None:
         return code
-    problem = inputs_problem(Path(args.run).expanduser(), args.out)
+    from amused_tune.model.bases import missing_base
+
+    problem = inputs_problem(Path(args.run).expanduser(), args.out) or (args.base and missing_base(args.base, "--base"))
     if problem:
         return fail(problem)
     from amused_tune.model.adapters import AdapterError

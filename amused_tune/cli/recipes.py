@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
 from amused_tune.cli.args import SubcommandParser
 from amused_tune.common import kit_path
+from amused_tune.writes import write_file
 
 RECIPES_DIR = kit_path("recipes")
 PAPER_RE = re.compile(r"^#\s*paper:\s*([0-9]*\.?[0-9]+)\s*GB", re.IGNORECASE)
@@ -179,11 +179,7 @@ def copy(name: str, dest: str, force: bool = False, recipes_dir: Path = RECIPES_
     text = src.read_text()
     text = re.sub(r"^(#\s*command:\s*amused-tune\s+)\S+", lambda m: m.group(1) + str(target), text, count=1,
                   flags=re.MULTILINE)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text)
-    shutil.move(tmp, target)
-    return target
+    return write_file(target, text, "the recipe")
 
 
 def build_parser() -> SubcommandParser:

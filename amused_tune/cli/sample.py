@@ -20,6 +20,8 @@ from amused_tune.cli.checks import adapter_problem, folder_problem, image_proble
 from amused_tune.sampling.preview import viewable_tiles
 from amused_tune.common import DTYPE_NAMES, place, torch_dtype
 from amused_tune.model.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsError, describe_taken, resolve_sampling
+from amused_tune.model.bases import missing_base
+from amused_tune.writes import write_with
 
 EXAMPLES = """examples:
   amused-tune sample --base toy --prompt "a red circle on a white background"
@@ -219,6 +221,7 @@ def usage_problem(args) -> str | None:
         return "--mask needs --image (the picture to paint into)"
     problems = [image_problem(flag, path) for flag, path in (("--image", args.image), ("--mask", args.mask)) if path]
     problems += [adapter_problem(a, args.allow_pickle) for a in args.adapter] + [folder_problem("--out", args.out)]
+    problems.append(args.base and missing_base(args.base, "--base"))
     if any(problems):
         return next(p for p in problems if p)
     if args.adapter_scale and len(args.adapter_scale) != len(args.adapter):
@@ -281,10 +284,10 @@ def sample_images(args, comps, prompts: list[str], seeds: list[int], sampling: d
 
 def write_images(out: Path, images: list, prompts: list[str], seeds: list[int], common: dict) -> None:
     """One PNG per image (prompt, seed and settings in its text chunks) and grid.png, each path printed."""
-    out.mkdir(parents=True, exist_ok=True)
     for k, (img, prompt, seed) in enumerate(zip(images, prompts, seeds)):
-        path = out / f"{k:03d}-seed{seed}.png"
-        img.save(path, pnginfo=png_info({"prompt": prompt, "seed": seed, **common}))
+        info = png_info({"prompt": prompt, "seed": seed, **common})
+        path = write_with(out / f"{k:03d}-seed{seed}.png", lambda tmp: img.save(tmp, format="PNG", pnginfo=info),
+                          "a sampled image")
         print(path)
     # the grid is for looking at: small images scaled up (nearest) and labelled; the files above stay as generated
     grid = save_grid(viewable_tiles(images, prompts), out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})

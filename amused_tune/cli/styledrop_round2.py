@@ -27,6 +27,7 @@ from pathlib import Path
 from amused_tune.cli.args import SubcommandParser, parse_recipe, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem
 from amused_tune.common import RECIPE_FILE
+from amused_tune.writes import is_write_failure
 
 
 def build_parser() -> SubcommandParser:
@@ -100,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--pick clip needs --clip-model NAME (and --clip-model needs --pick clip)")
     if args.pick and args.finalize:
         return _fail("--pick picks while generating: pass it with --prompts, not with --finalize")
+    if not run.is_dir():
+        return _fail(f"RUN {run} does not exist: pass the output.dir of a finished round-1 run")
+    from amused_tune.styledrop.round2 import check_run
+
+    try:
+        check_run(run)
+    except ValueError as err:
+        return _fail(err)
     problem = folder_problem("--out", out) or (None if args.finalize else adapter_problem(str(run / "adapter")))
     if problem:
         return _fail(problem)
@@ -108,12 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     from amused_tune.data.cards import DataError
     from amused_tune.model.bases import BaseModelError
     from amused_tune.sampling.sampler import SampleError
-    from amused_tune.styledrop.round2 import (CANDIDATES, CandidateOptions, check_run, finalize, generate_candidates,
-                                             pick)
+    from amused_tune.styledrop.round2 import CANDIDATES, CandidateOptions, finalize, generate_candidates, pick
 
     quiet_libraries()
     try:
-        check_run(run)
         recipe, _, _ = parse_recipe([str(run / RECIPE_FILE)])
         if args.finalize:
             path = finalize(recipe, run, out)
@@ -132,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"  amused-tune {path}")
             return 0
     except (ValueError, OSError, DataError, BaseModelError, AdapterError, SampleError) as err:
+        if is_write_failure(err):
+            raise  # a failed write: amused_tune.cli.main says it in its one line
         return _fail(err)
     print(f"{len(rows)} candidates in {out}\ndelete the ones that miss the style, then run:\n"
           f"  amused-tune styledrop-round2 {run} --finalize")

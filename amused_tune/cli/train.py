@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 
-from amused_tune.cli.args import build_parser, fail, parse_recipe
+from amused_tune.cli.args import build_parser, fail, parse_recipe, write_failed
 
 
 def train_main(argv: list[str], usage: str = "") -> int:
@@ -61,8 +60,8 @@ def run_training(recipe) -> int:
     from amused_tune.model.sampling_defaults import SamplingDefaultsError
     from amused_tune.train.loop import TrainingStopped, train
 
-    problem = data_path_problem(recipe.data)
-    if problem:  # a typo in data.path: said before a model loads
+    problem = data_path_problem(recipe.data) or paths_problem(recipe)
+    if problem:  # a typo in data.path, train.resume or prior.prompts: said before a model loads
         return fail(problem)
     for line in validation_prompts_from_data(recipe):  # prompts from the captions; trigger words they lack
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
@@ -79,13 +78,10 @@ def run_training(recipe) -> int:
         print(f"amused-tune: interrupted; the last complete checkpoint in {recipe.output.dir}/checkpoints is intact",
               file=sys.stderr)
         return 130
-    except OSError as err:
-        where = err.filename or recipe.output.dir
-        if err.errno == errno.ENOSPC:
-            return fail(f"disk full while writing {where}: free space and rerun the same command to resume from "
-                         "the last complete checkpoint")
-        return fail(f"{err.strerror or err}: {where} (output.dir={recipe.output.dir}); the last complete "
-                     "checkpoint is intact: fix this and rerun the same command to resume")
+    except OSError as err:  # a write failed: a full disk, a read-only folder (the last complete checkpoint is intact)
+        if err.filename is None:
+            err.filename = recipe.output.dir
+        return write_failed(err, "train")
     if summary.get("already_done") or os.environ.get("RANK", "0") != "0":  # (the main process reports)
         return 0
     if summary.get("push_error"):  # the run is complete and saved; the push's one-line reason is already printed
@@ -94,6 +90,27 @@ def run_training(recipe) -> int:
 
     finished(summary)
     return 0
+
+
+def paths_problem(recipe) -> str | None:
+    """A model.base folder, a train.resume path or a prior.prompts file that does not exist (one line), or None."""
+    from pathlib import Path
+
+    from amused_tune.data.prior import prior_prompts
+    from amused_tune.model.bases import missing_base
+    from amused_tune.recipe import RecipeError
+
+    if missing_base(recipe.model.base):
+        return missing_base(recipe.model.base)
+    where = recipe.train.resume
+    if where not in ("auto", "none") and not Path(where).expanduser().exists():
+        return (f"train.resume={where} does not exist, so there is no readable checkpoint there: pass a "
+                "checkpoints/step-N folder or an output dir that holds one, or train.resume=auto")
+    try:
+        prior_prompts(recipe.prior.prompts)
+    except RecipeError as err:
+        return str(err)
+    return None
 
 
 def recipe_help(argv: list[str]) -> int:

@@ -53,6 +53,7 @@ from amused_tune.data.sources import Record, Source, open_source
 from amused_tune.memory.estimate import CACHE_TEXT_BATCH, cache_batches
 from amused_tune.model.bases import Components, encode_images, encode_prompts
 from amused_tune.recipe import DataConfig
+from amused_tune.writes import TMP_PREFIX, write_with
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +111,10 @@ def tokenizer_digest(tokenizer) -> str:
 
 
 def save_atomic(tensors: dict, meta: dict, path: Path) -> None:
-    """Write aside, sync the bytes to disk, rename into place, sync the folder: a crash leaves the shard whole or
-    absent (at worst a temporary file, which `locked` removes)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    """Write aside, sync the bytes to disk, rename into place: a crash leaves the shard whole or absent (at worst a
+    temporary file, which `locked` removes); a failed write is a WriteError naming the shard."""
+    write_with(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                           metadata={"meta": json.dumps(meta)}), "a cache shard")
 
 
 def read_meta(path: Path) -> dict:
@@ -157,7 +150,7 @@ def locked(folder: Path):
             except BlockingIOError:
                 log.info("cache: another run is encoding into %s: waiting for it", folder)
                 fcntl.flock(handle, fcntl.LOCK_EX)
-        for orphan in folder.glob(".*.tmp*"):
+        for orphan in [*folder.glob(f"{TMP_PREFIX}*"), *folder.glob(".*.tmp*")]:  # (the second: older kits' names)
             orphan.unlink(missing_ok=True)
         try:
             yield

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from amused_tune.writes import write_file
 from amused_tune.data import cache
 from amused_tune.data.captions import with_caption_rules
 from amused_tune.data.cards import resolve_config
@@ -108,8 +109,7 @@ def prepare_training_data(recipe, comps, accelerator) -> tuple[Dataset, tuple[to
         report = mixture_report([b[2].to_dict() for b in built], parts)
     path = Path(recipe.output.dir) / "data_report.json"
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1) + "\n")
+        write_file(path, json.dumps(report, indent=1) + "\n", "the data report")
     return with_prior(recipe, comps, dataset, accelerator), empty  # prior.prompts: the base's own images paired in
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from amused_tune.common import torch_dtype
 from amused_tune.data.sources import resolve_path
 from amused_tune.recipe import RecipeError
+from amused_tune.writes import write_file, write_with
 
 PRIOR_DIR = "prior"
 PRIOR_FILE = "prior.safetensors"
@@ -151,9 +152,8 @@ def _draw(recipe, comps, prompts: list[str], folder: Path, info: dict, device) -
         tokens.append(sample_tokens(transformer, cond, uncond, seeds, micro_conds=micro.to(device), **settings).cpu())
     if recipe.model.quantize:  # quantizing starts from the CPU
         transformer.to("cpu")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (PRIOR_FILE + ".tmp")
-    save_file({"tokens": torch.cat(tokens).contiguous(), "hidden": hidden.contiguous(), "pooled": pooled.contiguous(),
-               "micro_conds": micro.expand(len(hidden), -1).contiguous()}, str(tmp))
-    tmp.replace(folder / PRIOR_FILE)
-    (folder / PRIOR_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    tensors = {"tokens": torch.cat(tokens).contiguous(), "hidden": hidden.contiguous(), "pooled": pooled.contiguous(),
+               "micro_conds": micro.expand(len(hidden), -1).contiguous()}
+    (folder / PRIOR_INFO).unlink(missing_ok=True)  # until both files are written, the draw is not done
+    write_with(folder / PRIOR_FILE, lambda tmp: save_file(tensors, str(tmp)), "the prior images")
+    write_file(folder / PRIOR_INFO, json.dumps(info, indent=1) + "\n", "the prior images' settings")

@@ -21,7 +21,7 @@ import torch
 from diffusers import AmusedScheduler, UVit2DModel, VQModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-from amused_tune.common import TOY_WEIGHTS_DIR
+from amused_tune.common import TOY_WEIGHTS_DIR, looks_local
 
 AESTHETIC_SCORE = 6.0
 SUBFOLDERS = ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler")
@@ -216,6 +216,14 @@ def _load_folder(path: Path, dtype: torch.dtype | None = None) -> Components:
         ) from err
 
 
+def missing_base(base: str, label: str = "model.base") -> str | None:
+    """Why a base (`label`: model.base, --base) names a local folder that does not exist (one line), or None (tiny,
+    toy, a folder, a Hub id)."""
+    if base in ("tiny", "toy") or Path(base).expanduser().exists() or not looks_local(base):
+        return None
+    return f"{label}={base!r} does not exist: pass a local pipeline folder, a Hub id such as amused/amused-256, or 'tiny'"
+
+
 def load_components(base: str, dtype: torch.dtype | None = None) -> Components:
     """Load the base model named by a recipe's `model.base` (see the module docstring)."""
     if base == "tiny":
@@ -234,11 +242,8 @@ def load_components(base: str, dtype: torch.dtype | None = None) -> Components:
                     f"model.base={base!r} is a folder but lacks {', '.join(missing)}/: pass an aMUSEd pipeline folder"
                 )
             comps = _load_folder(path)
-        elif base.startswith((".", "/", "~")) or base.count("/") != 1:
-            raise BaseModelError(
-                f"model.base={base!r} does not exist: pass a local pipeline folder, a Hub id such as "
-                "amused/amused-256, or 'tiny'"
-            )
+        elif missing_base(base):
+            raise BaseModelError(missing_base(base))
         else:
             comps = _load_hub(base)
     check_mask_id(comps, base)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 
+from amused_tune.writes import write_with
+
 
 def _open(source: str | Path | Image.Image, what: str) -> Image.Image:
     if isinstance(source, Image.Image):
@@ -75,7 +77,4 @@ def save_grid(images: torch.Tensor | list[Image.Image], path: str | Path, texts:
     canvas = Image.new("RGB", (nrow * w, rows * h))
     for k, img in enumerate(pils):
         canvas.paste(img, ((k % nrow) * w, (k // nrow) * h))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, pnginfo=png_info(texts or {}))
-    return path
+    return write_with(path, lambda tmp: canvas.save(tmp, format="PNG", pnginfo=png_info(texts or {})), "a sample grid")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 from amused_tune.common import DIFFUSERS_FILE, METRICS_FILE
 from amused_tune.data.cards import DataError, card_path, load_card
 from amused_tune.model.sampling_defaults import DIFFUSERS_DEFAULTS, describe_taken, resolve_sampling
+from amused_tune.writes import write_file
 
 CARD = "README.md"
 MARKER = ("<!-- written by amused-tune; `amused-tune push` refreshes this card. "
@@ -379,7 +379,4 @@ def write_card(out: Path, recipe: dict, repo_id: str | None = None) -> Path | No
     output = recipe.get("output") or {}
     if repo_id is None and output.get("push_to_hub"):
         repo_id = output.get("hub_repo_id")
-    tmp = out / f".{CARD}.tmp"
-    tmp.write_text(render_card(out, recipe, repo_id))
-    os.replace(tmp, path)
-    return path
+    return write_file(path, render_card(out, recipe, repo_id), "the model card")

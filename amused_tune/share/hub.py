@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from amused_tune.common import PEFT_CONFIG, RECIPE_FILE
+from amused_tune.writes import WriteError, as_write_error, describe, is_write_failure, what_failed, write_file
 from amused_tune.share.card import (CARD, DIFFUSERS_FILE, MARKER, REPO_ID, final_metrics, render_card,  # noqa: F401
                                     sample_grids, write_card)
 
@@ -150,9 +151,10 @@ def push(out: str | os.PathLike, repo_id: str, private: bool = False, token: str
     except Exception as err:  # noqa: BLE001 - every failure becomes one line; the run folder is untouched
         raise HubError(_describe(err, repo_id, out).replace(secret, "***")) from None
     if regenerated:  # the local card now shows the Hub id, as the uploaded one does
-        tmp = out / f".{CARD}.tmp"
-        tmp.write_bytes(card)
-        os.replace(tmp, out / CARD)
+        try:
+            write_file(out / CARD, card, "the model card")
+        except WriteError as err:  # the Hub has the run; only the local copy of its card is behind
+            print(f"warning: pushed, but the local {CARD} was not updated: {what_failed(err)}", file=sys.stderr)
     return {"url": url, "files": files}
 
 
@@ -190,6 +192,9 @@ def _describe(err: Exception, repo_id: str, out: Path) -> str:
                     f"or the token is read-only; push to a repo in your own namespace ({unchanged})")
         server = (getattr(err, "server_message", None) or str(err)).strip().splitlines()[0]
         return f"the Hub refused the push to {repo_id} ({code}): {server} ({unchanged})"
+    if is_write_failure(err):  # the Hub library's local files (its cache, staged uploads): a disk, not the network
+        return describe(as_write_error(err, err.filename or constants.HF_HOME, "the Hub library's local files"),
+                        elsewhere="point HF_HOME at another disk", rerun="rerun `amused-tune push`") + f" ({unchanged})"
     if isinstance(err, (OSError, ConnectionError)) or "Connect" in type(err).__name__ or "Timeout" in type(err).__name__:
         return (f"cannot reach the Hub at {constants.ENDPOINT} ({type(err).__name__}): check the network or "
                 f"HF_ENDPOINT and rerun `amused-tune push` ({unchanged})")

@@ -18,14 +18,12 @@ DIR is written aside and renamed into place, so an interrupted merge leaves no h
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
-
 
 from amused_tune.common import place, torch_dtype
 from amused_tune.model.provenance import loadable_base, merged_sampling_file, read_record, same_base
 from amused_tune.model.sampling_defaults import sampling_defaults
-
+from amused_tune.writes import folder_aside
 
 
 class MergeError(ValueError):
@@ -119,20 +117,8 @@ def merge_run(run: str | os.PathLike, out: str | os.PathLike, base: str | None =
     for name in ("transformer", "vqvae", "text_encoder"):
         place(getattr(comps, name), "cpu", torch_dtype(dtype))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with folder_aside(out, "the merged pipeline") as tmp:
         comps.save_pretrained(tmp)
         # what the base knew about sampling, and what the run was validated with, stay with the merged weights
         merged_sampling_file(tmp, sampling_defaults(base), record if trained_on(record, base) else None)
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return comps

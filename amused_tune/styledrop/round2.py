@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from amused_tune.common import RECIPE_FILE, torch_dtype
+from amused_tune.writes import write_file, write_with
 
 CANDIDATES = "candidates.jsonl"
 
@@ -90,17 +91,18 @@ def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: 
             _, images = generate(comps, [prompt], seeds, **sampling, styledrop=styledrop)
             for seed, image in zip(seeds, to_pil(images)):
                 file = f"{i:03d}-{slug(prompt)}-seed{seed}{tag}.png"
-                image.save(out / file, pnginfo=png_info({"prompt": prompt, "seed": seed, **sampling,
-                                                         "adapter": str(run / "adapter"), "adapter_scale": scale}))
+                info = png_info({"prompt": prompt, "seed": seed, **sampling, "adapter": str(run / "adapter"),
+                                 "adapter_scale": scale})
+                write_with(out / file, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), "a round-2 candidate")
                 rows.append({"file_name": file, "text": prompt, "seed": seed, "adapter_scale": scale})
             k += args.per_prompt
     data = resolve_config(recipe.data)
     if data.source == "single_image" and args.reference:
         reference = resolve_path(data.path)
         name = "reference" + reference.suffix.lower()
-        shutil.copyfile(reference, out / name)
+        write_with(out / name, lambda tmp: shutil.copyfile(reference, tmp), "the reference image")
         rows.append({"file_name": name, "text": data.prompt})
-    (out / CANDIDATES).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_file(out / CANDIDATES, "".join(json.dumps(r) + "\n" for r in rows), "the candidates' list")
     return rows
 
 
@@ -130,7 +132,7 @@ def finalize(recipe, run: Path, out: Path) -> Path:
     kept = [{"file_name": r["file_name"], "text": r["text"]} for r in rows if (out / r["file_name"]).is_file()]
     if not kept:
         raise ValueError(f"{out}: every candidate was deleted; generate new ones with another --seed")
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_file(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in kept), "the round-2 captions")
 
     recipe = recipe.to_dict()
     data = recipe["data"]
@@ -143,5 +145,5 @@ def finalize(recipe, run: Path, out: Path) -> Path:
               "# this trains a fresh adapter on them with round 1's settings.\n"
               f"# command: amused-tune {out / 'round2.yaml'}\n")
     path = out / "round2.yaml"
-    path.write_text(header + yaml.safe_dump(json.loads(json.dumps(recipe)), sort_keys=False))
+    write_file(path, header + yaml.safe_dump(json.loads(json.dumps(recipe)), sort_keys=False), "the round-2 recipe")
     return path

@@ -79,13 +79,27 @@ def _eval_problem(args) -> str | None:
     return None
 
 
+PROG = "python -m amused_tune.toy"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     problem = _eval_problem(args) if args.command == "eval" else None
     if problem:  # a mistake in the arguments: one line, before any model loads
-        print(f"python -m amused_tune.toy: error: {problem}", file=sys.stderr)
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
+    from amused_tune.writes import WRITE_FAILED, describe, is_write_failure
 
+    try:
+        return run(args)
+    except OSError as err:
+        if not is_write_failure(err):
+            raise
+        print(f"{PROG}: error: {describe(err)}", file=sys.stderr)  # a full disk, a read-only folder: one line
+        return WRITE_FAILED
+
+
+def run(args) -> int:
     import torch
 
     torch.set_num_threads(getattr(args, "threads", 1))

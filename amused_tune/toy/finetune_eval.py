@@ -27,6 +27,7 @@ from amused_tune.toy import world
 from amused_tune.share.card import EVAL_SECTION
 from amused_tune.toy.evaluate import _sampler_kwargs, eval_prompts, match_rate
 from amused_tune.toy.report import eval_lines
+from amused_tune.writes import write_file
 
 EVAL_FILE = "eval.json"
 
@@ -148,8 +149,8 @@ def evaluate_run(base: Components, run: Path, settings: dict, print_fn=print, ba
         print_fn(f"fine-tuned, StyleDrop guidance lambda_a={sd[0]} lambda_b={sd[1]}:")
         result["adapter_styledrop"] = {"lambda_a": sd[0], "lambda_b": sd[1],
                                        **finetune_numbers(tuned, settings, print_fn, styledrop=sd)}
-    (run / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    (run / EVAL_SECTION).write_text("\n".join(eval_lines(run)) + "\n")  # the model card includes it
+    write_file(run / EVAL_FILE, json.dumps(result, indent=2) + "\n", "the evaluation")
+    write_file(run / EVAL_SECTION, "\n".join(eval_lines(run)) + "\n", "the evaluation")  # the model card includes it
     side_by_side(run)
     if (run / "recipe.yaml").is_file():  # the model card shows these numbers: write it again
         from amused_tune.share.card import write_card

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from amused_tune.recipe import Recipe
+from amused_tune.writes import write_file
 from amused_tune.toy import world
 from amused_tune.toy.classify import classify, is_clean
 from amused_tune.toy.evaluate import _sampler_kwargs, eval_prompts, match_rate
@@ -204,5 +205,5 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
     result = {"recipe": str(recipe_path), "base": str(folder), "rounds": rounds, "per_prompt": per_prompt, "adapter_scales": list(adapter_scales), "prompts": n_prompts, "seeds": list(seeds), "sampling": settings,
               "images": per_image, "worst": worst}
     if out:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        write_file(out, json.dumps(result, indent=2) + "\n", "the StyleDrop evaluation")
     return result

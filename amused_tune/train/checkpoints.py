@@ -21,7 +21,6 @@ optimizer, schedule) and, once its data loader exists, `restore_rng`. docs/resum
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -36,6 +35,8 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from amused_tune.common import RECIPE_FILE
+from amused_tune import writes
+from amused_tune.writes import folder_aside, write_into
 from amused_tune.optimizers import hyperparameters
 from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
@@ -43,8 +44,8 @@ from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"
-TMP_PREFIX = f".tmp-{PREFIX}"
-OLD_PREFIX = f".old-{PREFIX}"
+TMP_PREFIX = f"{writes.TMP_PREFIX}{PREFIX}"  # a checkpoint being written (amused_tune.writes.folder_aside)
+OLD_PREFIX = f"{writes.OLD_PREFIX}{PREFIX}"
 FILES = ("trainable.safetensors", "state.pt", RECIPE_FILE)
 FORMAT = 2
 
@@ -125,33 +126,19 @@ def save_checkpoint(
     On any failure (a full disk, an interrupt) the partial folder is removed and the previous checkpoints are
     untouched; a write error is raised as an OSError naming the file.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step}"
-    tmp = root / f"{TMP_PREFIX}{step}-{os.getpid()}"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        _write(tmp / "trainable.safetensors", lambda f: save_file(
-            {k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}, f))
-        _write(tmp / "state.pt", lambda f: torch.save(state, f))
-        _write(tmp / RECIPE_FILE, lambda f: Path(f).write_text(recipe_text))
+    what = f"checkpoint step {step}"
+    with folder_aside(final, what) as tmp:
+        def put(name: str, writer) -> None:
+            write_into(tmp / name, writer, what, shown=final / name)
+
+        put("trainable.safetensors", lambda f: save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}, str(f)))
+        put("state.pt", lambda f: _torch_save(state, f))
+        put(RECIPE_FILE, lambda f: f.write_text(recipe_text))
         sizes = {name: (tmp / name).stat().st_size for name in FILES}
         full_meta = {**meta, "step": step, "format": FORMAT, "files": sizes}
-        _write(tmp / "meta.json", lambda f: Path(f).write_text(json.dumps(full_meta, indent=2, default=str)))
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():  # a checkpoint of the same step (a rerun): move it aside, swap, then delete it
-        old = root / f"{OLD_PREFIX}{step}-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+        put("meta.json", lambda f: f.write_text(json.dumps(full_meta, indent=2, default=str)))
     for previous in list_checkpoints(root)[:-keep]:
         shutil.rmtree(previous, ignore_errors=True)
     for stale in list(root.glob(f"{TMP_PREFIX}*")) + list(root.glob(f"{OLD_PREFIX}*")):
@@ -159,34 +146,10 @@ def save_checkpoint(
     return final
 
 
-def _write(path: Path, write) -> None:
-    """Run `write(path)` and fsync the file; a failure of the writer becomes an OSError naming the file."""
-    try:
-        write(str(path))
-    except OSError as err:
-        if err.filename is None:
-            err.filename = str(path)
-        raise
-    except Exception as err:  # safetensors and torch.save report I/O failures as their own exception types
-        text = str(err)
-        code = errno.ENOSPC if ("No space left" in text or "os error 28" in text) else errno.EIO
-        raise OSError(code, f"{os.strerror(code)} ({text.splitlines()[0] if text else type(err).__name__})",
-                      str(path)) from err
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file, whose write says ENOSPC (torch's own writer says "unexpected pos")."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -19,7 +19,6 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from amused_tune.model import adapters
 from amused_tune.common import RECIPE_FILE
 from amused_tune.data.datasets import collate, prepare_training_data
 from amused_tune.model.bases import Components, load_components
@@ -236,7 +235,8 @@ def finish(run: Run, step: int, loss: float, skipped: int) -> dict:
     run.accelerator.wait_for_everyone()
     summary = {"step": step, "loss": loss, "output_dir": str(run.out), "skipped_nonfinite": skipped}
     if run.main and run.ema is not None and run.recipe.adapter.kind != "full":  # the last trained weights too
-        adapters.save_lora(run.out / "adapter-raw", run.comps.transformer, base_model=run.recipe.model.base)
+        outputs.save_adapter(run.out / "adapter-raw", run.comps.transformer, base_model=run.recipe.model.base,
+                             what="the last trained weights")
     swap(run.ema)  # the EMA weights are the deliverable
     if run.main:
         summary.update(outputs.write_final(run.out, run.recipe, run.comps.transformer,

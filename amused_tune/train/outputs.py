@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.share import hub
 from amused_tune.train import checkpoints
 from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
+from amused_tune.writes import WRITE_ERRNOS, as_write_error, folder_aside, write_file, write_with
 
 # what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
 RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "samples", "adapter", "adapter-raw", "transformer", "loss.png", "logs")
@@ -60,12 +59,9 @@ def prepare_output_dir(out: Path, recipe: Recipe, main: bool) -> None:
     if not main:
         return
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".recipe.yaml.tmp"
-        tmp.write_text(recipe_yaml(recipe))
-        os.replace(tmp, out / RECIPE_FILE)
+        write_file(out / RECIPE_FILE, recipe_yaml(recipe), "the resolved recipe")
     except OSError as err:
-        if err.errno == errno.ENOSPC:
+        if err.errno in WRITE_ERRNOS:  # a full disk, a read-only folder: the one line of a failed write
             raise
         raise RecipeError(
             f"output.dir={out} is not writable ({err.strerror or err}): pick another output.dir"
@@ -114,16 +110,18 @@ class MetricsFile:
         if path.exists():  # drop the rows of steps that will be trained again; the swap is atomic
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and _row_step(line) <= resumed_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_file(path, "".join(line + "\n" for line in kept), "the loss log")
 
     def write(self, row: dict) -> None:
-        """Append one row; non-finite numbers are written as null (valid JSON)."""
+        """Append one row; non-finite numbers are written as null (valid JSON). A row cut short by a full disk is
+        ignored by every reader and dropped when the run resumes."""
         if self.enabled:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(clean) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(clean) + "\n")
+            except OSError as err:
+                raise as_write_error(err, self.path, "the loss log") from err
 
 
 def _row_step(line: str) -> int:
@@ -173,8 +171,10 @@ def write_loss_plot(metrics: Path, png: Path) -> Path | None:
     ax.set_ylabel("masked cross-entropy")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    try:
+        write_with(png, lambda tmp: fig.savefig(tmp, format="png"), "the loss plot")
+    finally:
+        plt.close(fig)
     return png
 
 
@@ -186,17 +186,26 @@ def final_written(out: Path, recipe: Recipe) -> bool:
     return (out / "transformer" / "config.json").is_file() and any((out / "transformer").glob("*.safetensors"))
 
 
+def save_adapter(folder: Path, transformer, text_encoder=None, base_model: str | None = None,
+                 record: dict | None = None, what: str = "the trained adapter") -> Path:
+    """`adapters.save_lora` into a folder written aside: `folder` holds the old adapter or the new one, never half."""
+    with folder_aside(folder, what) as tmp:
+        adapters.save_lora(tmp, transformer, text_encoder, base_model=base_model, record=record)
+    return folder
+
+
 def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
     """The run's deliverables: the adapter (both formats) or the full U-ViT, and the loss plot."""
     written = {}
     record = run_record(recipe.model.base, recipe.validation)  # the base and sampling settings travel with the weights
     if recipe.adapter.kind != "full":  # lora or dora
         text_encoder = comps.text_encoder if recipe.adapter.text_encoder else None
-        adapters.save_lora(out / "adapter", transformer, text_encoder, base_model=recipe.model.base, record=record)
+        save_adapter(out / "adapter", transformer, text_encoder, base_model=recipe.model.base, record=record)
         written["adapter"] = str(out / "adapter")
     else:
-        transformer.save_pretrained(out / "transformer")
-        write_record(out / "transformer", record)
+        with folder_aside(out / "transformer", "the fine-tuned U-ViT") as tmp:
+            transformer.save_pretrained(tmp)
+            write_record(tmp, record)
         written["transformer"] = str(out / "transformer")
     if recipe.output.loss_plot:
         plot = write_loss_plot(out / METRICS_FILE, out / "loss.png")
