@@ -16,6 +16,7 @@ from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.share import hub
 from amused_tune.train import checkpoints
 from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
+from amused_tune.train.validation import pixel_art_settings
 
 # what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
 RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "samples", "adapter", "adapter-raw", "transformer", "loss.png", "logs")
@@ -189,7 +190,8 @@ def final_written(out: Path, recipe: Recipe) -> bool:
 def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
     """The run's deliverables: the adapter (both formats) or the full U-ViT, and the loss plot."""
     written = {}
-    record = run_record(recipe.model.base, recipe.validation)  # the base and sampling settings travel with the weights
+    # the base, the sampling and pixel-art settings travel with the weights
+    record = run_record(recipe.model.base, recipe.validation, pixel_art_settings(recipe))
     if recipe.adapter.kind != "full":  # lora or dora
         text_encoder = comps.text_encoder if recipe.adapter.text_encoder else None
         adapters.save_lora(out / "adapter", transformer, text_encoder, base_model=recipe.model.base, record=record)
