@@ -111,9 +111,9 @@ class DataConfig:
     its native grid and enlarge it by a whole factor with nearest-neighbour (cropped or padded with
     data.background, never resampled); photos are resized as before. true: every image is pixel art; false: none.
     What was found is in OUTPUT_DIR/data_report.json (docs/pixel_art.md)."""
-    background: Optional[str] = None
-    """The colour transparent pixels are laid over, and pixel art is padded with: "#RRGGBB" or a colour name
-    (default "#ffffff", white)."""
+    background: str = "#ffffff"
+    """The colour transparent pixels are laid over, and pixel art is padded with: "#RRGGBB" (quoted in YAML, where
+    # starts a comment), RRGGBB or a colour name. Default "#ffffff", white."""
     cache: bool = True
     """Encode every image to VQ tokens and every caption to text embeddings once, before training, and train from
     that cache with the VQ model and text encoder moved to the CPU. See docs/data.md."""

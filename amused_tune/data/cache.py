@@ -47,7 +47,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_sample
+from amused_tune.data.checks import (BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_sample,
+                                    min_image_size)
 from amused_tune.data.pixel_art import parse_colour
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
@@ -225,10 +226,6 @@ def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolut
     meta = {"keys": keys, "captions": captions, "bad": report.bad, "converted": dict(report.converted),
             "pixel_art": {"grids": dict(report.pixel_grids), "colours": dict(report.colours)}}
     return tensors, meta
-
-
-def min_image_size(cfg: DataConfig, resolution: int) -> int:
-    return resolution if cfg.min_image_size is None else cfg.min_image_size
 
 
 def token_key(cfg: DataConfig, source: Source, resolution: int, vqvae: torch.nn.Module) -> str:

@@ -14,12 +14,11 @@ from pathlib import Path
 import yaml
 
 from amused_tune.common import kit_path
-from amused_tune.data.pixel_art import DEFAULT_BACKGROUND, parse_colour
+from amused_tune.data.pixel_art import parse_colour
 from amused_tune.recipe import DataConfig
 
 CARD_DEFAULTS = {"split": "train", "image_column": "image", "caption_column": "text", "prompt_prefix": "",
-                 "prompt_template": "{caption}", "center_crop": True, "random_flip": False, "pixel_art": "auto",
-                 "background": DEFAULT_BACKGROUND}
+                 "prompt_template": "{caption}", "center_crop": True, "random_flip": False, "pixel_art": "auto"}
 CARD_INFO_KEYS = {"name", "description", "licence", "license", "homepage", "resolution", "recipes"}
 
 

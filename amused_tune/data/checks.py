@@ -93,6 +93,11 @@ def load_image(source: Source, record: Record, min_size: int) -> tuple[Image.Ima
     return to_rgb(image)
 
 
+def min_image_size(cfg: DataConfig, resolution: int) -> int:
+    """The smallest short side a photo may have: data.min_image_size, else the resolution."""
+    return resolution if cfg.min_image_size is None else cfg.min_image_size
+
+
 def load_sample(source: Source, record: Record, cfg: DataConfig,
                 min_size: int) -> tuple[Image.Image, str | None, Grid | None]:
     """A training sample: (RGB image with transparency over data.background, conversion or None, its pixel-art

@@ -30,7 +30,8 @@ from amused_tune.data import cache
 from amused_tune.data.captions import with_caption_rules
 from amused_tune.data.cards import resolve_config
 from amused_tune.data.mixture import Mixture, mixture_report, part_configs
-from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_sample
+from amused_tune.data.checks import (BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_sample,
+                                    min_image_size)
 from amused_tune.data.pixel_art import parse_colour
 from amused_tune.data.prior import with_prior
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
@@ -64,7 +65,7 @@ def validated_dataset(cfg: DataConfig, resolution: int, tokenizer=None, seed: in
     """Decode and check every sample now (cache off), so that no bad sample is met mid-run."""
     source = open_source(cfg)
     report = Report(total=len(source.records))
-    min_size = resolution if cfg.min_image_size is None else cfg.min_image_size
+    min_size = min_image_size(cfg, resolution)
     samples = []
     for record in source.records:
         try:

@@ -30,7 +30,6 @@ SMALL_SIDE = 128
 SMALL_COLOURS = 64
 MIN_FLAT = 0.3
 PALETTE_SIZE = 256  # `--palette data`: at most this many colours of the training set, the most used first
-DEFAULT_BACKGROUND = "#ffffff"
 
 
 @dataclass(frozen=True)
