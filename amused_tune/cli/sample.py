@@ -18,7 +18,7 @@ from amused_tune.sampling.sampler import DRAWS, SampleError, StyleDropGuidance, 
 from amused_tune.cli.args import DefaultsFormatter, SubcommandParser, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem, image_problem
 from amused_tune.sampling.pixel_art import (
-    PixelArtError, active, check_grid, chosen_settings, on_checkerboard, palette_from_record, pixelate, resolve_palette,
+    PixelArtError, active, check_grid, chosen_settings, palette_from_record, pixelate, resolve_palette, shown,
 )
 from amused_tune.sampling.preview import viewable_tiles
 from amused_tune.common import DTYPE_NAMES, place, torch_dtype
@@ -330,7 +330,8 @@ def write_images(out: Path, images: list, prompts: list[str], seeds: list[int], 
         img.save(path, pnginfo=png_info({"prompt": prompt, "seed": seed, **common}))
         print(path)
     # the grid is for looking at: small images scaled up (nearest) and labelled; the files above stay as generated
-    grid = save_grid(viewable_tiles([on_checkerboard(im) for im in images], prompts), out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})
+    tiles = viewable_tiles([shown(im) for im in images], prompts)  # sprites: enlarged, transparency on a checkerboard
+    grid = save_grid(tiles, out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})
     print(grid)
 
 

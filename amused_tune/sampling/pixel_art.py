@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from amused_tune.sampling.preview import upscale
+
 MAX_COLOURS = 256
 CHECKER = ((204, 204, 204), (240, 240, 240))  # how a transparent pixel is shown in a grid
 
@@ -192,7 +194,13 @@ def pixelate(image: Image.Image, grid: int | None = None, palette=None, transpar
     return Image.fromarray(rgba, "RGBA")
 
 
-def on_checkerboard(image: Image.Image, square: int = 8) -> Image.Image:
+def shown(image: Image.Image) -> Image.Image:
+    """A sprite as a grid shows it: enlarged by a whole factor with nearest-neighbour to at least MIN_TILE px, its
+    transparent pixels over a checkerboard (RGB)."""
+    return on_checkerboard(upscale(image))
+
+
+def on_checkerboard(image: Image.Image, square: int = 16) -> Image.Image:
     """An RGBA image over a light checkerboard (how a transparent pixel is shown), as RGB; RGB images as they are."""
     if image.mode != "RGBA":
         return image.convert("RGB")

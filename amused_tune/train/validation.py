@@ -16,7 +16,7 @@ import torch
 from amused_tune.model.bases import Components, decode_tokens, encode_prompts, micro_conditioning
 from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.sampling.pixel_art import (
-    PixelArtError, active, on_checkerboard, palette_from_record, pixelate, settings_record,
+    PixelArtError, active, palette_from_record, pixelate, settings_record, shown,
 )
 from amused_tune.sampling.preview import viewable_tiles
 from amused_tune.sampling.sampler import sample_tokens, save_grid, to_pil
@@ -83,8 +83,7 @@ class Validator:
         if active(self.pixel_art):  # the sprites, shown enlarged (nearest) over a checkerboard where transparent
             p = self.pixel_art
             texts["pixel_art"] = json.dumps(p)
-            pictures = [on_checkerboard(pixelate(im, p["grid"], palette_from_record(p), p["transparent"]))
-                        for im in pictures]
+            pictures = [shown(pixelate(im, p["grid"], palette_from_record(p), p["transparent"])) for im in pictures]
         tiles = viewable_tiles(pictures, self.prompts)  # small bases: scaled up to be seen, and labelled
         path = save_grid(tiles, out / "samples" / f"step-{step}.png", texts, nrow=v.images_per_prompt)
         log_grid(accelerator, images, tiles, step)
