@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         palette.write_text("".join("{:02X}{:02X}{:02X}\n".format(*c[:3]) for k, c in COLOURS.items() if k != "."))
         training_input_picture(DOCS / "pixel_art_training_input.png")
         sample_picture(DOCS / "pixel_art_sample.png", palette)
-        write_palette(DOCS / "pixel_art_toy.hex")
+        write_palette(ROOT / "assets" / "pixel_art" / "toy_palette.hex")
     toy_numbers(DOCS / "pixel_art_toy.png" if args.pictures else None, args.prompts, tuple(args.seeds))
     return 0
 
