@@ -246,6 +246,16 @@ def test_bad_recipe_pixel_art_values_are_one_line_errors(tmp_path, capsys, overr
     assert message in line
 
 
+def test_the_pixel_art_recipe_fits_6_gb_as_its_header_says(capsys):
+    import re
+
+    recipe = Path(__file__).parents[1] / "recipes" / "pixel_art_lora_256.yaml"
+    assert cli_main([str(recipe), "--estimate"]) == 0
+    peak = float(re.search(r"predicted peak .*?([0-9.]+)\s*$", capsys.readouterr().out, re.MULTILINE).group(1))
+    assert peak <= 6.0 - 0.5  # a 6 GB card, 0.5 GB kept for the CUDA context
+    assert f"# predicted peak: {peak:.2f} GB" in recipe.read_text()
+
+
 # --------------------------------------------------------------------------------------------- a run records them
 
 
