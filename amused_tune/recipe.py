@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -105,6 +106,14 @@ class DataConfig:
     min_image_size: Optional[int] = None
     """Images whose short side is below this many pixels are bad samples (default: the model's resolution;
     0 upscales everything)."""
+    pixel_art: Optional[Union[bool, Literal["auto"]]] = None
+    """auto (default): find pixel art (images of flat k x k blocks, or small images of few colours), reduce it to
+    its native grid and enlarge it by a whole factor with nearest-neighbour (cropped or padded with
+    data.background, never resampled); photos are resized as before. true: every image is pixel art; false: none.
+    What was found is in OUTPUT_DIR/data_report.json (docs/pixel_art.md)."""
+    background: str = "#ffffff"
+    """The colour transparent pixels are laid over, and pixel art is padded with: "#RRGGBB" (quoted in YAML, where
+    # starts a comment), RRGGBB or a colour name. Default "#ffffff", white."""
     cache: bool = True
     """Encode every image to VQ tokens and every caption to text embeddings once, before training, and train from
     that cache with the VQ model and text encoder moved to the CPU. See docs/data.md."""
@@ -283,6 +292,15 @@ class ValidationConfig:
     """Seed of the first image; image i uses seed + i."""
     images_per_prompt: int = 1
     """Images per prompt in the grid."""
+    pixel_grid: Optional[int] = None
+    """Pixel art: each sample becomes an N x N grid of flat cells (the N x N sprite, shown enlarged with nearest in
+    the grid). Recorded with the weights, so `amused-tune sample --adapter RUN` does the same (docs/pixel_art.md)."""
+    palette: Optional[Union[int, str]] = None
+    """Pixel art: the samples' colours: K (chosen per image), a .hex (Lospec) or GIMP .gpl file, an image whose
+    colours are the palette, or data (the training set's colours, from data_report.json). Recorded with the weights."""
+    transparent: bool = False
+    """Pixel art: the background (the outer ring's most common colour, connected to the edge) becomes transparent;
+    the sample is then RGBA. Recorded with the weights."""
     holdout: int = 0
     """Hold this many images out of training and log their masked-token loss (fixed mask rates and seeds, so
     comparable step to step) every `every` steps: metrics.jsonl `heldout_loss`, loss.png, TensorBoard, the card.
@@ -360,6 +378,7 @@ class Recipe:
             _positive("validation", steps=self.validation.steps)
         if self.validation.min_p is not None and not 0 <= self.validation.min_p < 1:
             raise RecipeError(f"validation.min_p must be in [0, 1) (0: off), got {self.validation.min_p}")
+        self._check_pixel_art()
         if self.validation.top_k is not None and self.validation.top_k < 0:
             raise RecipeError(f"validation.top_k must be >= 0 (0: off), got {self.validation.top_k}")
         if self.adapter.kind != "full":
@@ -390,6 +409,18 @@ class Recipe:
         if self.output.push_to_hub and not self.output.hub_repo_id:
             raise RecipeError("output.push_to_hub=true needs output.hub_repo_id (e.g. user/my-lora)")
         return self
+
+    def _check_pixel_art(self) -> None:
+        v = self.validation
+        if v.pixel_grid is not None and v.pixel_grid < 1:
+            raise RecipeError(f"validation.pixel_grid must be >= 1 (cells a side), got {v.pixel_grid}")
+        if isinstance(v.palette, str) and v.palette.strip().lstrip("-").isdigit():
+            v.palette = int(v.palette)
+        if isinstance(v.palette, int) and not 1 <= v.palette <= 256:
+            raise RecipeError(f"validation.palette={v.palette}: a number of colours must be in 1..256")
+        if isinstance(v.palette, str) and v.palette != "data" and not Path(v.palette).expanduser().is_file():
+            raise RecipeError(f"validation.palette={v.palette}: no such file (give a number of colours, a .hex or .gpl "
+                              "palette, an image, or data)")
 
     def _check_lycoris(self) -> None:
         a = self.adapter

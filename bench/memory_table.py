@@ -88,18 +88,17 @@ def collect() -> list[dict]:
     for message in errors:
         print(f"skipped recipe {message}", file=sys.stderr)
     ref = reference_gb()
-    out = []
-    for row in rows:
-        if row["paper_memory_gb"] is None:  # the paper's configurations only
-            continue
+    out, own = [], []
+    for row in rows:  # the paper's configurations, then the recipes for your own data on a real-size base
         recipe = parse_recipe([row["file"]])[0]
         try:
             est = memory.estimate(recipe)
         except memory.EstimateError:  # the tiny / toy models: not sized
             continue
-        out.append({"row": row, "recipe": recipe, "predicted": round(est.peak_gb, 2), "ref": ref.get(row["name"])})
+        item = {"row": row, "recipe": recipe, "predicted": round(est.peak_gb, 2), "ref": ref.get(row["name"])}
+        (out if row["paper_memory_gb"] is not None else own).append(item)
         print(f"{row['name']}: {est.peak_gb:.2f} GB predicted", file=sys.stderr, flush=True)
-    return out
+    return out + own
 
 
 def recipes_table(items: list[dict]) -> str:

@@ -15,6 +15,7 @@ from transformers import CLIPTextModelWithProjection
 
 from amused_tune.data import cache
 from amused_tune.data.cards import DataError, resolve_config
+from amused_tune.data.pixel_art import grid_for
 from amused_tune.data.preprocess import preprocess
 from amused_tune.data.sources import open_source
 from amused_tune.model.bases import build_tiny, encode_images
@@ -75,7 +76,8 @@ def test_random_flip_caches_both_variants(tmp_path):
     comps = build_tiny()
     dataset, empty, _ = cached(tmp_path, folder, comps, random_flip=True)
     assert dataset.tokens.shape == (2, 2, 8, 8) and empty[0].shape == (1, 77, 32)
-    pixels, micro = preprocess(Image.open(folder / "img0.png").convert("RGB"), 32)
+    image = Image.open(folder / "img0.png").convert("RGB")
+    pixels, micro = preprocess(image, 32, grid=grid_for(image, "auto"))  # (flat blocks: pixel art, enlarged x8)
     assert torch.equal(dataset.tokens[0, 0].long(), encode_images(comps.vqvae, pixels[None])[0])
     assert torch.equal(dataset.tokens[0, 1].long(), encode_images(comps.vqvae, pixels.flip(-1)[None])[0])
     seen = {int(torch.equal(dataset[0]["tokens"], dataset.tokens[0, 1].long())) for _ in range(40)}
@@ -212,6 +214,7 @@ PERTURBED = {
     "cache_dir": ("a", "b"), "on_bad_sample": ("skip", "error"), "num_workers": (0, 2),
     "card": (None, "local_imagefolder"), "path": ("data", "moved"), "trigger_word": (None, "sks"),
     "shuffle_tags": (False, True), "keep_tags": (0, 1), "caption_dropout": (None, 0.5),
+    "pixel_art": (None, False), "background": ("#ffffff", "#203040"),
 }
 # hub, the source kind (covered by its identity), and a list of sources (each one cached under its own key)
 NOT_FOR_AN_IMAGEFOLDER = {"source", "split", "image_column", "sources"}
@@ -280,9 +283,9 @@ def test_an_unreadable_shard_is_encoded_again_and_orphaned_temp_files_removed(tm
 def test_encoding_streams_one_encode_batch_at_a_time(tmp_path, monkeypatch):
     """The shard's pixels are never all held: each encode batch is encoded before the next images are read."""
     folder = make_images(tmp_path / "data", n=4)
-    events, real_load, real_encode = [], cache.load_image, cache.encode_images
+    events, real_load, real_encode = [], cache.load_sample, cache.encode_images
     monkeypatch.setattr(cache, "cache_batches", lambda resolution: (2, 1))
-    monkeypatch.setattr(cache, "load_image", lambda *a: (events.append("load"), real_load(*a))[1])
+    monkeypatch.setattr(cache, "load_sample", lambda *a: (events.append("load"), real_load(*a))[1])
     monkeypatch.setattr(cache, "encode_images", lambda vq, px: (events.append(len(px)), real_encode(vq, px))[1])
     dataset, _, _ = cached(tmp_path, folder, random_flip=True)  # 2 variants per image: one batch per image
     assert events == ["load", 2, "load", 2, "load", 2, "load", 2]

@@ -86,7 +86,7 @@ def bad_folder(folder: Path) -> Path:
     (folder / "notes.jpg").write_text("this is not a JPEG\n")
     Image.fromarray((np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)).save(folder / "deep16.png")
     Image.new("CMYK", (40, 40), (0, 200, 200, 0)).save(folder / "cmyk.jpg")
-    Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / "tiny8.png")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), "RGB").save(folder / "tiny8.png")  # a photo
     Image.new("L", (40, 40), 128).save(folder / "gray.png")
     Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(folder / "rgba.png")
     Image.new("RGB", (40, 40), (0, 90, 0)).quantize(8).save(folder / "palette.png")
@@ -154,7 +154,8 @@ def test_empty_caption_and_missing_txt_are_bad_samples(tmp_path):
     dataset, report = validated_dataset(cfg, 32)
     assert len(dataset) == 1 and sorted(r for _, r in report.bad) == ["empty caption", "no caption"]
     with pytest.raises(DataError, match="no usable samples"):
-        validated_dataset(resolve_config(DataConfig(source="captionfolder", path=str(folder), min_image_size=64)), 32)
+        validated_dataset(resolve_config(DataConfig(source="captionfolder", path=str(folder), min_image_size=64,
+                                                    pixel_art=False)), 32)  # (pixel art is never too small)
 
 
 def test_conversions_keep_the_picture():

@@ -66,7 +66,7 @@ def test_reference_trainer_peaks_predicted_within_15_percent(base, key, row):
 
 
 @pytest.mark.parametrize("name", ["styledrop_256", "styledrop_512", "nouns_256_lora_bs1x16",
-                                  "minecraft_512_lora_bs1x8"])
+                                  "minecraft_512_lora_bs1x8", "pixel_art_lora_256"])
 def test_batch_one_lora_recipes_predicted_at_3_gb_or_less(name):
     est = memory.estimate(recipe(name))
     assert est.peak_gb <= 3.0

@@ -3,6 +3,7 @@
 commands:
   amused-tune RECIPE.yaml        train one recipe (`amused-tune RECIPE.yaml --help`: its keys, with its values)
   amused-tune RECIPE.yaml --estimate [--max-memory 6GB]   its peak GPU memory; --max-memory: make it fit
+  amused-tune RECIPE.yaml --preview-data DIR              its first training images, as the model receives them
   amused-tune sample             images from a base model and adapters: text-to-image, variation, inpainting
   amused-tune recipes            the shipped recipes; `amused-tune recipes cp NAME my.yaml` copies one to edit
   amused-tune push               upload a finished run, with its model card, to the Hugging Face Hub

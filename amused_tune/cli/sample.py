@@ -17,6 +17,9 @@ import torch
 from amused_tune.sampling.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
 from amused_tune.cli.args import DefaultsFormatter, SubcommandParser, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem, image_problem
+from amused_tune.sampling.pixel_art import (
+    PixelArtError, active, check_grid, chosen_settings, palette_from_record, pixelate, resolve_palette, shown,
+)
 from amused_tune.sampling.preview import viewable_tiles
 from amused_tune.common import DTYPE_NAMES, place, torch_dtype
 from amused_tune.model.sampling_defaults import GUIDANCE_SCHEDULES, SamplingDefaultsError, describe_taken, resolve_sampling
@@ -85,6 +88,16 @@ def build_parser() -> SubcommandParser:
     p.add_argument("--draws", choices=DRAWS, default="exact",
                    help="exact: diffusers' random draws (bit-identical tokens); fast: one uniform per token")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-ViT")
+    pixel = p.add_argument_group("pixel art (docs/pixel_art.md; default: what the --adapter recorded)")
+    pixel.add_argument("--pixel-grid", type=int, default=None, metavar="N",
+                       help="write each image as an N x N sprite of flat cells (grid.png shows it enlarged)")
+    pixel.add_argument("--palette", default=None, metavar="K|FILE|data",
+                       help="the sprite's colours: K chosen per image, a .hex (Lospec) or .gpl (GIMP) file, an image "
+                            "whose colours are the palette, or data (the adapter's training-set colours)")
+    pixel.add_argument("--transparent", action="store_true",
+                       help="the background (the outer ring's most common colour) becomes transparent (RGBA)")
+    pixel.add_argument("--no-pixel-art", action="store_true",
+                       help="ignore the pixel-art settings the adapter recorded: plain images")
     return p
 
 
@@ -183,14 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = choose_base(args)
         sampling = _sampling_settings(args, record)
+        sprites = sprite_settings(args, record)  # --pixel-grid, --palette, --transparent
         comps = load_models(args, device, dtype, scales)
+        if sprites:
+            check_grid(sprites["grid"], (comps.resolution, comps.resolution))
         images = sample_images(args, comps, prompts, seeds, sampling, device)
     except AdapterError as err:
         recorded = getattr(args, "recorded_base", None)
         hint = (f" (it was trained on {recorded}: pass --base {recorded}, or leave --base out)"
                 if recorded and recorded != args.base else "")
         return _fail(f"{err}{hint}")
-    except (SampleError, BaseModelError, FileNotFoundError, SamplingDefaultsError) as err:
+    except (SampleError, BaseModelError, FileNotFoundError, SamplingDefaultsError, PixelArtError) as err:
         return _fail(str(err))
 
     common = {
@@ -201,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.image:
         common.update(image=args.image, strength=strength_of(args), mask=args.mask)
+    if sprites:  # the files are the sprites; grid.png shows them enlarged
+        images = [pixelate(im, sprites["grid"], palette_from_record(sprites), sprites["transparent"]) for im in images]
+        common["pixel_art"] = {k: v for k, v in sprites.items() if k != "data_colours"}
     write_images(Path(args.out), images, prompts, seeds, common)
     return 0
 
@@ -231,6 +250,9 @@ def usage_problem(args) -> str | None:
         return "--styledrop-guidance needs at least one --adapter (it contrasts adapter and base model)"
     if args.temperature and len(args.temperature) > 2:
         return "--temperature takes one value or two (START END)"
+    pixel_problem = sprite_options_problem(args)
+    if pixel_problem:
+        return pixel_problem
     if args.num_images < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         return "--num-images, --batch-size and --steps must be >= 1"
     if not 0.0 <= strength_of(args) <= 1.0:
@@ -242,6 +264,27 @@ def usage_problem(args) -> str | None:
         return (f"--quantize {args.quantize} needs a CUDA GPU (bitsandbytes' int8/nf4 matmul); "
                 "pass --device cuda or drop --quantize")
     return None
+
+
+def sprite_options_problem(args) -> str | None:
+    """A bad --pixel-grid (N < 1) or --palette (K out of range, a missing file, no colours), before a model loads."""
+    try:
+        check_grid(args.pixel_grid)
+        if args.palette not in (None, "data"):
+            resolve_palette(args.palette)
+    except PixelArtError as err:
+        return str(err)
+    return None
+
+
+def sprite_settings(args, record: dict | None) -> dict | None:
+    """The pixel-art settings to sample with: the flags, else what the adapter recorded (said on stderr)."""
+    recorded = None if args.no_pixel_art else (record or {}).get("pixel_art")
+    settings, taken = chosen_settings(args.pixel_grid, args.palette, args.transparent, recorded)
+    if taken:
+        print("pixel art from the adapter: " + ", ".join(f"{k} {v}" for k, v in taken.items())
+              + " (--no-pixel-art: plain images)", file=sys.stderr)
+    return settings if active(settings) else None
 
 
 def load_models(args, device: torch.device, dtype: torch.dtype, scales: list[float]):
@@ -290,7 +333,8 @@ def write_images(out: Path, images: list, prompts: list[str], seeds: list[int], 
                           "a sampled image")
         print(path)
     # the grid is for looking at: small images scaled up (nearest) and labelled; the files above stay as generated
-    grid = save_grid(viewable_tiles(images, prompts), out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})
+    tiles = viewable_tiles([shown(im) for im in images], prompts)  # sprites: enlarged, transparency on a checkerboard
+    grid = save_grid(tiles, out / "grid.png", {"prompts": prompts, "seeds": seeds, **common})
     print(grid)
 
 

@@ -22,12 +22,17 @@ def train_main(argv: list[str], usage: str = "") -> int:
     from amused_tune.cli.estimate import apply as apply_memory_options, split_memory_args
 
     argv, memory_options = split_memory_args(argv)  # --estimate, --max-memory SIZE (docs/memory.md)
+    from amused_tune.cli import preview_data
+
+    argv, preview_dir = preview_data.split_preview_arg(argv)  # --preview-data DIR: the training images, then exit
     if "--print_config" in argv:
         return print_config([a for a in argv if a != "--print_config"])
     try:
         recipe, _, _ = parse_recipe(argv)
     except RecipeError as err:
         return fail(err)
+    if preview_dir is not None:
+        return preview_data.main(recipe, preview_dir)
     recipe, code = apply_memory_options(recipe, memory_options)
     if code is not None:
         return code

@@ -47,7 +47,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
+from amused_tune.data.checks import (BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_sample,
+                                    min_image_size)
+from amused_tune.data.pixel_art import parse_colour
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
 from amused_tune.memory.estimate import CACHE_TEXT_BATCH, cache_batches
@@ -57,7 +59,7 @@ from amused_tune.writes import TMP_PREFIX, write_with
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when what a shard holds, or what its key covers, changes
+CACHE_VERSION = 4  # bump when what a shard holds, or what its key covers, changes
 SHARD = 256
 
 # The data settings the token cache's key leaves out, each with why it changes no pixel and no stored caption.
@@ -178,6 +180,7 @@ def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolut
     Streams: pixels are encoded as soon as an encode batch is full, so memory holds one batch of pixels (and one
     decoded image), not the shard's."""
     report = Report()
+    background = parse_colour(cfg.background)
     micro, keys, captions, tokens, pending = [], [], [], [], []
     dtype = torch.int16 if comps.vqvae.config.num_vq_embeddings <= 32767 else torch.int32
     batch = cache_batches(resolution)[0]  # few at a time: building the cache holds less than a training step
@@ -190,17 +193,18 @@ def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolut
     for record in records:
         try:
             caption = check_caption(record, cfg)
-            image, converted = load_image(source, record, min_size)
+            image, converted, grid = load_sample(source, record, cfg, min_size)
         except BadSample as bad:
             bad_sample(report, cfg, record.key, str(bad))
             continue
         finally:
             progress.update(1)
         report.converted.update([converted] if converted else [])
+        report.count_pixel_art(image, grid)
         keys.append(record.key)
         captions.append(caption)
         for rng, flip in variants(record.key, cfg):
-            px, mc = preprocess(image, resolution, rng, flip)
+            px, mc = preprocess(image, resolution, rng, flip, grid, background)
             pending.append(px)
             micro.append(mc)
             if len(pending) == batch:
@@ -212,12 +216,9 @@ def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolut
         "tokens": (torch.cat(tokens) if tokens else torch.zeros(0, side, side, dtype=dtype)).reshape(-1, n_var, side, side),
         "micro_conds": (torch.stack(micro) if micro else torch.zeros(0, 5)).reshape(-1, n_var, 5),
     }
-    meta = {"keys": keys, "captions": captions, "bad": report.bad, "converted": dict(report.converted)}
+    meta = {"keys": keys, "captions": captions, "bad": report.bad, "converted": dict(report.converted),
+            "pixel_art": {"grids": dict(report.pixel_grids), "colours": dict(report.colours)}}
     return tensors, meta
-
-
-def min_image_size(cfg: DataConfig, resolution: int) -> int:
-    return resolution if cfg.min_image_size is None else cfg.min_image_size
 
 
 def token_key(cfg: DataConfig, source: Source, resolution: int, vqvae: torch.nn.Module) -> str:
@@ -266,6 +267,8 @@ def token_cache(source: Source, cfg: DataConfig, resolution: int, comps: Compone
         captions += meta["captions"]
         report.bad += [tuple(b) for b in meta["bad"]]
         report.converted.update(meta["converted"])
+        report.pixel_grids.update(meta["pixel_art"]["grids"])
+        report.colours.update(meta["pixel_art"]["colours"])
     finish(report, cfg, len(captions))
     return torch.cat(tokens), torch.cat(micro), captions, report
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import yaml
 
 from amused_tune.common import kit_path
+from amused_tune.data.pixel_art import parse_colour
 from amused_tune.recipe import DataConfig
 
 CARD_DEFAULTS = {"split": "train", "image_column": "image", "caption_column": "text", "prompt_prefix": "",
-                 "prompt_template": "{caption}", "center_crop": True, "random_flip": False}
+                 "prompt_template": "{caption}", "center_crop": True, "random_flip": False, "pixel_art": "auto"}
 CARD_INFO_KEYS = {"name", "description", "licence", "license", "homepage", "resolution", "recipes"}
 
 
@@ -85,6 +86,12 @@ def resolve_config(cfg: DataConfig) -> DataConfig:
         raise DataError(f"data.random_crops must be >= 1, got {out.random_crops}")
     if out.min_image_size is not None and out.min_image_size < 0:
         raise DataError(f"data.min_image_size must be >= 0, got {out.min_image_size}")
+    if out.pixel_art not in ("auto", True, False):
+        raise DataError(f"data.pixel_art={out.pixel_art!r}{where}: give auto, true or false")
+    try:
+        parse_colour(out.background)
+    except ValueError as err:
+        raise DataError(f"{err}{where}") from None
     return out
 
 

@@ -1,7 +1,8 @@
 """Checks on every sample before training: decode and convert to RGB, captions, and the report of what was found.
 
 `load_image` decodes one sample, converting grayscale, palette, RGBA, CMYK and 16-bit images to RGB and refusing
-unreadable, truncated, non-image and too-small files; `Report` collects bad samples, conversions and captions too
+unreadable, truncated, non-image and too-small files; `load_sample` does the same for training, with transparency
+over `data.background` and the image's pixel-art grid (amused_tune.data.pixel_art); `Report` collects bad samples, conversions and captions too
 long for the text encoder; `data.on_bad_sample` says whether a bad sample is skipped or stops the run.
 """
 
@@ -18,19 +19,23 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from amused_tune.data.cards import DataError
+from amused_tune.data.pixel_art import (
+    Grid, grid_for, hex_colour, native_colours, palette_of, parse_colour, summary_line,
+)
 from amused_tune.data.sources import Record, Source
 from amused_tune.recipe import DataConfig
 
 log = logging.getLogger(__name__)
+WHITE = (255, 255, 255)
 
 
 class BadSample(Exception):
     """One sample that cannot be used; the message is the reason."""
 
 
-def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
-    """RGB from any mode; returns (image, what was converted or None). Transparency is laid over white;
-    16-bit values are scaled to 8 bits (PIL's own convert would clip them)."""
+def to_rgb(image: Image.Image, background=WHITE) -> tuple[Image.Image, str | None]:
+    """RGB from any mode; returns (image, what was converted or None). Transparency is laid over `background`
+    (data.background, white by default); 16-bit values are scaled to 8 bits (PIL's own convert would clip them)."""
     mode, kind = image.mode, None
     if mode == "RGB":
         return image, None
@@ -41,13 +46,14 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
         kind = "16-bit" if mode.startswith("I") else "float"
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        kind = kind or f"{mode} (transparency over white)"
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background[:3], 255)), rgba)
+        over = "white" if tuple(background[:3]) == WHITE else hex_colour(background)
+        kind = kind or f"{mode} (transparency over {over})"
     return image.convert("RGB"), kind or {"1": "1-bit", "L": "grayscale", "P": "palette"}.get(mode, mode)
 
 
-def load_image(source: Source, record: Record, min_size: int) -> tuple[Image.Image, str | None]:
-    """Decode and check one sample; raises BadSample with the reason. Returns (RGB image, conversion or None)."""
+def decode(source: Source, record: Record) -> Image.Image:
+    """Decode one sample as it is stored (any mode); raises BadSample with the reason."""
     if record.problem:
         raise BadSample(record.problem)
     try:
@@ -63,7 +69,7 @@ def load_image(source: Source, record: Record, min_size: int) -> tuple[Image.Ima
         else:
             image = Image.open(record.ref)
         image.load()  # a truncated file fails here, not mid-run
-        image = ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image)
     except BadSample:
         raise
     except FileNotFoundError:
@@ -72,10 +78,37 @@ def load_image(source: Source, record: Record, min_size: int) -> tuple[Image.Ima
         raise BadSample("not an image (unreadable or another file type)") from None
     except Exception as err:  # truncated, corrupt, decompression bomb, ...
         raise BadSample(f"unreadable image ({type(err).__name__}: {err})") from None
+
+
+def check_size(image: Image.Image, min_size: int) -> None:
     w, h = image.size
     if min(w, h) < min_size:
         raise BadSample(f"too small: {w}x{h} px is smaller than {min_size} px (data.min_image_size=0 upscales it)")
+
+
+def load_image(source: Source, record: Record, min_size: int) -> tuple[Image.Image, str | None]:
+    """Decode and check one sample; raises BadSample with the reason. Returns (RGB image, conversion or None)."""
+    image = decode(source, record)
+    check_size(image, min_size)
     return to_rgb(image)
+
+
+def min_image_size(cfg: DataConfig, resolution: int) -> int:
+    """The smallest short side a photo may have: data.min_image_size, else the resolution."""
+    return resolution if cfg.min_image_size is None else cfg.min_image_size
+
+
+def load_sample(source: Source, record: Record, cfg: DataConfig,
+                min_size: int) -> tuple[Image.Image, str | None, Grid | None]:
+    """A training sample: (RGB image with transparency over data.background, conversion or None, its pixel-art
+    grid or None for a photo). Pixel art is never too small (it is enlarged by a whole factor); photos are checked
+    against `min_size`. Raises BadSample with the reason."""
+    image = decode(source, record)
+    rgb, converted = to_rgb(image, parse_colour(cfg.background))
+    grid = grid_for(rgb, cfg.pixel_art)
+    if grid is None:
+        check_size(image, min_size)
+    return rgb, converted, grid
 
 
 def check_caption(record: Record, cfg: DataConfig) -> str:
@@ -96,6 +129,13 @@ class Report:
     bad: list[tuple[str, str]] = field(default_factory=list)
     converted: collections.Counter = field(default_factory=collections.Counter)
     truncated: list[str] = field(default_factory=list)
+    pixel_grids: collections.Counter = field(default_factory=collections.Counter)  # native grid "WxH" -> images
+    colours: collections.Counter = field(default_factory=collections.Counter)  # pixel art's "#rrggbb" -> art pixels
+
+    def count_pixel_art(self, image: Image.Image, grid: Grid | None) -> None:
+        if grid is not None:
+            self.pixel_grids[grid.name] += 1
+            self.colours.update(native_colours(image, grid))
 
     def log(self, listed_in: Path | None = None) -> None:
         if self.converted:
@@ -110,10 +150,20 @@ class Report:
                         ", ".join(f"{r}: {n}" for r, n in reasons.most_common()), *self.bad[0],
                         f"; all listed in {listed_in}" if listed_in else "")
 
+    def pixel_line(self, cfg: DataConfig) -> str | None:
+        """The one line a run says about pixel art (None when `auto` found none)."""
+        if not self.pixel_grids and cfg.pixel_art == "auto":
+            return None
+        return summary_line(self.pixel_grids, self.total - len(self.bad), cfg.pixel_art, cfg.background)
+
     def to_dict(self) -> dict:
         return {"samples": self.total, "used": self.total - len(self.bad), "skipped": len(self.bad),
                 "bad": [{"sample": k, "reason": r} for k, r in self.bad], "converted": dict(self.converted),
-                "truncated_captions": len(self.truncated)}
+                "truncated_captions": len(self.truncated),
+                "pixel_art": {"images": sum(self.pixel_grids.values()),
+                              "photos": self.total - len(self.bad) - sum(self.pixel_grids.values()),
+                              "grids": dict(self.pixel_grids),
+                              "palette": palette_of(self.colours)}}
 
 
 def bad_sample(report: Report, cfg: DataConfig, key: str, reason: str) -> None:

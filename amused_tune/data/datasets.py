@@ -2,8 +2,9 @@
 
 Top to bottom: `resolve_config` merges the recipe's data section over its dataset card; `open_source` lists the
 samples of one of four sources (hub, imagefolder, captionfolder, single_image) without decoding them;
-`load_image` decodes and validates one sample (converting grayscale, palette, RGBA, CMYK and 16-bit images
-to RGB, refusing unreadable, truncated, non-image and too-small files); `preprocess` resizes, crops and flips;
+`load_sample` decodes and validates one sample (converting grayscale, palette, RGBA, CMYK and 16-bit images
+to RGB, refusing unreadable, truncated, non-image and too-small files) and finds pixel art; `preprocess` resizes
+(pixel art: enlarges by a whole factor), crops and flips;
 `prepare_training_data` is what the trainer calls: it validates every sample before training and returns
 either a dataset of pixels (`data.cache: false`) or one of cached VQ tokens and text embeddings
 (amused_tune.data.cache).
@@ -30,7 +31,9 @@ from amused_tune.data import cache
 from amused_tune.data.captions import with_caption_rules
 from amused_tune.data.cards import resolve_config
 from amused_tune.data.mixture import Mixture, mixture_report, part_configs
-from amused_tune.data.checks import BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_image
+from amused_tune.data.checks import (BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_sample,
+                                    min_image_size)
+from amused_tune.data.pixel_art import parse_colour
 from amused_tune.data.prior import with_prior
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
@@ -52,9 +55,10 @@ class PixelDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, rng = item_draws(key, self.rng)
         record, prompt = self.samples[index]
-        image, _ = load_image(self.source, record, 0)
+        image, _, grid = load_sample(self.source, record, self.cfg, 0)
         flip = bool(self.cfg.random_flip) and rng.random() < 0.5
-        pixels, micro = preprocess(image, self.resolution, None if self.cfg.center_crop else rng, flip)
+        pixels, micro = preprocess(image, self.resolution, None if self.cfg.center_crop else rng, flip, grid,
+                                   parse_colour(self.cfg.background))
         return {"pixels": pixels, "prompt": prompt, "micro_conds": micro}
 
 
@@ -62,15 +66,16 @@ def validated_dataset(cfg: DataConfig, resolution: int, tokenizer=None, seed: in
     """Decode and check every sample now (cache off), so that no bad sample is met mid-run."""
     source = open_source(cfg)
     report = Report(total=len(source.records))
-    min_size = resolution if cfg.min_image_size is None else cfg.min_image_size
+    min_size = min_image_size(cfg, resolution)
     samples = []
     for record in source.records:
         try:
             caption = check_caption(record, cfg)
-            _, converted = load_image(source, record, min_size)
+            image, converted, grid = load_sample(source, record, cfg, min_size)
         except BadSample as bad:
             bad_sample(report, cfg, record.key, str(bad))
             continue
+        report.count_pixel_art(image, grid)
         if converted:
             report.converted[converted] += 1
         samples.append((record, make_prompt(cfg, caption)))
@@ -132,6 +137,9 @@ def _one_source(recipe, cfg, comps, accelerator) -> tuple[Dataset, tuple[torch.T
     dataset = with_caption_rules(dataset, cfg)  # data.shuffle_tags
     if accelerator.is_main_process:
         report.log(Path(recipe.output.dir) / "data_report.json")
+        line = report.pixel_line(cfg)  # what data.pixel_art found, in one line
+        if line:
+            accelerator.print(line)
     return dataset, empty, report
 
 

@@ -13,6 +13,7 @@ import dataclasses
 from torch.utils.data import Dataset
 
 from amused_tune.data.cards import resolve_config
+from amused_tune.data.pixel_art import merge_reports
 from amused_tune.recipe import DataConfig
 
 # the keys a source sets for itself; every other data key is the data section's
@@ -58,4 +59,5 @@ def mixture_report(reports: list[dict], parts: list[tuple[DataConfig, int]]) -> 
     total = {key: sum(r[key] for r in reports) for key in ("samples", "used", "skipped")}
     sources = [{"card": cfg.card, "source": cfg.source, "path": cfg.path, "repeats": repeats, **report}
                for report, (cfg, repeats) in zip(reports, parts)]
-    return {**total, "bad": [b for r in reports for b in r["bad"]], "sources": sources}
+    return {**total, "bad": [b for r in reports for b in r["bad"]],
+            "pixel_art": merge_reports([r["pixel_art"] for r in reports]), "sources": sources}

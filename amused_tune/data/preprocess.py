@@ -1,5 +1,5 @@
-"""Preprocessing: the prompt a caption becomes, and the resize, crop and flip of an image with its
-micro-conditioning (original size and crop origin, as aMUSEd was trained)."""
+"""Preprocessing: the prompt a caption becomes, and the resize (pixel art: the whole-factor enlargement), crop and
+flip of an image with its micro-conditioning (original size and crop origin, as aMUSEd was trained)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from amused_tune.data.captions import with_trigger
+from amused_tune.data.pixel_art import Grid, enlarge, factor
 from amused_tune.model.bases import micro_conditioning
 from amused_tune.recipe import DataConfig
 
@@ -38,16 +39,23 @@ def crop_origin(width: int, height: int, resolution: int, rng: random.Random | N
     return new_w, new_h, rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
 
 
-def preprocess(image: Image.Image, resolution: int, rng: random.Random | None = None,
-               flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def preprocess(image: Image.Image, resolution: int, rng: random.Random | None = None, flip: bool = False,
+               grid: Grid | None = None, background=(255, 255, 255)) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize the short side to `resolution`, crop a square (centre, or random from `rng`), optionally flip.
+    Pixel art (`grid`, amused_tune.data.pixel_art) is enlarged by a whole factor with nearest-neighbour instead,
+    cropped or padded with `background`.
 
     Returns (pixels [3, R, R] in [0, 1], micro_conds [5]): the image's true original size and the crop's top-left
-    in the resized image, as aMUSEd was trained; a flipped crop reports its left edge in the flipped image.
+    in the resized image, as aMUSEd was trained (pixel art: its enlarged size); a flipped crop reports its left
+    edge in the flipped image.
     """
-    orig_w, orig_h = image.size
-    new_w, new_h, top, left = crop_origin(orig_w, orig_h, resolution, rng)
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, left + resolution, top + resolution))
+    if grid is not None and factor(grid, resolution) >= 1:
+        image, (orig_w, orig_h, top, left) = enlarge(image, grid, resolution, background, rng)
+        new_w = max(orig_w, resolution)
+    else:
+        orig_w, orig_h = image.size
+        new_w, new_h, top, left = crop_origin(orig_w, orig_h, resolution, rng)
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = new_w - resolution - left

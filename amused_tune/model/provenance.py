@@ -43,9 +43,10 @@ def hub_revision(base: str) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
-def run_record(base: str, validation=None) -> dict:
-    """The record a run writes: its base, and the sampling settings of its validation (the recipe's validation
-    values where set, else the base's sampling.json, else diffusers' defaults)."""
+def run_record(base: str, validation=None, pixel_art: dict | None = None) -> dict:
+    """The record a run writes: its base, the sampling settings of its validation (the recipe's validation
+    values where set, else the base's sampling.json, else diffusers' defaults) and its pixel-art settings
+    (grid, palette and its colours, transparency: amused_tune.sampling.pixel_art), if any."""
     given = {k: getattr(validation, k, None) for k in DIFFUSERS_DEFAULTS} if validation is not None else {}
     try:
         sampling, _ = resolve_sampling(base, **given)
@@ -55,7 +56,8 @@ def run_record(base: str, validation=None) -> dict:
     return {"base": base, "revision": hub_revision(base),
             "base_path": str(path.resolve()) if base not in ("tiny", "toy") and path.is_dir() else None,
             "sampling": None if sampling is None else {k: (list(v) if isinstance(v, tuple) else v)
-                                                       for k, v in sampling.items()}}
+                                                       for k, v in sampling.items()},
+            "pixel_art": pixel_art}
 
 
 def write_record(folder: str | os.PathLike, record: dict) -> Path:

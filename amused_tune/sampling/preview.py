@@ -17,8 +17,9 @@ PAD = 3
 
 
 def upscale(image: Image.Image, min_size: int = MIN_TILE) -> Image.Image:
-    """`image` in RGB, scaled by the smallest whole factor that makes its short side >= min_size (nearest)."""
-    image = image.convert("RGB")
+    """`image` in RGB (RGBA stays RGBA), scaled by the smallest whole factor that makes its short side >= min_size
+    (nearest)."""
+    image = image if image.mode == "RGBA" else image.convert("RGB")
     factor = math.ceil(min_size / min(image.size))
     if factor <= 1:
         return image.copy()

@@ -190,7 +190,7 @@ def render_card(out: Path, recipe: dict, repo_id: str | None = None) -> str:
     section = Path(out) / EVAL_SECTION  # measured results an evaluation wrote (e.g. python -m amused_tune.toy eval)
     if section.is_file():
         lines += ["", *section.read_text().strip("\n").splitlines()]
-    lines += ["", "## Use it", ""] + _recorded_lines(out, lora)
+    lines += ["", "## Use it", ""] + _recorded_lines(out, lora) + _pixel_art_lines(out, lora)
     lines += _usage(base, source, prompt, lora, bool(adapter.get("text_encoder")), repo_id, _call_settings(out, lora),
                     diffusers_loads=kind in ("lora", "dora"))
     return "\n".join(lines) + "\n"
@@ -225,6 +225,19 @@ def _recorded_lines(out: Path, lora: bool) -> list[str]:
             f"schedule, {sampling.get('steps')} steps, temperature {shown}) in `{INFO_FILE}` beside them: "
             f"`amused-tune sample --adapter ...` and `amused-tune merge` use them when you pass no `--base` "
             "and no settings.", ""]
+
+
+def _pixel_art_lines(out: Path, lora: bool) -> list[str]:
+    """The pixel-art settings the weights record (grid, palette, transparency), which sampling applies by default."""
+    from amused_tune.model.provenance import INFO_FILE, read_record
+    from amused_tune.sampling.pixel_art import describe
+
+    text = describe((read_record(out / ("adapter" if lora else "transformer")) or {}).get("pixel_art"))
+    if not text:
+        return []
+    return [f"Samples are pixel art: {text} (recorded in `{INFO_FILE}`). `amused-tune sample --adapter ...` writes "
+            "each image as that sprite by default (`--no-pixel-art`: the plain image); the validation grids show "
+            "the sprites enlarged with nearest-neighbour.", ""]
 
 
 CARD_KEYS = [("model", "base"), ("model", "resolution"), ("data", "card"), ("data", "source"), ("data", "path"),

@@ -14,6 +14,7 @@ from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.share import hub
 from amused_tune.train import checkpoints
 from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
+from amused_tune.train.validation import pixel_art_settings
 from amused_tune.writes import WRITE_ERRNOS, as_write_error, folder_aside, write_file, write_with
 
 # what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
@@ -197,7 +198,8 @@ def save_adapter(folder: Path, transformer, text_encoder=None, base_model: str |
 def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
     """The run's deliverables: the adapter (both formats) or the full U-ViT, and the loss plot."""
     written = {}
-    record = run_record(recipe.model.base, recipe.validation)  # the base and sampling settings travel with the weights
+    # the base, the sampling and pixel-art settings travel with the weights
+    record = run_record(recipe.model.base, recipe.validation, pixel_art_settings(recipe))
     if recipe.adapter.kind != "full":  # lora or dora
         text_encoder = comps.text_encoder if recipe.adapter.text_encoder else None
         save_adapter(out / "adapter", transformer, text_encoder, base_model=recipe.model.base, record=record)

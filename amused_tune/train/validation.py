@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 from amused_tune.model.bases import Components, decode_tokens, encode_prompts, micro_conditioning
-from amused_tune.recipe import Recipe
+from amused_tune.recipe import Recipe, RecipeError
+from amused_tune.sampling.pixel_art import (
+    PixelArtError, active, palette_from_record, pixelate, settings_record, shown,
+)
 from amused_tune.sampling.preview import viewable_tiles
 from amused_tune.sampling.sampler import sample_tokens, save_grid, to_pil
 from amused_tune.train.report import say
@@ -37,6 +40,10 @@ class Validator:
         given = {k: getattr(v, k) for k in ("guidance", "guidance_schedule", "steps", "temperature", "min_p", "top_k")}
         self.sampling, taken = resolve_sampling(recipe.model.base, **given) if self.enabled else ({}, {})
         self.defaults_message = describe_taken(recipe.model.base, taken)  # values the base's sampling.json gave
+        self.pixel_art = pixel_art_settings(recipe)  # validation.pixel_grid / palette / transparent
+        if self.enabled and v.pixel_grid and v.pixel_grid > comps.resolution:
+            raise RecipeError(f"validation.pixel_grid={v.pixel_grid} is larger than the {comps.resolution} px samples: "
+                              f"give at most {comps.resolution}")
 
     @property
     def enabled(self) -> bool:
@@ -72,10 +79,28 @@ class Validator:
         vq.to(home)
         texts = {"prompts": json.dumps(self.prompts), "seeds": json.dumps(self.seeds), "step": str(step),
                  "draws": DRAWS, **self.sampling}
-        tiles = viewable_tiles(to_pil(images), self.prompts)  # small bases: scaled up to be seen, and labelled
+        pictures = to_pil(images)
+        if active(self.pixel_art):  # the sprites, shown enlarged (nearest) over a checkerboard where transparent
+            p = self.pixel_art
+            texts["pixel_art"] = json.dumps(p)
+            pictures = [shown(pixelate(im, p["grid"], palette_from_record(p), p["transparent"])) for im in pictures]
+        tiles = viewable_tiles(pictures, self.prompts)  # small bases: scaled up to be seen, and labelled
         path = save_grid(tiles, out / "samples" / f"step-{step}.png", texts, nrow=v.images_per_prompt)
         log_grid(accelerator, images, tiles, step)
         return path
+
+
+def pixel_art_settings(recipe: Recipe) -> dict | None:
+    """What the run records about pixel art (amused_tune.sampling.pixel_art.settings_record): the validation's
+    pixel_grid / palette / transparent, and the training set's colours from OUTPUT_DIR/data_report.json (what
+    `palette: data` means); None when there is neither."""
+    v = recipe.validation
+    report = Path(recipe.output.dir) / "data_report.json"
+    palette = (json.loads(report.read_text()).get("pixel_art") or {}).get("palette") if report.is_file() else None
+    try:
+        return settings_record(v.pixel_grid, v.palette, v.transparent, palette)
+    except PixelArtError as err:
+        raise RecipeError(str(err).replace("--palette", "validation.palette")) from None
 
 
 def log_grid(accelerator, images: torch.Tensor, tiles, step: int) -> None:

@@ -74,7 +74,7 @@ class DataView:
 def check_data(recipe) -> DataView:
     """List the recipe's data and run the data checks on up to CHECKED_SAMPLES samples."""
     from amused_tune.data.cards import DataError, resolve_config
-    from amused_tune.data.checks import BadSample, check_caption, load_image
+    from amused_tune.data.checks import BadSample, check_caption, load_sample
     from amused_tune.data.preprocess import make_prompt
     from amused_tune.data.sources import open_source
 
@@ -91,7 +91,7 @@ def check_data(recipe) -> DataView:
     for record in checked:
         try:
             caption = check_caption(record, cfg)
-            _, kind = load_image(source, record, min_size)
+            _, kind, _ = load_sample(source, record, cfg, min_size)  # as training: pixel art is never too small
         except BadSample as why:
             bad.append(f"{record.key}: {why}")
             continue
