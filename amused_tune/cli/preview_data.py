@@ -64,6 +64,7 @@ def preview(recipe, folder: str) -> list[Path]:
     from amused_tune.data.preprocess import make_prompt, preprocess
     from amused_tune.data.sources import open_source
     from amused_tune.sampling.images import png_info, save_grid, to_pil
+    from amused_tune.writes import write_with
     from amused_tune.sampling.preview import viewable_tiles
 
     resolution = resolution_without_loading(recipe)
@@ -92,7 +93,8 @@ def preview(recipe, folder: str) -> list[Path]:
                      "pixel_art": None if grid is None else {"grid": grid.name, "cell": grid.cell},
                      "flip": flip}
             path = out / f"{len(pictures):03d}.png"
-            picture.save(path, pnginfo=png_info(texts))
+            write_with(path, lambda tmp, picture=picture, texts=texts: picture.save(tmp, format="PNG", pnginfo=png_info(texts)),
+                       "a preview image")
             written.append(path)
             pictures.append(picture)
             kind = f"pixel art {grid.name}" if grid is not None else "photo"
