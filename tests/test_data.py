@@ -157,6 +157,36 @@ def test_empty_caption_and_missing_txt_are_bad_samples(tmp_path):
         validated_dataset(resolve_config(DataConfig(source="captionfolder", path=str(folder), min_image_size=64)), 32)
 
 
+@pytest.mark.parametrize("source, caption", [("captionfolder", "the txt caption"),
+                                             ("imagefolder", "the metadata caption"),
+                                             ("folder", "the metadata caption")])
+def test_folder_with_txt_captions_and_a_metadata_jsonl_is_read_by_each_folder_source(tmp_path, source, caption):
+    """Both caption layouts in one folder: every folder source accepts it and reads its own captions (captionfolder
+    the .txt, imagefolder and folder the metadata.jsonl); the preflight refuses none of them."""
+    from amused_tune.cli.checks import data_path_problem
+
+    folder = make_images(tmp_path / "both", n=2, captions=False)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png",
+                                                               "text": "the metadata caption"}) + "\n"
+                                                   for i in range(2)))
+    for i in range(2):
+        (folder / f"img{i}.txt").write_text("the txt caption")
+    cfg = DataConfig(source=source, path=str(folder))
+    assert data_path_problem(cfg) is None
+    records = open_source(resolve_config(cfg)).records
+    assert [(Path(r.ref).name, r.caption) for r in records] == [("img0.png", caption), ("img1.png", caption)]
+
+
+def test_captionfolder_without_txt_captions_is_refused_unless_data_prompt_captions_it(tmp_path):
+    from amused_tune.cli.checks import data_path_problem
+
+    folder = make_images(tmp_path / "bare", n=2, captions=False)
+    problem = data_path_problem(DataConfig(source="captionfolder", path=str(folder)))
+    assert problem == (f"data.path={folder} has no .txt captions, which data.source=captionfolder reads: add a "
+                       "same-named .txt per image, or set data.prompt to caption every image alike")
+    assert data_path_problem(DataConfig(source="captionfolder", path=str(folder), prompt="a square")) is None
+
+
 def test_conversions_keep_the_picture():
     deep = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
     rgb, kind = to_rgb(deep)

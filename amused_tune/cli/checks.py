@@ -105,7 +105,7 @@ def data_path_problem(data) -> str | None:
     """Why a recipe's local data.path (after its card) cannot be trained on, or None (Hub ids are checked on loading,
     other data problems when the data is read)."""
     from amused_tune.data.cards import DataError, resolve_config
-    from amused_tune.data.sources import resolve_path
+    from amused_tune.data.sources import resolve_path, source_problem
 
     try:
         cfg = resolve_config(data)
@@ -115,46 +115,7 @@ def data_path_problem(data) -> str | None:
             return next(filter(None, (data_path_problem(part) for part, _ in part_configs(cfg))), None)
     except DataError as err:
         return str(err)
-    if not str(cfg.path).strip():
-        return "data.path is empty: set it to your images (a folder, or one image for data.source=single_image)"
-    if cfg.source != "hub" and not resolve_path(cfg.path).exists():
-        return (f"data.path={cfg.path} does not exist: set data.path in the recipe to your images (a folder, or one "
-                "image for data.source=single_image), or pass --data.path=...")
-    return None if cfg.source == "hub" else source_problem(cfg.source, cfg.path, resolve_path(cfg.path))
-
-
-def fitting_source(path: Path) -> str:
-    """The data.source that reads what is at `path`, as a hint ("--data.source=... (why)"), or ""."""
-    from amused_tune.data.sources import IMAGE_SUFFIXES
-
-    if path.is_file():
-        return ('--data.source=single_image --data.prompt="its caption" (one image)'
-                if path.suffix.lower() in IMAGE_SUFFIXES else "")
-    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-        return "--data.source=hub (a dataset saved with save_to_disk)"
-    if (path / "metadata.jsonl").is_file():
-        return "--data.source=folder (it has a metadata.jsonl; imagefolder reads it too)"
-    if next(path.rglob("*.txt"), None) is not None:
-        return "--data.source=folder (it has .txt captions; captionfolder reads them too)"
-    return ""
-
-
-def source_problem(source: str, shown: str, path: Path) -> str | None:
-    """Why data.source cannot read what is at data.path (a file for a folder source, a folder for single_image, a
-    folder without the captions the source expects), with the source that fits; None when it can."""
-    fits = fitting_source(path)
-    hint = f": use {fits}" if fits else ""
-    if source == "single_image" and path.is_dir():
-        return (f"data.path={shown} is a folder, but data.source=single_image needs one image file"
-                f"{hint or ': for a folder of captioned images use --data.source=folder (a .txt per image, or a metadata.jsonl)'}")
-    if source != "single_image" and path.is_file():
-        return f"data.path={shown} is a file, but data.source={source} needs a folder{hint or ': pass a folder'}"
-    if source == "imagefolder" and not (path / "metadata.jsonl").is_file():
-        add = ': add one ({"file_name": ..., "text": ...} per line) or use data.source=captionfolder with a .txt per image'
-        return f"data.path={shown} has no metadata.jsonl, which data.source=imagefolder reads{hint or add}"
-    if source == "captionfolder" and "metadata.jsonl" in fits:
-        return f"data.path={shown} has no .txt captions, which data.source=captionfolder reads{hint}"
-    return None
+    return source_problem(cfg, resolve_path(cfg.path))
 
 
 SMALL_WORDS = {"a", "an", "the", "in", "on", "of", "with", "and", "at", "by", "to", "for", "from"}
