@@ -93,14 +93,14 @@ def test_style_images_cover_every_shape_and_dark_light_saturated_backgrounds(tmp
 
 
 def test_imagefolder_is_what_the_kit_reads(tmp_path):
-    from amused_tune.data.datasets import build_dataset
+    from helpers import pixel_dataset
     from amused_tune.recipe import DataConfig
 
     specs = world.world_specs()[:5]
     folder = world.write_imagefolder(tmp_path / "w", specs)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == [world.caption(s) for s in specs]
-    ds = build_dataset(DataConfig(source="imagefolder", path=str(folder)), 32)
+    ds = pixel_dataset(DataConfig(source="imagefolder", path=str(folder)), 32)
     item = ds[0]
     assert item["pixels"].shape == (3, 32, 32) and item["prompt"] == world.caption(specs[0])
     assert classify(item["pixels"]).matches(item["prompt"])

@@ -88,6 +88,33 @@ def check_caption(record: Record, cfg: DataConfig) -> str:
     return caption.strip()
 
 
+def min_image_size(cfg: DataConfig, resolution: int) -> int:
+    """The smallest short side a sample may have: data.min_image_size, else the model's resolution."""
+    return resolution if cfg.min_image_size is None else cfg.min_image_size
+
+
+def checked_samples(source: Source, records, cfg: DataConfig, min_size: int, report: "Report", stop: bool = True,
+                    progress=None):
+    """The one check of every sample (the cache, the dataset and the web page read it): yields (record, caption, RGB
+    image) of each usable one; a bad one is counted in `report` (or, with `stop` and data.on_bad_sample=error,
+    stops with its one line), a conversion counted. `progress.update(1)` after each record when given."""
+    for record in records:
+        try:
+            caption = check_caption(record, cfg)
+            image, converted = load_image(source, record, min_size)
+        except BadSample as bad:
+            if stop:
+                bad_sample(report, cfg, record.key, str(bad))
+            else:
+                report.bad.append((record.key, str(bad)))
+            continue
+        finally:
+            if progress is not None:
+                progress.update(1)
+        report.converted.update([converted] if converted else [])
+        yield record, caption, image
+
+
 @dataclass
 class Report:
     """What validation found: bad samples (key, reason), conversions by kind, captions cut to 77 tokens."""

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from amused_tune.model import adapters
 from amused_tune.common import RECIPE_FILE
 from amused_tune.data.datasets import collate, prepare_training_data
+from amused_tune.data.preflight import DataPlan
 from amused_tune.model.bases import Components, load_components
 from amused_tune.recipe import Recipe
 from amused_tune.train import checkpoints, outputs, report
@@ -92,14 +93,15 @@ class Run:
                          self.accelerator, self.rngs, skipped, ema=self.ema)
 
 
-def train(recipe: Recipe, components: Components | None = None) -> dict:
-    """Run one recipe to `train.max_steps`; returns a summary (final step, loss, output paths).
+def train(recipe: Recipe, components: Components | None = None, data: DataPlan | None = None) -> dict:
+    """Run one recipe to `train.max_steps`; returns a summary (final step, loss, output paths). `data`: the recipe's
+    data as the command's preflight resolved and listed it (data.preflight; made here when None).
 
     Raises TrainingStopped after SIGINT/SIGTERM (once a checkpoint is written) or a non-finite loss (nothing written).
     """
     stop = StopFlag()
     try:
-        return _run(recipe, components, stop)
+        return _run(recipe, components, stop, data)
     except BaseException:
         for bar in list(getattr(tqdm, "_instances", ())):  # end the progress line, so the error gets its own
             bar.close()
@@ -108,8 +110,8 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
         stop.restore()
 
 
-def _run(recipe: Recipe, components: Components | None, stop: StopFlag) -> dict:
-    run = set_up(recipe, components)
+def _run(recipe: Recipe, components: Components | None, stop: StopFlag, data: DataPlan | None) -> dict:
+    run = set_up(recipe, components, data)
     t = recipe.train
     resumed = None if t.resume == "none" else checkpoints.resume(
         run.out, recipe, run.trainable, run.names, run.optimizer, run.lr_scheduler, run.accelerator, ema=run.ema)
@@ -152,7 +154,7 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag) -> dict:
     return finish(run, step, loss, skipped)
 
 
-def set_up(recipe: Recipe, components: Components | None) -> Run:
+def set_up(recipe: Recipe, components: Components | None, data: DataPlan | None = None) -> Run:
     """Output folder, accelerate, the base (LoRA attached or unfrozen), validated data, optimizer and schedule, then
     the wrappers. The order matters and lives here only: encoders placed before the data (the cache encodes with
     them alone), LoRA attached once the data is ready, wrappers made last and kept apart from the raw modules."""
@@ -170,7 +172,7 @@ def set_up(recipe: Recipe, components: Components | None) -> Run:
     check_resolution(recipe, comps)
     device = accelerator.device
     place_encoders(recipe, comps, device)  # the U-ViT waits: building the cache holds only the encoders
-    dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator)  # validates; may cache and offload
+    dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator, data)  # validates; may cache, offload
     dataset, held = heldout.split(dataset, recipe.validation.holdout, recipe.train.seed)
     set_seed(recipe.train.seed)  # the init of the LoRA weights, identical on every process
     trainable = setup_models(recipe, comps, device)
