@@ -11,7 +11,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Union
 
-Precision = Literal["fp32", "bf16", "fp16"]
+from amused_tune import optimizers
+from amused_tune.common import DTYPE_NAMES, GUIDANCE_SCHEDULES
+
+Precision = Literal[DTYPE_NAMES]
+GuidanceSchedule = Literal[GUIDANCE_SCHEDULES]
+OptimizerName = Literal[optimizers.NAMES]
 
 
 class RecipeError(ValueError):
@@ -157,28 +162,21 @@ class AdapterConfig:
     """Modules of the text encoder that get a LoRA."""
 
 
-# (lr, betas) an optimizer gets when the recipe leaves optim.lr / optim.betas unset
-OPTIMIZER_DEFAULTS = {"adamw": (8.0e-4, (0.9, 0.999)), "adamw8bit": (8.0e-4, (0.9, 0.999)),
-                      "lion8bit": (1.0e-4, (0.9, 0.99)), "prodigy": (1.0, (0.9, 0.999)),
-                      "adafactor": (8.0e-4, (0.9, 0.999))}
-
-
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adamw8bit", "lion8bit", "prodigy", "adafactor"] = "adamw"
-    """The optimizer: adamw (torch; fused on a GPU), adamw8bit (bitsandbytes, ~75% less optimizer memory),
-    lion8bit (bitsandbytes; one 8-bit moment, lr usually 3-10x below AdamW's), prodigy (the prodigyopt package:
-    estimates its own step size, lr 1.0), adafactor (transformers; factored second moment, least memory).
-    docs/options.md compares them."""
+    name: OptimizerName = "adamw"
+    """The optimizer (`--help` lists each with its usual lr, from amused_tune/optimizers.py; docs/options.md
+    compares them)."""
     lr: Optional[float] = None
-    """Peak learning rate. Null: the optimizer's usual value (adamw, adamw8bit, adafactor 8e-4; lion8bit 1e-4;
-    prodigy 1.0, a multiplier of the step size it estimates)."""
+    """Peak learning rate. Null: the optimizer's usual value (listed under optim.name; prodigy's multiplies the step
+    size it estimates)."""
     adam_8bit: bool = False
     """Shorthand for optim.name=adamw8bit (bitsandbytes' 8-bit AdamW)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (of matrices only: biases and norm scales get none)."""
     betas: Optional[tuple[float, float]] = None
-    """Moment decay rates (beta1, beta2). Null: (0.9, 0.99) for lion8bit, else (0.9, 0.999). Adafactor: unused."""
+    """Moment decay rates (beta1, beta2). Null: the optimizer's usual ones ((0.9, 0.99) for lion8bit, else
+    (0.9, 0.999)). Adafactor: unused."""
     eps: float = 1.0e-8
     """AdamW / Prodigy epsilon."""
     d_coef: float = 1.0
@@ -268,7 +266,7 @@ class ValidationConfig:
     """MaskGIT decoding steps (null: the base's sampling.json, else 12)."""
     guidance: Optional[float] = None
     """Classifier-free guidance scale (null: the base's sampling.json, else 10.0)."""
-    guidance_schedule: Optional[Literal["constant", "linear", "cosine", "ramp1"]] = None
+    guidance_schedule: Optional[GuidanceSchedule] = None
     """How the guidance scale g moves over the steps: constant, linear (0 -> g), cosine (follows the mask
     schedule up to g), ramp1 (1 -> g). Null: the base's sampling.json, else constant."""
     temperature: Optional[tuple[float, float]] = None
@@ -408,9 +406,9 @@ class Recipe:
         o = self.optim
         if o.adam_8bit and o.name not in ("adamw", "adamw8bit"):
             raise RecipeError(f"optim.adam_8bit=true asks for 8-bit AdamW but optim.name={o.name}: drop one of them")
-        lr, betas = OPTIMIZER_DEFAULTS[o.resolved_name]
-        o.lr = lr if o.lr is None else o.lr
-        o.betas = tuple(betas if o.betas is None else o.betas)
+        usual = optimizers.REGISTRY[o.resolved_name]
+        o.lr = usual.lr if o.lr is None else o.lr
+        o.betas = tuple(usual.betas if o.betas is None else o.betas)
         if not all(0 <= b < 1 for b in o.betas):
             raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
 

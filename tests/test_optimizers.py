@@ -7,13 +7,17 @@ import pytest
 import torch
 
 from amused_tune.cli import main as cli_main
-from amused_tune.optimizers import make_optimizer, state_bytes
+from amused_tune.cli.args import parse_recipe
+from amused_tune import optimizers
+from amused_tune.optimizers import state_bytes
 from amused_tune.recipe import OptimConfig, Recipe, RecipeError
 from amused_tune.train.loop import train
+from amused_tune.train.setup import make_optimizer
 from conftest import make_images, reset_accelerate
 from test_resume import assert_same_run, recipe_for
 
 NAMES = ["adamw", "adamw8bit", "lion8bit", "prodigy", "adafactor"]
+
 
 
 def held_bytes(optimizer) -> tuple[int, int]:
@@ -127,3 +131,17 @@ def resumed_equals_straight(tmp_path, recipe) -> None:
     train(recipe(tmp_path / "resumed", 4))
     reset_accelerate()
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_the_registry_is_the_one_list_the_schema_help_and_defaults_read(capsys):
+    assert optimizers.NAMES == tuple(NAMES)
+    assert cli_main(["quickstart", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--optim.name {" + ",".join(NAMES) + "}" in text
+    for entry in optimizers.REGISTRY.values():
+        assert f"{entry.name} ({' '.join(entry.help.split())}; lr {entry.lr:g})" in text
+        o = Recipe(optim=OptimConfig(name=entry.name)).validate().optim
+        assert (o.lr, o.betas) == (entry.lr, entry.betas)
+    with pytest.raises(Exception, match="optim.name must be one of 'adamw', 'adamw8bit', 'lion8bit', 'prodigy', "
+                                        "'adafactor'"):
+        parse_recipe(["quickstart", "--optim.name=lion"])

@@ -83,3 +83,15 @@ def test_bad_sources_are_one_line_errors(data, fragment):
     with pytest.raises(RecipeError, match=fragment):
         Recipe(data=data).validate()
     reset_accelerate()
+
+
+def test_a_sources_keys_are_data_keys_and_one_list_names_them():
+    """data.sources entries set SourceConfig's keys, each a data key of the same meaning; the command line's
+    source rule drops the same keys but the trigger word."""
+    import dataclasses
+
+    from amused_tune.data.cards import OWN_KEYS, SOURCE_KEYS
+
+    data_keys = {f.name for f in dataclasses.fields(DataConfig)}
+    assert set(OWN_KEYS) <= data_keys and "repeats" not in OWN_KEYS
+    assert set(OWN_KEYS) - set(SOURCE_KEYS) == {"trigger_word"}

@@ -88,6 +88,10 @@ def build_parser():
     )
     parser.add_argument("--config", action=ActionConfigFile, help="the recipe YAML (also accepted positionally)")
     parser.add_class_arguments(Recipe, fail_untyped=True, sub_configs=True)
+    from amused_tune.optimizers import described
+
+    name = next(a for a in parser._actions if a.dest == "optim.name")  # the registry describes its optimizers
+    name.help = f"The optimizer: {described()}. docs/options.md compares them."
     return parser
 
 

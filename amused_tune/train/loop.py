@@ -27,9 +27,8 @@ from amused_tune.model.bases import Components, load_components
 from amused_tune.recipe import Recipe
 from amused_tune.train import checkpoints, outputs, report
 from amused_tune.train.progress import Reporter
-from amused_tune.optimizers import make_optimizer
 from amused_tune.train.setup import (EpochSampler, check_distributed, check_resolution, make_accelerator,
-                                     make_scheduler, param_groups, place_encoders, setup_models)
+                                     make_optimizer, make_scheduler, param_groups, place_encoders, setup_models)
 from amused_tune.train.step import Conditioning, train_step
 from amused_tune.train.stops import StopFlag, TrainingStopped  # noqa: F401 (TrainingStopped: what train raises)
 from amused_tune.train.validation import Validator

@@ -14,6 +14,7 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from diffusers.optimization import get_scheduler
 from torch.utils.data import Sampler
 
+from amused_tune import optimizers
 from amused_tune.model import adapters
 from amused_tune.common import place, torch_dtype
 from amused_tune.model.bases import Components
@@ -157,6 +158,22 @@ def param_groups(models, weight_decay: float) -> list[dict]:
                     (keep if exempt or p.ndim < 2 or name.endswith("bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def make_optimizer(recipe: Recipe, params: list) -> torch.optim.Optimizer:
+    """The optimizer `optim.name` names (amused_tune.optimizers; `optim.adam_8bit` means adamw8bit) over `params`:
+    parameters (all decayed by `optim.weight_decay`), or groups already split for weight decay (`param_groups`)."""
+    o = recipe.optim
+    groups = list(params) if params and isinstance(params[0], dict) else [{"params": list(params)}]
+    groups = [{"weight_decay": o.weight_decay, **g} for g in groups]
+    entry = optimizers.REGISTRY[o.resolved_name]
+    try:
+        return entry.build(groups, o.lr, optimizers.hyperparameters(o))
+    except ImportError as err:
+        if not entry.package:
+            raise
+        raise RecipeError(f"optim.name={entry.name} needs the {entry.package.split()[0]} package: pip install "
+                          f"{entry.package}") from err
 
 
 def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
