@@ -341,12 +341,25 @@ class Recipe:
     prior: PriorConfig = field(default_factory=PriorConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
-    def validate(self) -> "Recipe":
-        """Check values that types alone cannot, and fill `{section.key}` in output.dir; raises RecipeError."""
+    def resolve(self) -> "Recipe":
+        """Fill what the recipe leaves to the kit (idempotent): `{section.key}` in output.dir, one validation prompt
+        as a list, the optimizer's usual lr and betas (the registry's), train.cond_dropout from
+        data.caption_dropout. Raises RecipeError when output.dir names no recipe key."""
         self.output.dir = self._expand(self.output.dir)
         if isinstance(self.validation.prompts, str):  # one prompt
             self.validation.prompts = [self.validation.prompts]
-        self._resolve_optimizer()
+        o = self.optim
+        usual = optimizers.REGISTRY[o.resolved_name]
+        o.lr = usual.lr if o.lr is None else o.lr
+        o.betas = tuple(usual.betas if o.betas is None else o.betas)
+        if self.data.caption_dropout is not None:
+            self.train.cond_dropout = self.data.caption_dropout  # one mechanism: the empty prompt's conditioning
+        return self
+
+    def validate(self) -> "Recipe":
+        """Refuse values that types alone cannot, in a resolved recipe (`resolve`); raises RecipeError naming the
+        key. Changes nothing."""
+        self._check_optimizer()
         _positive("optim", lr=self.optim.lr, d_coef=self.optim.d_coef)
         _positive("train", batch_size=self.train.batch_size, grad_accum=self.train.grad_accum,
                   max_steps=self.train.max_steps, checkpoint_every=self.train.checkpoint_every,
@@ -366,7 +379,7 @@ class Recipe:
         if self.prior.images_per_prompt < 1 or self.prior.weight < 0:
             raise RecipeError(f"prior.images_per_prompt must be >= 1 and prior.weight >= 0, got "
                               f"{self.prior.images_per_prompt} and {self.prior.weight}")
-        self._resolve_captions()
+        self._check_captions()
         self._check_sources()
         if not 0 <= self.train.cond_dropout <= 1:
             raise RecipeError(f"train.cond_dropout must be in [0, 1], got {self.train.cond_dropout}")
@@ -402,13 +415,12 @@ class Recipe:
         if a.dropout:
             raise RecipeError(f"adapter.dropout is LoRA's input dropout: adapter.kind={a.kind} has none, set it to 0")
 
-    def _resolve_optimizer(self) -> None:
+    def _check_optimizer(self) -> None:
         o = self.optim
         if o.adam_8bit and o.name not in ("adamw", "adamw8bit"):
             raise RecipeError(f"optim.adam_8bit=true asks for 8-bit AdamW but optim.name={o.name}: drop one of them")
-        usual = optimizers.REGISTRY[o.resolved_name]
-        o.lr = usual.lr if o.lr is None else o.lr
-        o.betas = tuple(usual.betas if o.betas is None else o.betas)
+        if o.lr is None or o.betas is None:
+            raise RecipeError("optim.lr and optim.betas are unset: call Recipe.resolve() before validate()")
         if not all(0 <= b < 1 for b in o.betas):
             raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
 
@@ -425,12 +437,10 @@ class Recipe:
             if not (s.card or (s.source and s.path)):
                 raise RecipeError(f"data.sources[{i}] needs a card, or a source and a path")
 
-    def _resolve_captions(self) -> None:
+    def _check_captions(self) -> None:
         d = self.data
-        if d.caption_dropout is not None:
-            if not 0 <= d.caption_dropout <= 1:
-                raise RecipeError(f"data.caption_dropout must be in [0, 1], got {d.caption_dropout}")
-            self.train.cond_dropout = d.caption_dropout  # one mechanism: the empty prompt's conditioning
+        if d.caption_dropout is not None and not 0 <= d.caption_dropout <= 1:
+            raise RecipeError(f"data.caption_dropout must be in [0, 1], got {d.caption_dropout}")
         if d.keep_tags < 0:
             raise RecipeError(f"data.keep_tags must be >= 0, got {d.keep_tags}")
         if d.keep_tags and not d.shuffle_tags:

@@ -59,7 +59,7 @@ def test_swap_twice_restores_the_trained_weights_exactly():
 @pytest.mark.parametrize("value", [-0.1, 1.0])
 def test_bad_decay_is_a_one_line_error(value):
     with pytest.raises(RecipeError, match=r"train\.ema_decay must be in \[0, 1\)"):
-        Recipe(train=TrainConfig(ema_decay=value)).validate()
+        Recipe(train=TrainConfig(ema_decay=value)).resolve().validate()
 
 
 def test_ema_keys_round_trip_through_print_config(capsys, tmp_path):

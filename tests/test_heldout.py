@@ -32,7 +32,7 @@ def test_holding_out_everything_is_a_one_line_error():
     with pytest.raises(RecipeError, match=r"validation\.holdout=4 would hold out every image"):
         heldout.split(list(range(4)), 4, seed=0)
     with pytest.raises(RecipeError, match=r"validation\.holdout must be >= 0"):
-        Recipe(validation=ValidationConfig(holdout=-1)).validate()
+        Recipe(validation=ValidationConfig(holdout=-1)).resolve().validate()
 
 
 def test_fixed_mask_masks_exactly_the_rate_and_repeats_with_its_seed():

@@ -81,7 +81,7 @@ def test_sources_round_trip_through_print_config(tmp_path, folders, capsys):
     (DataConfig(sources=[SourceConfig(path="x")]), r"data.sources\[0\] needs a card, or a source and a path")])
 def test_bad_sources_are_one_line_errors(data, fragment):
     with pytest.raises(RecipeError, match=fragment):
-        Recipe(data=data).validate()
+        Recipe(data=data).resolve().validate()
     reset_accelerate()
 
 

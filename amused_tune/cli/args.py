@@ -126,7 +126,7 @@ def parse_recipe(argv: list[str]):
     init = parser.instantiate(ns)
     fields = {name: getattr(init, name) for name in Recipe.__dataclass_fields__}
     command_line_source(fields["data"], given_keys(args[2:] if args[:1] == ["--config"] else args, "data"))
-    return Recipe(**fields).validate(), parser, ns
+    return Recipe(**fields).resolve().validate(), parser, ns
 
 
 def given_keys(overrides: list[str], section: str) -> set[str]:

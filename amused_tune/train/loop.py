@@ -88,8 +88,7 @@ class Run:
         swap(self.ema)  # back to the trained weights
 
     def save(self, step: int, skipped: int) -> None:
-        checkpoints.save(self.out, self.recipe, step, self.trainable, self.names, self.optimizer, self.lr_scheduler,
-                         self.accelerator, self.rngs, skipped, ema=self.ema)
+        checkpoints.save(self, step, skipped)
 
 
 def train(recipe: Recipe, components: Components | None = None, data: DataPlan | None = None) -> dict:
@@ -112,8 +111,7 @@ def train(recipe: Recipe, components: Components | None = None, data: DataPlan |
 def _run(recipe: Recipe, components: Components | None, stop: StopFlag, data: DataPlan | None) -> dict:
     run = set_up(recipe, components, data)
     t = recipe.train
-    resumed = None if t.resume == "none" else checkpoints.resume(
-        run.out, recipe, run.trainable, run.names, run.optimizer, run.lr_scheduler, run.accelerator, ema=run.ema)
+    resumed = None if t.resume == "none" else checkpoints.resume(run)
     step, skipped = (resumed.step, resumed.skipped) if resumed else (0, 0)
     if step >= t.max_steps:
         return already_done(run, step)
@@ -157,7 +155,7 @@ def set_up(recipe: Recipe, components: Components | None, data: DataPlan | None 
     """Output folder, accelerate, the base (LoRA attached or unfrozen), validated data, optimizer and schedule, then
     the wrappers. The order matters and lives here only: encoders placed before the data (the cache encodes with
     them alone), LoRA attached once the data is ready, wrappers made last and kept apart from the raw modules."""
-    recipe.validate()
+    recipe.resolve().validate()
     out = Path(recipe.output.dir)
     accelerator = make_accelerator(recipe)
     check_distributed(accelerator)

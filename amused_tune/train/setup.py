@@ -123,15 +123,14 @@ def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> lis
 
             quantize_linear_layers(transformer, recipe.model.quantize, frozen_dtype, device)
         place(transformer, device, frozen_dtype)
-        dora = recipe.adapter.kind == "dora"
         adapters.attach_lora(
             transformer, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.targets, recipe.adapter.dropout,
-            use_dora=dora, kind=recipe.adapter.kind,
+            kind=recipe.adapter.kind,
         )
-        if recipe.adapter.text_encoder:
+        if recipe.adapter.text_encoder:  # lora or dora (the recipe refuses the LyCORIS kinds on the text encoder)
             adapters.attach_lora(
                 comps.text_encoder, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.text_encoder_targets,
-                use_dora=dora,
+                kind=recipe.adapter.kind,
             )
     else:
         place(transformer, device, torch.float32).requires_grad_(True)
