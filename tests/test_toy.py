@@ -78,7 +78,7 @@ def test_frames_are_the_outer_ring_and_plain_captions_are_unchanged():
 def test_style_images_cover_every_shape_and_dark_light_saturated_backgrounds(tmp_path):
     from amused_tune.toy.__main__ import main
 
-    examples = world.style_examples()
+    examples = [(spec, world.caption(spec)) for spec in world.STYLE_IMAGES.values()]
     assert len(examples) >= 5 and (world.STYLE_EXAMPLE, world.caption(world.STYLE_EXAMPLE)) in examples
     assert all(spec.style and text.endswith(" in [v] style") for spec, text in examples)
     assert {spec.shape for spec, _ in examples} == set(world.SHAPES)

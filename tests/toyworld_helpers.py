@@ -15,12 +15,12 @@ import copy
 from functools import lru_cache
 
 from amused_tune.toy import world
-from amused_tune.toy.classify import Classification, caption_match_rate, classify, is_clean
+from amused_tune.toy.classify import Classification, classify, is_clean
 from amused_tune.toy.evaluate import clean_rate, eval_prompts, match_rate
 from amused_tune.toy.world import ShapeSpec, caption, parse_caption, render
 
 __all__ = [
-    "Classification", "ShapeSpec", "caption", "caption_match_rate", "classify", "clean_rate", "eval_prompts",
+    "Classification", "ShapeSpec", "caption", "classify", "clean_rate", "eval_prompts",
     "fresh_toy", "is_clean", "match_rate", "parse_caption", "render", "toy_components", "world",
 ]
 

@@ -1,12 +1,10 @@
 """Training datasets: what the trainer trains on, every sample validated before the first step.
 
-Top to bottom: `resolve_config` merges the recipe's data section over its dataset card; `open_source` lists the
-samples of one of four sources (hub, imagefolder, captionfolder, single_image) without decoding them;
-`load_image` decodes and validates one sample (converting grayscale, palette, RGBA, CMYK and 16-bit images
-to RGB, refusing unreadable, truncated, non-image and too-small files); `preprocess` resizes, crops and flips;
-`prepare_training_data` is what the trainer calls: it validates every sample before training and returns
-either a dataset of pixels (`data.cache: false`) or one of cached VQ tokens and text embeddings
-(amused_tune.data.cache).
+`prepare_training_data` is what the trainer calls, with the data plan the preflight made (data.preflight: each
+source resolved over its card and listed): every sample of every source is checked (data.checks.checked_samples)
+before training, and each source becomes either a `PixelDataset` (`data.cache: false`: decoded and preprocessed
+on access) or a dataset of cached VQ tokens and text embeddings (data.cache); several sources are trained on as
+their mixture (data.mixture), with prior-preservation images paired in (data.prior). `collate` batches items.
 
 A dataset item is a dict:
   pixels       float [3, R, R] in [0, 1]  (R = the model's resolution)          (cache off)

@@ -190,7 +190,7 @@ def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
     """The run's deliverables: the adapter (both formats) or the full U-ViT, and the loss plot."""
     written = {}
     record = run_record(recipe.model.base, recipe.validation)  # the base and sampling settings travel with the weights
-    if recipe.adapter.kind != "full":  # lora or dora
+    if recipe.adapter.kind != "full":  # lora, dora, lokr or loha: an adapter
         text_encoder = comps.text_encoder if recipe.adapter.text_encoder else None
         adapters.save_lora(out / "adapter", transformer, text_encoder, base_model=recipe.model.base, record=record)
         written["adapter"] = str(out / "adapter")

@@ -29,7 +29,7 @@ class Form:
     prompt: str = ""
     max_steps: int | None = None
     output_dir: str = ""
-    extra: str = ""  # more overrides, as on the command line: --train.lr=1e-4 --adapter.rank=4
+    extra: str = ""  # more overrides, as on the command line: --optim.lr=1e-4 --adapter.rank=4
 
     def argv(self) -> list[str]:
         """The arguments after `amused-tune`, exactly as the CLI takes them."""
