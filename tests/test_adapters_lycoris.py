@@ -17,7 +17,7 @@ from amused_tune.recipe import AdapterConfig, Recipe, RecipeError
 from amused_tune.sampling.sampler import generate
 from amused_tune.train.loop import train
 from conftest import make_images
-from test_resume import final_weights, recipe_for
+from helpers import final_weights, recipe_for
 
 KINDS = ("lokr", "loha")
 

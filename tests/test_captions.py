@@ -12,8 +12,8 @@ from amused_tune.data.captions import shuffle_tags, with_trigger
 from amused_tune.recipe import DataConfig, Recipe, RecipeError
 from amused_tune.train.loop import set_up
 from conftest import make_images, reset_accelerate
-from test_optimizers import resumed_equals_straight
-from test_resume import recipe_for
+from helpers import resumed_equals_straight
+from helpers import recipe_for
 
 CAPTION = "a red square, big, left, shiny, old"
 

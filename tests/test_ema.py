@@ -15,8 +15,8 @@ from amused_tune.train.ema import EMA, decay_at
 from amused_tune.recipe import Recipe, RecipeError, TrainConfig
 from amused_tune.train import checkpoints
 from conftest import make_images
-from test_optimizers import resumed_equals_straight
-from test_resume import recipe_for
+from helpers import resumed_equals_straight
+from helpers import recipe_for
 
 
 def test_decay_warms_up_as_min_of_decay_and_1_plus_n_over_10_plus_n():

@@ -12,7 +12,7 @@ from amused_tune.recipe import Recipe, RecipeError, ValidationConfig
 from amused_tune.train import heldout
 from amused_tune.train.loop import train
 from conftest import make_images, reset_accelerate
-from test_resume import recipe_for
+from helpers import recipe_for
 
 
 def test_split_holds_out_n_items_by_seed_and_trains_on_the_rest():

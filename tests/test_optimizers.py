@@ -14,7 +14,7 @@ from amused_tune.recipe import OptimConfig, Recipe, RecipeError
 from amused_tune.train.loop import train
 from amused_tune.train.setup import make_optimizer
 from conftest import make_images, reset_accelerate
-from test_resume import assert_same_run, recipe_for
+from helpers import assert_same_run, recipe_for, resumed_equals_straight
 
 NAMES = ["adamw", "adamw8bit", "lion8bit", "prodigy", "adafactor"]
 
@@ -120,17 +120,6 @@ def test_resume_is_bit_exact(tmp_path, data, name):
         return r
 
     resumed_equals_straight(tmp_path, recipe)
-
-
-def resumed_equals_straight(tmp_path, recipe) -> None:
-    """`recipe(out, max_steps)` run 4 steps straight, and 2 steps then resumed to 4: the same weights and losses."""
-    train(recipe(tmp_path / "straight", 4))
-    reset_accelerate()
-    train(recipe(tmp_path / "resumed", 2))
-    reset_accelerate()
-    train(recipe(tmp_path / "resumed", 4))
-    reset_accelerate()
-    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_the_registry_is_the_one_list_the_schema_help_and_defaults_read(capsys):

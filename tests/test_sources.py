@@ -15,8 +15,8 @@ from amused_tune.recipe import DataConfig, Recipe, RecipeError, SourceConfig
 from amused_tune.train import step as train_step
 from amused_tune.train.loop import train
 from conftest import make_images, reset_accelerate
-from test_optimizers import resumed_equals_straight
-from test_resume import recipe_for
+from helpers import resumed_equals_straight
+from helpers import recipe_for
 
 
 @pytest.fixture(scope="module")

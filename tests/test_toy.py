@@ -8,14 +8,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import toy_components
 from PIL import Image
-from toyworld_helpers import classify, eval_prompts, match_rate, toy_components
 
 from amused_tune.model.bases import encode_images, encode_prompts, load_components
 from amused_tune.toy import toy_dir, world
 from amused_tune.toy.build import cell_ids
-from amused_tune.toy.classify import is_clean
-from amused_tune.toy.evaluate import _sampler_kwargs, clean_rate, framed_prompts, held_out_prompts, read_sampling_defaults
+from amused_tune.toy.classify import classify, is_clean
+from amused_tune.toy.evaluate import (_sampler_kwargs, clean_rate, eval_prompts, framed_prompts, held_out_prompts,
+                                      match_rate, read_sampling_defaults)
 from amused_tune.toy.text import build_toy_tokenizer, toy_words
 
 MATCH_THRESHOLD = 0.90  # shape, colour and background match the caption in >= 90% of samples
