@@ -13,8 +13,8 @@ from amused_tune.optimizers import state_bytes
 from amused_tune.recipe import OptimConfig, Recipe, RecipeError
 from amused_tune.train.loop import train
 from amused_tune.train.setup import make_optimizer
-from conftest import make_images, reset_accelerate
-from helpers import assert_same_run, recipe_for, resumed_equals_straight
+from conftest import make_images
+from helpers import recipe_for, resumed_equals_straight
 
 NAMES = ["adamw", "adamw8bit", "lion8bit", "prodigy", "adafactor"]
 

@@ -17,15 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from amused_tune.train import checkpoints, outputs
 from amused_tune.train import step as train_step
 from amused_tune.train import stops
 from amused_tune.cli import main as cli_main
 from amused_tune.cli.args import parse_recipe
-from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
-                                TrainConfig)
+from amused_tune.recipe import Recipe
 from amused_tune.train.loop import TrainingStopped, train
 from conftest import make_images, reset_accelerate
 from helpers import assert_same_run, final_weights, losses, recipe_for
