@@ -25,7 +25,13 @@ PEFT_CONFIG = "adapter_config.json"
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe a run writes into its output folder
 METRICS_FILE = "metrics.jsonl"
 
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
+# the precisions a recipe or a command names (model.dtype, train.precision, --dtype): torch's name, bytes per value
+DTYPES = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2), "fp16": ("float16", 2)}
+DTYPE_NAMES = tuple(DTYPES)
+DTYPE_BYTES = {name: size for name, (_, size) in DTYPES.items()}
+
+# how the guidance scale moves over the sampling steps (sampling.guidance draws them; validation and sample name them)
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine", "ramp1")
 
 
 def kit_roots() -> list[Path]:
@@ -58,7 +64,7 @@ def torch_dtype(name: str):
     """fp32 | fp16 | bf16 -> the torch dtype."""
     import torch
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return getattr(torch, DTYPES[name][0])
 
 
 def place(module, device, dtype):

@@ -12,7 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-Precision = Literal["fp32", "bf16", "fp16"]
+from amused_tune import optimizers
+from amused_tune.common import DTYPE_NAMES, GUIDANCE_SCHEDULES
+
+Precision = Literal[DTYPE_NAMES]
+GuidanceSchedule = Literal[GUIDANCE_SCHEDULES]
+OptimizerName = Literal[optimizers.NAMES]
 
 
 class RecipeError(ValueError):
@@ -166,28 +171,21 @@ class AdapterConfig:
     """Modules of the text encoder that get a LoRA."""
 
 
-# (lr, betas) an optimizer gets when the recipe leaves optim.lr / optim.betas unset
-OPTIMIZER_DEFAULTS = {"adamw": (8.0e-4, (0.9, 0.999)), "adamw8bit": (8.0e-4, (0.9, 0.999)),
-                      "lion8bit": (1.0e-4, (0.9, 0.99)), "prodigy": (1.0, (0.9, 0.999)),
-                      "adafactor": (8.0e-4, (0.9, 0.999))}
-
-
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adamw8bit", "lion8bit", "prodigy", "adafactor"] = "adamw"
-    """The optimizer: adamw (torch; fused on a GPU), adamw8bit (bitsandbytes, ~75% less optimizer memory),
-    lion8bit (bitsandbytes; one 8-bit moment, lr usually 3-10x below AdamW's), prodigy (the prodigyopt package:
-    estimates its own step size, lr 1.0), adafactor (transformers; factored second moment, least memory).
-    docs/options.md compares them."""
+    name: OptimizerName = "adamw"
+    """The optimizer (`--help` lists each with its usual lr, from amused_tune/optimizers.py; docs/options.md
+    compares them)."""
     lr: Optional[float] = None
-    """Peak learning rate. Null: the optimizer's usual value (adamw, adamw8bit, adafactor 8e-4; lion8bit 1e-4;
-    prodigy 1.0, a multiplier of the step size it estimates)."""
+    """Peak learning rate. Null: the optimizer's usual value (listed under optim.name; prodigy's multiplies the step
+    size it estimates)."""
     adam_8bit: bool = False
     """Shorthand for optim.name=adamw8bit (bitsandbytes' 8-bit AdamW)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (of matrices only: biases and norm scales get none)."""
     betas: Optional[tuple[float, float]] = None
-    """Moment decay rates (beta1, beta2). Null: (0.9, 0.99) for lion8bit, else (0.9, 0.999). Adafactor: unused."""
+    """Moment decay rates (beta1, beta2). Null: the optimizer's usual ones ((0.9, 0.99) for lion8bit, else
+    (0.9, 0.999)). Adafactor: unused."""
     eps: float = 1.0e-8
     """AdamW / Prodigy epsilon."""
     d_coef: float = 1.0
@@ -277,7 +275,7 @@ class ValidationConfig:
     """MaskGIT decoding steps (null: the base's sampling.json, else 12)."""
     guidance: Optional[float] = None
     """Classifier-free guidance scale (null: the base's sampling.json, else 10.0)."""
-    guidance_schedule: Optional[Literal["constant", "linear", "cosine", "ramp1"]] = None
+    guidance_schedule: Optional[GuidanceSchedule] = None
     """How the guidance scale g moves over the steps: constant, linear (0 -> g), cosine (follows the mask
     schedule up to g), ramp1 (1 -> g). Null: the base's sampling.json, else constant."""
     temperature: Optional[tuple[float, float]] = None
@@ -361,12 +359,25 @@ class Recipe:
     prior: PriorConfig = field(default_factory=PriorConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
-    def validate(self) -> "Recipe":
-        """Check values that types alone cannot, and fill `{section.key}` in output.dir; raises RecipeError."""
+    def resolve(self) -> "Recipe":
+        """Fill what the recipe leaves to the kit (idempotent): `{section.key}` in output.dir, one validation prompt
+        as a list, the optimizer's usual lr and betas (the registry's), train.cond_dropout from
+        data.caption_dropout. Raises RecipeError when output.dir names no recipe key."""
         self.output.dir = self._expand(self.output.dir)
         if isinstance(self.validation.prompts, str):  # one prompt
             self.validation.prompts = [self.validation.prompts]
-        self._resolve_optimizer()
+        o = self.optim
+        usual = optimizers.REGISTRY[o.resolved_name]
+        o.lr = usual.lr if o.lr is None else o.lr
+        o.betas = tuple(usual.betas if o.betas is None else o.betas)
+        if self.data.caption_dropout is not None:
+            self.train.cond_dropout = self.data.caption_dropout  # one mechanism: the empty prompt's conditioning
+        return self
+
+    def validate(self) -> "Recipe":
+        """Refuse values that types alone cannot, in a resolved recipe (`resolve`); raises RecipeError naming the
+        key. Changes nothing."""
+        self._check_optimizer()
         _positive("optim", lr=self.optim.lr, d_coef=self.optim.d_coef)
         _positive("train", batch_size=self.train.batch_size, grad_accum=self.train.grad_accum,
                   max_steps=self.train.max_steps, checkpoint_every=self.train.checkpoint_every,
@@ -387,7 +398,7 @@ class Recipe:
         if self.prior.images_per_prompt < 1 or self.prior.weight < 0:
             raise RecipeError(f"prior.images_per_prompt must be >= 1 and prior.weight >= 0, got "
                               f"{self.prior.images_per_prompt} and {self.prior.weight}")
-        self._resolve_captions()
+        self._check_captions()
         self._check_sources()
         if not 0 <= self.train.cond_dropout <= 1:
             raise RecipeError(f"train.cond_dropout must be in [0, 1], got {self.train.cond_dropout}")
@@ -435,13 +446,12 @@ class Recipe:
         if a.dropout:
             raise RecipeError(f"adapter.dropout is LoRA's input dropout: adapter.kind={a.kind} has none, set it to 0")
 
-    def _resolve_optimizer(self) -> None:
+    def _check_optimizer(self) -> None:
         o = self.optim
         if o.adam_8bit and o.name not in ("adamw", "adamw8bit"):
             raise RecipeError(f"optim.adam_8bit=true asks for 8-bit AdamW but optim.name={o.name}: drop one of them")
-        lr, betas = OPTIMIZER_DEFAULTS[o.resolved_name]
-        o.lr = lr if o.lr is None else o.lr
-        o.betas = tuple(betas if o.betas is None else o.betas)
+        if o.lr is None or o.betas is None:
+            raise RecipeError("optim.lr and optim.betas are unset: call Recipe.resolve() before validate()")
         if not all(0 <= b < 1 for b in o.betas):
             raise RecipeError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
 
@@ -458,12 +468,10 @@ class Recipe:
             if not (s.card or (s.source and s.path)):
                 raise RecipeError(f"data.sources[{i}] needs a card, or a source and a path")
 
-    def _resolve_captions(self) -> None:
+    def _check_captions(self) -> None:
         d = self.data
-        if d.caption_dropout is not None:
-            if not 0 <= d.caption_dropout <= 1:
-                raise RecipeError(f"data.caption_dropout must be in [0, 1], got {d.caption_dropout}")
-            self.train.cond_dropout = d.caption_dropout  # one mechanism: the empty prompt's conditioning
+        if d.caption_dropout is not None and not 0 <= d.caption_dropout <= 1:
+            raise RecipeError(f"data.caption_dropout must be in [0, 1], got {d.caption_dropout}")
         if d.keep_tags < 0:
             raise RecipeError(f"data.keep_tags must be >= 0, got {d.keep_tags}")
         if d.keep_tags and not d.shuffle_tags:

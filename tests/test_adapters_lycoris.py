@@ -17,7 +17,7 @@ from amused_tune.recipe import AdapterConfig, Recipe, RecipeError
 from amused_tune.sampling.sampler import generate
 from amused_tune.train.loop import train
 from conftest import make_images
-from test_resume import final_weights, recipe_for
+from helpers import final_weights, recipe_for
 
 KINDS = ("lokr", "loha")
 
@@ -123,7 +123,7 @@ def test_print_config_round_trips_the_kind(capsys, tmp_path, kind):
 ])
 def test_unsupported_combinations_are_one_line_errors(change, message):
     with pytest.raises(RecipeError, match=message) as err:
-        Recipe(adapter=AdapterConfig(**change)).validate()
+        Recipe(adapter=AdapterConfig(**change)).resolve().validate()
     assert "\n" not in str(err.value)
 
 
@@ -131,7 +131,7 @@ def test_a_quantized_base_is_refused():
     from amused_tune.recipe import ModelConfig
 
     with pytest.raises(RecipeError, match="model.quantize needs adapter.kind=lora or dora: peft's lokr"):
-        Recipe(model=ModelConfig(quantize="8bit"), adapter=AdapterConfig(kind="lokr")).validate()
+        Recipe(model=ModelConfig(quantize="8bit"), adapter=AdapterConfig(kind="lokr")).resolve().validate()
 
 
 def test_the_memory_estimate_counts_each_kinds_trainable_weights():

@@ -14,7 +14,7 @@ from amused_tune.recipe import AdapterConfig
 from amused_tune.sampling.sampler import generate
 from amused_tune.train.loop import train
 from conftest import make_images
-from test_resume import recipe_for
+from helpers import recipe_for
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from transformers import CLIPTextModelWithProjection
 from amused_tune.data import cache
 from amused_tune.data.cards import DataError, resolve_config
 from amused_tune.data.pixel_art import grid_for
+from amused_tune.data.checks import min_image_size
 from amused_tune.data.preprocess import preprocess
 from amused_tune.data.sources import open_source
 from amused_tune.model.bases import build_tiny, encode_images
@@ -225,7 +226,7 @@ def cache_contents(cfg, folder: Path, comps) -> tuple:
     from amused_tune.data.preprocess import make_prompt
 
     source = open_source(cfg)
-    tensors, meta = cache.encode_shard(source, source.records, cfg, 32, cache.min_image_size(cfg, 32), comps,
+    tensors, meta = cache.encode_shard(source, source.records, cfg, 32, min_image_size(cfg, 32), comps,
                                        types.SimpleNamespace(update=lambda n: None))
     return tensors["tokens"], tensors["micro_conds"], meta["captions"]
 
@@ -283,9 +284,11 @@ def test_an_unreadable_shard_is_encoded_again_and_orphaned_temp_files_removed(tm
 def test_encoding_streams_one_encode_batch_at_a_time(tmp_path, monkeypatch):
     """The shard's pixels are never all held: each encode batch is encoded before the next images are read."""
     folder = make_images(tmp_path / "data", n=4)
-    events, real_load, real_encode = [], cache.load_sample, cache.encode_images
+    from amused_tune.data import checks
+
+    events, real_load, real_encode = [], checks.load_sample, cache.encode_images
     monkeypatch.setattr(cache, "cache_batches", lambda resolution: (2, 1))
-    monkeypatch.setattr(cache, "load_sample", lambda *a: (events.append("load"), real_load(*a))[1])
+    monkeypatch.setattr(checks, "load_sample", lambda *a: (events.append("load"), real_load(*a))[1])
     monkeypatch.setattr(cache, "encode_images", lambda vq, px: (events.append(len(px)), real_encode(vq, px))[1])
     dataset, _, _ = cached(tmp_path, folder, random_flip=True)  # 2 variants per image: one batch per image
     assert events == ["load", 2, "load", 2, "load", 2, "load", 2]

@@ -14,7 +14,7 @@ from amused_tune.cli import main as cli_main
 from amused_tune.cli.caption import caption_folder
 from amused_tune.train.loop import train
 from conftest import make_images
-from test_resume import recipe_for
+from helpers import recipe_for
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "green", "square", "circle", "a", "picture", "of"]
 

@@ -12,8 +12,8 @@ from amused_tune.data.captions import shuffle_tags, with_trigger
 from amused_tune.recipe import DataConfig, Recipe, RecipeError
 from amused_tune.train.loop import set_up
 from conftest import make_images, reset_accelerate
-from test_optimizers import resumed_equals_straight
-from test_resume import recipe_for
+from helpers import resumed_equals_straight
+from helpers import recipe_for
 
 CAPTION = "a red square, big, left, shiny, old"
 
@@ -40,13 +40,13 @@ def test_shuffle_keeps_the_trigger_and_the_first_n_tags_in_place_and_every_tag()
                                            (dict(keep_tags=2), "set data.shuffle_tags=true")])
 def test_bad_caption_values_are_one_line_errors(data, fragment):
     with pytest.raises(RecipeError, match=fragment.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
-        Recipe(data=DataConfig(**data)).validate()
+        Recipe(data=DataConfig(**data)).resolve().validate()
 
 
 def test_caption_dropout_is_the_condition_dropout_probability():
-    recipe = Recipe(data=DataConfig(caption_dropout=0.25)).validate()
+    recipe = Recipe(data=DataConfig(caption_dropout=0.25)).resolve().validate()
     assert recipe.train.cond_dropout == 0.25
-    assert Recipe().validate().train.cond_dropout == 0.1  # unset: train.cond_dropout as given
+    assert Recipe().resolve().validate().train.cond_dropout == 0.1  # unset: train.cond_dropout as given
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from amused_tune.cli.args import parse_recipe
 from amused_tune.data.cards import DataError, load_card, resolve_config
 from amused_tune.data.checks import to_rgb
 from amused_tune.data.datasets import validated_dataset
+from amused_tune.data.preflight import preflight
 from amused_tune.data.preprocess import preprocess
 from amused_tune.data.sources import open_source
 from amused_tune.recipe import DataConfig, ModelConfig, OutputConfig, Recipe, TrainConfig
@@ -156,6 +157,32 @@ def test_empty_caption_and_missing_txt_are_bad_samples(tmp_path):
     with pytest.raises(DataError, match="no usable samples"):
         validated_dataset(resolve_config(DataConfig(source="captionfolder", path=str(folder), min_image_size=64,
                                                     pixel_art=False)), 32)  # (pixel art is never too small)
+
+
+@pytest.mark.parametrize("source, caption", [("captionfolder", "the txt caption"),
+                                             ("imagefolder", "the metadata caption"),
+                                             ("folder", "the metadata caption")])
+def test_folder_with_txt_captions_and_a_metadata_jsonl_is_read_by_each_folder_source(tmp_path, source, caption):
+    """Both caption layouts in one folder: every folder source accepts it and reads its own captions (captionfolder
+    the .txt, imagefolder and folder the metadata.jsonl); the preflight refuses none of them."""
+    folder = make_images(tmp_path / "both", n=2, captions=False)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png",
+                                                               "text": "the metadata caption"}) + "\n"
+                                                   for i in range(2)))
+    for i in range(2):
+        (folder / f"img{i}.txt").write_text("the txt caption")
+    records = preflight(DataConfig(source=source, path=str(folder))).parts[0].source().records
+    assert [(Path(r.ref).name, r.caption) for r in records] == [("img0.png", caption), ("img1.png", caption)]
+
+
+def test_captionfolder_without_txt_captions_is_refused_unless_data_prompt_captions_it(tmp_path):
+    folder = make_images(tmp_path / "bare", n=2, captions=False)
+    with pytest.raises(DataError) as refused:
+        preflight(DataConfig(source="captionfolder", path=str(folder)))
+    assert str(refused.value) == (f"data.path={folder} has no .txt captions, which data.source=captionfolder reads: add a "
+                       "same-named .txt per image, or set data.prompt to caption every image alike")
+    listed = preflight(DataConfig(source="captionfolder", path=str(folder), prompt="a square")).parts[0].source()
+    assert [Path(r.ref).name for r in listed.records] == ["img0.png", "img1.png"]  # captioned by data.prompt
 
 
 def test_conversions_keep_the_picture():

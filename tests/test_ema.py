@@ -15,8 +15,8 @@ from amused_tune.train.ema import EMA, decay_at
 from amused_tune.recipe import Recipe, RecipeError, TrainConfig
 from amused_tune.train import checkpoints
 from conftest import make_images
-from test_optimizers import resumed_equals_straight
-from test_resume import recipe_for
+from helpers import resumed_equals_straight
+from helpers import recipe_for
 
 
 def test_decay_warms_up_as_min_of_decay_and_1_plus_n_over_10_plus_n():
@@ -59,7 +59,7 @@ def test_swap_twice_restores_the_trained_weights_exactly():
 @pytest.mark.parametrize("value", [-0.1, 1.0])
 def test_bad_decay_is_a_one_line_error(value):
     with pytest.raises(RecipeError, match=r"train\.ema_decay must be in \[0, 1\)"):
-        Recipe(train=TrainConfig(ema_decay=value)).validate()
+        Recipe(train=TrainConfig(ema_decay=value)).resolve().validate()
 
 
 def test_ema_keys_round_trip_through_print_config(capsys, tmp_path):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from toyworld_helpers import toy_components
+from helpers import toy_components
 
 from amused_tune.cli.args import parse_recipe
 from amused_tune.toy import toy_dir

@@ -20,6 +20,7 @@ from PIL import Image
 
 from amused_tune.cli import main as cli_main
 from conftest import make_images
+from helpers import no_model_loading  # noqa: F401 (a fixture: loading a base model fails the test)
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--model.base=tiny", "--train.max_steps=3", "--train.checkpoint_every=3", "--output.loss_plot=false",
@@ -148,21 +149,6 @@ def junk(tmp_path_factory) -> Path:
     (root / "broken-run" / "recipe.yaml").write_text("model: {base: tiny\n")
     (root / "broken-run" / "adapter").mkdir()
     return root
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Every check below happens before a base model is loaded (wherever the kit imported the loader)."""
-    import sys
-
-    import amused_tune.train.loop  # noqa: F401 (loaded now, so that its copy of the name is replaced too)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a base model was loaded before the inputs were checked")
-
-    for name, module in list(sys.modules.items()):
-        if name.startswith("amused_tune") and hasattr(module, "load_components"):
-            monkeypatch.setattr(module, "load_components", refuse)
 
 
 SAMPLE = ["sample", "--base", "tiny", "--prompt", "x", "--steps", "2"]

@@ -12,7 +12,7 @@ from amused_tune.recipe import Recipe, RecipeError, ValidationConfig
 from amused_tune.train import heldout
 from amused_tune.train.loop import train
 from conftest import make_images, reset_accelerate
-from test_resume import recipe_for
+from helpers import recipe_for
 
 
 def test_split_holds_out_n_items_by_seed_and_trains_on_the_rest():
@@ -32,7 +32,7 @@ def test_holding_out_everything_is_a_one_line_error():
     with pytest.raises(RecipeError, match=r"validation\.holdout=4 would hold out every image"):
         heldout.split(list(range(4)), 4, seed=0)
     with pytest.raises(RecipeError, match=r"validation\.holdout must be >= 0"):
-        Recipe(validation=ValidationConfig(holdout=-1)).validate()
+        Recipe(validation=ValidationConfig(holdout=-1)).resolve().validate()
 
 
 def test_fixed_mask_masks_exactly_the_rate_and_repeats_with_its_seed():

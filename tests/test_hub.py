@@ -1,4 +1,4 @@
-"""The model card (OUTPUT_DIR/README.md) and `amused-tune push`, against tests/fake_hub.py on 127.0.0.1.
+"""The model card (OUTPUT_DIR/README.md) and `amused-tune push`, against the fake Hub of tests/helpers.py on 127.0.0.1.
 
 No test reaches the real Hub: every push runs in a subprocess whose HF_ENDPOINT is the local fake server (the
 client reads HF_ENDPOINT at import time), with an empty HF_HOME, so no saved token or cache of this machine is used.
@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import make_images, reset_accelerate
-from fake_hub import FakeHub, Repo
+from helpers import TOKEN, FakeHub, Repo, push
 
 REPO = Path(__file__).resolve().parent.parent
-TOKEN = "hf_fakeAliceToken0123456789abcdef"
 PROMPT = "a mushroom in [v] style"
 ADAPTER_FILES = {"pytorch_lora_weights.safetensors", "adapter_config.json", "adapter_model.safetensors",
                  "text_encoder/adapter_config.json", "text_encoder/adapter_model.safetensors",
@@ -69,18 +65,6 @@ def fake_hub():
     hub.repos["bob/taken"] = Repo(owner="bob")  # someone else's repo
     yield hub
     hub.stop()
-
-
-def push(run: Path, *args: str, endpoint: str, token: str | None = TOKEN, home: Path,
-         **extra_env: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONPATH=str(REPO))
-    if token is not None:
-        env["HF_TOKEN"] = token
-    env.update(extra_env)
-    return subprocess.run([sys.executable, "-m", "amused_tune.cli", "push", str(run), *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
 
 
 def snapshot(folder: Path) -> dict[str, str]:

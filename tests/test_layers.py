@@ -148,3 +148,19 @@ def test_the_import_reader_sees_lazy_and_from_imports(tmp_path):
                      "from amused_tune.data import cache\nfrom . import recipe\n")
     got = {m for m in imports_of(probe, modules, name="amused_tune.common") if m in modules}
     assert got == {"amused_tune.cli.args", "amused_tune.data.cache", "amused_tune.recipe"}
+
+
+def test_docs_layout_has_a_line_for_every_module():
+    """docs/layout.md's tree names every module of the package under its folder, and no module that is gone."""
+    text = (PACKAGE.parent / "docs" / "layout.md").read_text()
+    tree = text.split("## Every module", 1)[1].split("```")[1]
+    listed, folder = set(), ""
+    for line in tree.splitlines()[2:]:  # after "amused_tune/"
+        name = line.split()[0] if line.strip() else ""
+        if name.endswith("/"):
+            folder = name
+        elif name.endswith(".py"):
+            listed.add(f"{folder if line.startswith('    ') else ''}{name}")
+    modules = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if "kit" not in p.parts}
+    modules -= {m for m in modules if m.endswith("__init__.py") and not (PACKAGE / m).read_text().count("\ndef ")}
+    assert sorted(modules - listed) == [] and sorted(listed - modules) == []

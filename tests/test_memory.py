@@ -51,8 +51,10 @@ def test_attention_keeps_no_token_by_token_matrix():
 
 
 def test_eight_bit_adam_state_is_a_byte_per_element_plus_block_scales_and_fp32_below_4096():
-    assert memory.adam_state_bytes([10**6], eight_bit=False) == 8 * 10**6
-    eight = memory.adam_state_bytes([10**6, 1000], eight_bit=True) - 2 * 256 * 4
+    from amused_tune.optimizers import state_bytes
+
+    assert state_bytes("adamw", [(10**6,)]) == 8 * 10**6
+    eight = state_bytes("adamw8bit", [(10**6,), (1000,)]) - 2 * 256 * 4
     assert eight == 2 * (10**6 + 4 * 3907) + 8 * 1000
 
 

@@ -107,14 +107,14 @@ def test_recipe_refuses_out_of_range_objective_values():
         recipe = Recipe()
         setattr(recipe.train, key, value)
         with pytest.raises(RecipeError, match=f"train.{key}"):
-            recipe.validate()
+            recipe.resolve().validate()
     recipe = Recipe()
     recipe.train.min_masking_rate, recipe.train.max_masking_rate = 0.6, 0.5
     with pytest.raises(RecipeError, match="train.max_masking_rate must be in .* >= train.min_masking_rate"):
-        recipe.validate()
+        recipe.resolve().validate()
     recipe = Recipe()
     recipe.train.label_smoothing, recipe.train.min_masking_rate, recipe.train.max_masking_rate = 0.1, 0.3, 0.5
-    assert recipe.validate().train.label_smoothing == 0.1
+    assert recipe.resolve().validate().train.label_smoothing == 0.1
 
 
 def test_trainer_passes_both_levers_to_the_objective(tmp_path, image_folder, monkeypatch):

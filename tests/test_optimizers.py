@@ -7,13 +7,17 @@ import pytest
 import torch
 
 from amused_tune.cli import main as cli_main
-from amused_tune.optimizers import make_optimizer, state_bytes
+from amused_tune.cli.args import parse_recipe
+from amused_tune import optimizers
+from amused_tune.optimizers import state_bytes
 from amused_tune.recipe import OptimConfig, Recipe, RecipeError
 from amused_tune.train.loop import train
-from conftest import make_images, reset_accelerate
-from test_resume import assert_same_run, recipe_for
+from amused_tune.train.setup import make_optimizer
+from conftest import make_images
+from helpers import recipe_for, resumed_equals_straight
 
 NAMES = ["adamw", "adamw8bit", "lion8bit", "prodigy", "adafactor"]
+
 
 
 def held_bytes(optimizer) -> tuple[int, int]:
@@ -28,7 +32,7 @@ def test_state_bytes_equal_what_the_optimizer_holds_after_a_step(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(8, 16))
     params = list(model.parameters())
-    optimizer = make_optimizer(Recipe(optim=OptimConfig(name=name)).validate(), params)
+    optimizer = make_optimizer(Recipe(optim=OptimConfig(name=name)).resolve().validate(), params)
     for p in params:
         p.grad = torch.randn_like(p)
     before = [p.detach().clone() for p in params]
@@ -48,24 +52,24 @@ def test_state_sizes_order_on_a_lora_sized_matrix():
 @pytest.mark.parametrize("name,lr,betas", [("adamw", 8e-4, (0.9, 0.999)), ("lion8bit", 1e-4, (0.9, 0.99)),
                                            ("prodigy", 1.0, (0.9, 0.999)), ("adafactor", 8e-4, (0.9, 0.999))])
 def test_unset_lr_and_betas_take_the_optimizers_usual_values(name, lr, betas):
-    o = Recipe(optim=OptimConfig(name=name)).validate().optim
+    o = Recipe(optim=OptimConfig(name=name)).resolve().validate().optim
     assert (o.lr, o.betas) == (lr, betas)
-    assert Recipe(optim=OptimConfig(name=name, lr=3e-3)).validate().optim.lr == 3e-3
+    assert Recipe(optim=OptimConfig(name=name, lr=3e-3)).resolve().validate().optim.lr == 3e-3
 
 
 def test_adam_8bit_keeps_meaning_8bit_adamw():
     import bitsandbytes as bnb
 
-    recipe = Recipe(optim=OptimConfig(adam_8bit=True)).validate()
+    recipe = Recipe(optim=OptimConfig(adam_8bit=True)).resolve().validate()
     assert recipe.optim.resolved_name == "adamw8bit"
     assert isinstance(make_optimizer(recipe, [torch.nn.Parameter(torch.zeros(64, 64))]), bnb.optim.AdamW8bit)
 
 
 def test_prodigy_gets_its_diffusion_settings_and_safeguards_a_warmup():
     p = torch.nn.Parameter(torch.zeros(8, 8))
-    group = make_optimizer(Recipe(optim=OptimConfig(name="prodigy")).validate(), [p]).param_groups[0]
+    group = make_optimizer(Recipe(optim=OptimConfig(name="prodigy")).resolve().validate(), [p]).param_groups[0]
     assert (group["lr"], group["use_bias_correction"], group["safeguard_warmup"], group["d_coef"]) == (1.0, True, False, 1.0)
-    warm = Recipe(optim=OptimConfig(name="prodigy", warmup_steps=10)).validate()
+    warm = Recipe(optim=OptimConfig(name="prodigy", warmup_steps=10)).resolve().validate()
     assert make_optimizer(warm, [p]).param_groups[0]["safeguard_warmup"] is True
 
 
@@ -73,7 +77,7 @@ def test_param_groups_keep_their_weight_decay():
     w, b = torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8))
     groups = [{"params": [w], "weight_decay": 0.01}, {"params": [b], "weight_decay": 0.0}]
     for name in NAMES:
-        opt = make_optimizer(Recipe(optim=OptimConfig(name=name, weight_decay=0.01)).validate(), groups)
+        opt = make_optimizer(Recipe(optim=OptimConfig(name=name, weight_decay=0.01)).resolve().validate(), groups)
         assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0], name
 
 
@@ -82,7 +86,7 @@ def test_param_groups_keep_their_weight_decay():
                                        (dict(betas=(0.9, 1.5)), "optim.betas")])
 def test_bad_values_are_one_line_errors(optim, key):
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
-        Recipe(optim=OptimConfig(**optim)).validate()
+        Recipe(optim=OptimConfig(**optim)).resolve().validate()
 
 
 def test_bad_name_on_the_command_line(capsys):
@@ -118,12 +122,15 @@ def test_resume_is_bit_exact(tmp_path, data, name):
     resumed_equals_straight(tmp_path, recipe)
 
 
-def resumed_equals_straight(tmp_path, recipe) -> None:
-    """`recipe(out, max_steps)` run 4 steps straight, and 2 steps then resumed to 4: the same weights and losses."""
-    train(recipe(tmp_path / "straight", 4))
-    reset_accelerate()
-    train(recipe(tmp_path / "resumed", 2))
-    reset_accelerate()
-    train(recipe(tmp_path / "resumed", 4))
-    reset_accelerate()
-    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+def test_the_registry_is_the_one_list_the_schema_help_and_defaults_read(capsys):
+    assert optimizers.NAMES == tuple(NAMES)
+    assert cli_main(["quickstart", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--optim.name {" + ",".join(NAMES) + "}" in text
+    for entry in optimizers.REGISTRY.values():
+        assert f"{entry.name} ({' '.join(entry.help.split())}; lr {entry.lr:g})" in text
+        o = Recipe(optim=OptimConfig(name=entry.name)).resolve().validate().optim
+        assert (o.lr, o.betas) == (entry.lr, entry.betas)
+    with pytest.raises(Exception, match="optim.name must be one of 'adamw', 'adamw8bit', 'lion8bit', 'prodigy', "
+                                        "'adafactor'"):
+        parse_recipe(["quickstart", "--optim.name=lion"])

@@ -264,3 +264,21 @@ def test_quantize_needs_lora():
 
     with pytest.raises(RecipeError, match="adapter.kind=lora"):
         parse_recipe([str(recipes_cli.RECIPES_DIR / "nouns_256_full_bs8x1.yaml"), "--model.quantize=8bit"])
+
+
+def test_resolve_fills_what_the_recipe_leaves_and_validate_only_refuses():
+    import copy
+
+    from amused_tune.recipe import DataConfig, OptimConfig, OutputConfig, Recipe, RecipeError, ValidationConfig
+
+    recipe = Recipe(optim=OptimConfig(name="lion8bit"), data=DataConfig(caption_dropout=0.3),
+                    output=OutputConfig(dir="runs/x-{adapter.rank}"), validation=ValidationConfig(prompts="a cat"))
+    before = copy.deepcopy(recipe)
+    with pytest.raises(RecipeError, match=r"call Recipe.resolve\(\) before validate"):
+        recipe.validate()
+    assert recipe == before  # refusing changed nothing
+    assert recipe.resolve() is recipe
+    assert (recipe.optim.lr, recipe.optim.betas, recipe.train.cond_dropout, recipe.output.dir,
+            recipe.validation.prompts) == (1e-4, (0.9, 0.99), 0.3, "runs/x-16", ["a cat"])
+    resolved = copy.deepcopy(recipe)
+    assert recipe.validate() == resolved and recipe.resolve() == resolved  # validate keeps it, resolve is idempotent

@@ -17,57 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from amused_tune.train import checkpoints, outputs
 from amused_tune.train import step as train_step
 from amused_tune.train import stops
 from amused_tune.cli import main as cli_main
 from amused_tune.cli.args import parse_recipe
-from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
-                                TrainConfig)
+from amused_tune.recipe import Recipe
 from amused_tune.train.loop import TrainingStopped, train
 from conftest import make_images, reset_accelerate
+from helpers import assert_same_run, final_weights, losses, recipe_for
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def recipe_for(out: Path, data: Path, kind: str = "lora", adam_8bit: bool = False, max_steps: int = 4,
-               **train_overrides) -> Recipe:
-    """Two images per micro-batch, two micro-batches per step, condition dropout and random flips: every RNG and
-    the data position matter."""
-    train_cfg = dict(batch_size=2, grad_accum=2, max_steps=max_steps, precision="fp32", checkpoint_every=2,
-                     keep_checkpoints=3, cond_dropout=0.5)
-    train_cfg.update(train_overrides)
-    return Recipe(
-        model=ModelConfig(base="tiny"),
-        data=DataConfig(source="imagefolder", path=str(data), cache=False, random_flip=True),
-        adapter=AdapterConfig(kind=kind, rank=4, alpha=8.0),
-        optim=OptimConfig(lr=2e-3, adam_8bit=adam_8bit),
-        train=TrainConfig(**train_cfg),
-        output=OutputConfig(dir=str(out), loss_plot=False),
-    )
-
-
 def to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())))
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    """The trainable weights of the newest checkpoint (every trainable parameter by name)."""
-    return load_file(checkpoints.list_checkpoints(out / "checkpoints")[-1] / "trainable.safetensors")
-
-
-def losses(out: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in outputs.read_metrics(out / "metrics.jsonl")]
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys() and wa
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
-    assert losses(a) == losses(b)
 
 
 @pytest.fixture(scope="module")

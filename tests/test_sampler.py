@@ -389,7 +389,7 @@ def test_recipe_refuses_out_of_range_truncation(key, value, needle):
     from amused_tune.recipe import Recipe, RecipeError, ValidationConfig
 
     with pytest.raises(RecipeError, match=re.escape(needle)):
-        Recipe(validation=ValidationConfig(**{key: value})).validate()
+        Recipe(validation=ValidationConfig(**{key: value})).resolve().validate()
 
 
 def test_cli_toy_uses_its_own_defaults_with_guidance_on(tmp_path, capsys):

@@ -17,7 +17,8 @@ from conftest import reset_accelerate
 from PIL import Image
 
 from amused_tune.cli import main as cli_main
-from test_first_hour import no_model_loading  # noqa: F401 (a fixture: loading a base model fails the test)
+from helpers import TOKEN, FakeHub, push
+from helpers import no_model_loading  # noqa: F401 (a fixture: loading a base model fails the test)
 
 PROMPT = "a red circle on a white background in [v] style"
 SHORT = ["--train.max_steps=3", "--train.checkpoint_every=3", "--output.loss_plot=false",
@@ -94,8 +95,6 @@ def test_sample_without_base_uses_the_recorded_base_and_its_defaults(run, tmp_pa
 
 
 def test_a_pushed_then_downloaded_adapter_still_knows_its_base(run, tmp_path, capsys):
-    from fake_hub import FakeHub
-    from test_hub import TOKEN, push
 
     hub = FakeHub({TOKEN: "alice"}).start()
     try:

@@ -15,8 +15,8 @@ from amused_tune.recipe import DataConfig, Recipe, RecipeError, SourceConfig
 from amused_tune.train import step as train_step
 from amused_tune.train.loop import train
 from conftest import make_images, reset_accelerate
-from test_optimizers import resumed_equals_straight
-from test_resume import recipe_for
+from helpers import resumed_equals_straight
+from helpers import recipe_for
 
 
 @pytest.fixture(scope="module")
@@ -81,5 +81,17 @@ def test_sources_round_trip_through_print_config(tmp_path, folders, capsys):
     (DataConfig(sources=[SourceConfig(path="x")]), r"data.sources\[0\] needs a card, or a source and a path")])
 def test_bad_sources_are_one_line_errors(data, fragment):
     with pytest.raises(RecipeError, match=fragment):
-        Recipe(data=data).validate()
+        Recipe(data=data).resolve().validate()
     reset_accelerate()
+
+
+def test_a_sources_keys_are_data_keys_and_one_list_names_them():
+    """data.sources entries set SourceConfig's keys, each a data key of the same meaning; the command line's
+    source rule drops the same keys but the trigger word."""
+    import dataclasses
+
+    from amused_tune.data.cards import OWN_KEYS, SOURCE_KEYS
+
+    data_keys = {f.name for f in dataclasses.fields(DataConfig)}
+    assert set(OWN_KEYS) <= data_keys and "repeats" not in OWN_KEYS
+    assert set(OWN_KEYS) - set(SOURCE_KEYS) == {"trigger_word"}

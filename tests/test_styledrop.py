@@ -126,7 +126,7 @@ def test_round2_errors_are_one_line(tmp_path, capsys):
 
 
 def _prior_recipe(out: Path, data: Path, steps: int, weight: float = 0.5):
-    from test_resume import recipe_for
+    from helpers import recipe_for
 
     from amused_tune.recipe import PriorConfig
 
@@ -141,7 +141,7 @@ def test_prior_images_are_the_bases_own_cached_with_the_run_and_resume_bit_exact
     cached images instead of drawing them again."""
     from conftest import make_images, reset_accelerate
     from safetensors.torch import load_file
-    from test_resume import assert_same_run
+    from helpers import assert_same_run
 
     from amused_tune.model.bases import build_tiny
     from amused_tune.sampling.sampler import generate

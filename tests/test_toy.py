@@ -8,14 +8,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import toy_components
 from PIL import Image
-from toyworld_helpers import classify, eval_prompts, match_rate, toy_components
 
 from amused_tune.model.bases import encode_images, encode_prompts, load_components
 from amused_tune.toy import toy_dir, world
 from amused_tune.toy.build import cell_ids
-from amused_tune.toy.classify import is_clean
-from amused_tune.toy.evaluate import _sampler_kwargs, clean_rate, framed_prompts, held_out_prompts, read_sampling_defaults
+from amused_tune.toy.classify import classify, is_clean
+from amused_tune.toy.evaluate import (_sampler_kwargs, clean_rate, eval_prompts, framed_prompts, held_out_prompts,
+                                      match_rate, read_sampling_defaults)
 from amused_tune.toy.text import build_toy_tokenizer, toy_words
 
 MATCH_THRESHOLD = 0.90  # shape, colour and background match the caption in >= 90% of samples
@@ -78,7 +79,7 @@ def test_frames_are_the_outer_ring_and_plain_captions_are_unchanged():
 def test_style_images_cover_every_shape_and_dark_light_saturated_backgrounds(tmp_path):
     from amused_tune.toy.__main__ import main
 
-    examples = world.style_examples()
+    examples = [(spec, world.caption(spec)) for spec in world.STYLE_IMAGES.values()]
     assert len(examples) >= 5 and (world.STYLE_EXAMPLE, world.caption(world.STYLE_EXAMPLE)) in examples
     assert all(spec.style and text.endswith(" in [v] style") for spec, text in examples)
     assert {spec.shape for spec, _ in examples} == set(world.SHAPES)
@@ -93,14 +94,14 @@ def test_style_images_cover_every_shape_and_dark_light_saturated_backgrounds(tmp
 
 
 def test_imagefolder_is_what_the_kit_reads(tmp_path):
-    from amused_tune.data.datasets import build_dataset
+    from helpers import pixel_dataset
     from amused_tune.recipe import DataConfig
 
     specs = world.world_specs()[:5]
     folder = world.write_imagefolder(tmp_path / "w", specs)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == [world.caption(s) for s in specs]
-    ds = build_dataset(DataConfig(source="imagefolder", path=str(folder)), 32)
+    ds = pixel_dataset(DataConfig(source="imagefolder", path=str(folder)), 32)
     item = ds[0]
     assert item["pixels"].shape == (3, 32, 32) and item["prompt"] == world.caption(specs[0])
     assert classify(item["pixels"]).matches(item["prompt"])

@@ -165,13 +165,13 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path, image_folder):
                 losses.append(masked_cross_entropy(logits, batch_tokens, mask).item())
         return sum(losses) / len(losses)
 
-    from amused_tune.data.datasets import build_dataset
+    from helpers import pixel_dataset
 
     recipe = tiny_recipe(tmp_path, image_folder, adapter={"kind": "full"}, optim={"lr": 2e-3},
                          train={"batch_size": 1, "max_steps": 40, "cond_dropout": 0.0},
                          data={"source": "single_image", "path": str(image_folder / "img0.png"),
                                "prompt": "a picture number 0"})
-    item = build_dataset(recipe.data, 32)[0]
+    item = pixel_dataset(recipe.data, 32)[0]
     batch_tokens = encode_images(comps.vqvae, item["pixels"][None])
     before = eval_loss()
     summary = train(recipe, components=comps)

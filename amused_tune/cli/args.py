@@ -88,6 +88,10 @@ def build_parser():
     )
     parser.add_argument("--config", action=ActionConfigFile, help="the recipe YAML (also accepted positionally)")
     parser.add_class_arguments(Recipe, fail_untyped=True, sub_configs=True)
+    from amused_tune.optimizers import described
+
+    name = next(a for a in parser._actions if a.dest == "optim.name")  # the registry describes its optimizers
+    name.help = f"The optimizer: {described()}. docs/options.md compares them."
     return parser
 
 
@@ -122,7 +126,7 @@ def parse_recipe(argv: list[str]):
     init = parser.instantiate(ns)
     fields = {name: getattr(init, name) for name in Recipe.__dataclass_fields__}
     command_line_source(fields["data"], given_keys(args[2:] if args[:1] == ["--config"] else args, "data"))
-    return Recipe(**fields).validate(), parser, ns
+    return Recipe(**fields).resolve().validate(), parser, ns
 
 
 def given_keys(overrides: list[str], section: str) -> set[str]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import sys
 
-FLAGS = ("--estimate", "--max-memory")
-
-
 def split_memory_args(argv: list[str]) -> tuple[list[str], dict]:
     """(argv without the memory flags, {"estimate": bool, "max_memory": SIZE or None})."""
     rest, options, i = [], {"estimate": False, "max_memory": None}, 0

@@ -56,34 +56,31 @@ def resolution_without_loading(recipe) -> int:
                       "set model.resolution")
 
 
-def preview(recipe, folder: str) -> list[Path]:
-    """Write the previews of the first COUNT usable samples into `folder`; returns the files written."""
-    from amused_tune.data.checks import BadSample, Report, check_caption, load_sample, min_image_size
-    from amused_tune.data.mixture import part_configs
+def preview(recipe, folder: str, plan=None) -> list[Path]:
+    """Write the previews of the first COUNT usable samples into `folder`; returns the files written. `plan`: the
+    data as the preflight resolved and listed it (made here when None)."""
+    from amused_tune.data.cards import DataError
+    from amused_tune.data.checks import Report, checked_samples, min_image_size
     from amused_tune.data.pixel_art import parse_colour
+    from amused_tune.data.preflight import preflight
     from amused_tune.data.preprocess import make_prompt, preprocess
-    from amused_tune.data.sources import open_source
     from amused_tune.sampling.images import png_info, save_grid, to_pil
-    from amused_tune.writes import write_with
     from amused_tune.sampling.preview import viewable_tiles
+    from amused_tune.writes import write_with
 
     resolution = resolution_without_loading(recipe)
+    plan = plan or preflight(recipe.data)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     written, pictures, labels = [], [], []
     report = Report()
-    for cfg, _ in part_configs(recipe.data):
-        source = open_source(cfg)
-        for record in source.records:
+    for part in plan.parts:
+        cfg, source = part.cfg, part.source()
+        for record, caption, image, grid in checked_samples(source, source.records, cfg,
+                                                            min_image_size(cfg, resolution), report, stop=False):
             if len(pictures) == COUNT:
                 break
-            try:
-                prompt = make_prompt(cfg, check_caption(record, cfg))
-                image, _, grid = load_sample(source, record, cfg, min_image_size(cfg, resolution))
-            except BadSample:
-                continue
-            report.total += 1
-            report.count_pixel_art(image, grid)
+            prompt = make_prompt(cfg, caption)
             rng = random.Random(recipe.train.seed * 1_000_003 + len(pictures))  # one draw of the crop and flip
             flip = bool(cfg.random_flip) and rng.random() < 0.5
             pixels, micro = preprocess(image, resolution, None if cfg.center_crop else rng, flip, grid,
@@ -93,18 +90,17 @@ def preview(recipe, folder: str) -> list[Path]:
                      "pixel_art": None if grid is None else {"grid": grid.name, "cell": grid.cell},
                      "flip": flip}
             path = out / f"{len(pictures):03d}.png"
-            write_with(path, lambda tmp, picture=picture, texts=texts: picture.save(tmp, format="PNG", pnginfo=png_info(texts)),
+            write_with(path, lambda tmp, picture=picture, texts=texts: picture.save(tmp, format="PNG",
+                                                                                    pnginfo=png_info(texts)),
                        "a preview image")
             written.append(path)
             pictures.append(picture)
             kind = f"pixel art {grid.name}" if grid is not None else "photo"
             labels.append(f"{kind}: {prompt}")
     if not pictures:
-        from amused_tune.data.cards import DataError
-
         raise DataError(f"--preview-data: no usable sample in {recipe.data.path or recipe.data.card}")
     written.append(save_grid(viewable_tiles(pictures, labels), out / "grid.png", {"labels": labels}))
-    line = report.pixel_line(part_configs(recipe.data)[0][0])
+    line = report.pixel_line(plan.parts[0].cfg)
     print(f"preview: the first {len(pictures)} training images at {resolution} px, as the model receives them"
           + (f"; {line.removeprefix('data: ')}" if line else ""))
     return written
@@ -113,18 +109,15 @@ def preview(recipe, folder: str) -> list[Path]:
 def main(recipe, folder: str) -> int:
     """Write the preview and list its files; a bad recipe or data is one line, exit code 2."""
     from amused_tune.cli.args import fail
-    from amused_tune.cli.checks import data_path_problem
     from amused_tune.data.cards import DataError
+    from amused_tune.data.preflight import preflight
     from amused_tune.recipe import RecipeError
 
     if not folder:
         return fail(f"{FLAG} needs a folder to write into: {FLAG} DIR")
-    problem = data_path_problem(recipe.data)
-    if problem:
-        return fail(problem)
-    try:
-        files = preview(recipe, folder)
-    except (RecipeError, DataError) as err:
+    try:  # the data resolved and listed once, before anything is written (a typo in data.path is said here)
+        files = preview(recipe, folder, preflight(recipe.data))
+    except (RecipeError, DataError, OSError) as err:
         return fail(err)
     for path in files:
         print(path)

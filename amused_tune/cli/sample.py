@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from amused_tune.sampling.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
-from amused_tune.cli.args import DefaultsFormatter, SubcommandParser, quiet_libraries
+from amused_tune.cli.args import fail, DefaultsFormatter, SubcommandParser, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem, image_problem
 from amused_tune.sampling.pixel_art import (
     PixelArtError, active, check_grid, chosen_settings, palette_from_record, pixelate, resolve_palette, shown,
@@ -116,10 +116,6 @@ def load_adapters(transformer: torch.nn.Module, sources: list[str], scales: list
     return names
 
 
-def _fail(message: str) -> int:
-    print(f"amused-tune sample: error: {message}", file=sys.stderr)
-    return 2
-
 
 DEFAULT_BASE = "amused/amused-256"
 
@@ -182,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     problem = usage_problem(args)  # everything that can be checked before loading a model
     if problem:
-        return _fail(problem)
+        return fail(problem, "amused-tune sample")
     device = resolve_device(args)
     scales = args.adapter_scale or [1.0] * len(args.adapter)
     dtype = torch_dtype(args.dtype) if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -205,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         recorded = getattr(args, "recorded_base", None)
         hint = (f" (it was trained on {recorded}: pass --base {recorded}, or leave --base out)"
                 if recorded and recorded != args.base else "")
-        return _fail(f"{err}{hint}")
+        return fail(f"{err}{hint}", "amused-tune sample")
     except (SampleError, BaseModelError, FileNotFoundError, SamplingDefaultsError, PixelArtError) as err:
-        return _fail(str(err))
+        return fail(str(err), "amused-tune sample")
 
     common = {
         "base": args.base, **sampling, "schedule": args.schedule, "negative_prompt": args.negative_prompt or "",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from amused_tune.cli.args import SubcommandParser, parse_recipe, quiet_libraries
+from amused_tune.cli.args import fail, SubcommandParser, parse_recipe, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem
 from amused_tune.common import RECIPE_FILE
 from amused_tune.writes import is_write_failure
@@ -60,9 +60,7 @@ def build_parser() -> SubcommandParser:
     return p
 
 
-def _fail(message) -> int:
-    print(f"amused-tune styledrop-round2: error: {message}", file=sys.stderr)
-    return 2
+PROG = "amused-tune styledrop-round2"
 
 
 def read_prompts(path: str) -> list[str]:
@@ -90,28 +88,28 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "round2"
     if args.finalize == bool(args.prompts):
-        return _fail("pass --prompts prompts.txt (generate candidates) or --finalize (after picking), not both")
+        return fail("pass --prompts prompts.txt (generate candidates) or --finalize (after picking), not both", PROG)
     if args.per_prompt < 1:
-        return _fail("--per-prompt must be >= 1")
+        return fail("--per-prompt must be >= 1", PROG)
     if min(args.adapter_scales) <= 0:
-        return _fail(f"--adapter-scales must be > 0, got {' '.join(f'{x:g}' for x in args.adapter_scales)}")
+        return fail(f"--adapter-scales must be > 0, got {' '.join(f'{x:g}' for x in args.adapter_scales)}", PROG)
     if args.steps is not None and args.steps < 1:
-        return _fail(f"--steps must be >= 1, got {args.steps}")
+        return fail(f"--steps must be >= 1, got {args.steps}", PROG)
     if (args.pick == "clip") != bool(args.clip_model):
-        return _fail("--pick clip needs --clip-model NAME (and --clip-model needs --pick clip)")
+        return fail("--pick clip needs --clip-model NAME (and --clip-model needs --pick clip)", PROG)
     if args.pick and args.finalize:
-        return _fail("--pick picks while generating: pass it with --prompts, not with --finalize")
+        return fail("--pick picks while generating: pass it with --prompts, not with --finalize", PROG)
     if not run.is_dir():
-        return _fail(f"RUN {run} does not exist: pass the output.dir of a finished round-1 run")
+        return fail(f"RUN {run} does not exist: pass the output.dir of a finished round-1 run", PROG)
     from amused_tune.styledrop.round2 import check_run
 
     try:
         check_run(run)
     except ValueError as err:
-        return _fail(err)
+        return fail(err, PROG)
     problem = folder_problem("--out", out) or (None if args.finalize else adapter_problem(str(run / "adapter")))
     if problem:
-        return _fail(problem)
+        return fail(problem, PROG)
 
     from amused_tune.model.adapters import AdapterError
     from amused_tune.data.cards import DataError
@@ -127,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round-2 dataset: {out} ({out / 'metadata.jsonl'})\ntrain round 2 with:\n  amused-tune {path}")
             return 0
         if (out / CANDIDATES).is_file():
-            return _fail(f"{out} already holds candidates: finalize them with --finalize, or pass --out DIR")
+            return fail(f"{out} already holds candidates: finalize them with --finalize, or pass --out DIR", PROG)
         options = CandidateOptions(per_prompt=args.per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
                                    styledrop_guidance=args.styledrop_guidance, reference=not args.no_reference,
                                    device=args.device, adapter_scales=tuple(args.adapter_scales))
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, DataError, BaseModelError, AdapterError, SampleError) as err:
         if is_write_failure(err):
             raise  # a failed write: amused_tune.cli.main says it in its one line
-        return _fail(err)
+        return fail(err, PROG)
     print(f"{len(rows)} candidates in {out}\ndelete the ones that miss the style, then run:\n"
           f"  amused-tune styledrop-round2 {run} --finalize")
     return 0

@@ -58,21 +58,26 @@ def run_training(recipe) -> int:
     """Train a parsed recipe; every way a run can end becomes an exit code and at most one line on stderr."""
     from amused_tune.model.adapters import AdapterError
     from amused_tune.cli.args import quiet_libraries
-    from amused_tune.cli.checks import data_path_problem, validation_prompts_from_data
     from amused_tune.data.cards import DataError
+    from amused_tune.data.preflight import preflight, validation_prompts
     from amused_tune.model.bases import BaseModelError
     from amused_tune.recipe import RecipeError
     from amused_tune.model.sampling_defaults import SamplingDefaultsError
     from amused_tune.train.loop import TrainingStopped, train
 
-    problem = data_path_problem(recipe.data) or paths_problem(recipe)
-    if problem:  # a typo in data.path, train.resume or prior.prompts: said before a model loads
+    try:  # the data resolved and listed once, before a model loads (a typo in data.path is said here)
+        plan = preflight(recipe.data)
+    except (DataError, OSError) as err:
+        return fail(err)
+    problem = paths_problem(recipe)
+    if problem:  # a typo in model.base, train.resume or prior.prompts: said before a model loads
         return fail(problem)
-    for line in validation_prompts_from_data(recipe):  # prompts from the captions; trigger words they lack
+    recipe.validation.prompts, said = validation_prompts(plan, recipe.validation)  # validation.from_data
+    for line in said:  # the prompts taken from the captions; words of the prompts no caption has
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     quiet_libraries()
     try:
-        summary = train(recipe)
+        summary = train(recipe, data=plan)
     except TrainingStopped as err:
         if os.environ.get("RANK", "0") == "0":  # every process stops alike: say it once
             print(f"amused-tune: {'error: ' if err.error else ''}{err}", file=sys.stderr)

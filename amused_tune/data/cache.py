@@ -47,8 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from amused_tune.data.checks import (BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_sample,
-                                    min_image_size)
+from amused_tune.data.checks import Report, bad_sample, check_lengths, checked_samples, finish, min_image_size
 from amused_tune.data.pixel_art import parse_colour
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
@@ -190,17 +189,7 @@ def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolut
             tokens.append(encode_images(comps.vqvae, torch.stack(pending)).cpu().to(dtype))
             pending.clear()
 
-    for record in records:
-        try:
-            caption = check_caption(record, cfg)
-            image, converted, grid = load_sample(source, record, cfg, min_size)
-        except BadSample as bad:
-            bad_sample(report, cfg, record.key, str(bad))
-            continue
-        finally:
-            progress.update(1)
-        report.converted.update([converted] if converted else [])
-        report.count_pixel_art(image, grid)
+    for record, caption, image, grid in checked_samples(source, records, cfg, min_size, report, progress=progress):
         keys.append(record.key)
         captions.append(caption)
         for rng, flip in variants(record.key, cfg):
@@ -345,10 +334,12 @@ class CachedDataset(Dataset):
 
 
 def cached_dataset(cfg: DataConfig, resolution: int, comps: Components, train_text: bool = False, seed: int = 0,
-                   show_progress: bool = True) -> tuple[CachedDataset, tuple[torch.Tensor, torch.Tensor], Report]:
+                   show_progress: bool = True, source: Source | None = None
+                   ) -> tuple[CachedDataset, tuple[torch.Tensor, torch.Tensor], Report]:
     """The dataset of a resolved data section from the cache (filling it first); returns (dataset, the empty
-    prompt's (hidden [1, 77, D], pooled [1, P]), validation report). With `train_text` only tokens are cached."""
-    source = open_source(cfg)
+    prompt's (hidden [1, 77, D], pooled [1, P]), validation report). With `train_text` only tokens are cached.
+    `source`: the section's listing when the preflight made it."""
+    source = source or open_source(cfg)
     tokens, micro, captions, report = token_cache(source, cfg, resolution, comps, show_progress)
     prompts = [make_prompt(cfg, c) for c in captions]
     check_lengths(sorted(set(prompts)), comps.tokenizer, report)

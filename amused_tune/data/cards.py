@@ -15,7 +15,7 @@ import yaml
 
 from amused_tune.common import kit_path
 from amused_tune.data.pixel_art import parse_colour
-from amused_tune.recipe import DataConfig
+from amused_tune.recipe import DataConfig, SourceConfig
 
 CARD_DEFAULTS = {"split": "train", "image_column": "image", "caption_column": "text", "prompt_prefix": "",
                  "prompt_template": "{caption}", "center_crop": True, "random_flip": False, "pixel_art": "auto"}
@@ -95,9 +95,11 @@ def resolve_config(cfg: DataConfig) -> DataConfig:
     return out
 
 
-# what the data is and how its captions read: a card or a source given on the command line replaces all of these
-SOURCE_KEYS = ("card", "source", "path", "split", "image_column", "caption_column", "prompt", "prompt_prefix",
-               "prompt_template")
+# The keys that say what the data is and how its captions read, from one list (SourceConfig's fields): an entry of
+# data.sources sets OWN_KEYS for itself (every other data key is the data section's); a card or a source given on the
+# command line replaces SOURCE_KEYS, the same keys but the trigger word (it names the concept, not the data).
+OWN_KEYS = tuple(f.name for f in dataclasses.fields(SourceConfig) if f.name != "repeats")
+SOURCE_KEYS = tuple(key for key in OWN_KEYS if key != "trigger_word")
 
 
 def command_line_source(cfg: DataConfig, given: set[str]) -> DataConfig:

@@ -1,9 +1,9 @@
 """Checks on every sample before training: decode and convert to RGB, captions, and the report of what was found.
 
-`load_image` decodes one sample, converting grayscale, palette, RGBA, CMYK and 16-bit images to RGB and refusing
-unreadable, truncated, non-image and too-small files; `load_sample` does the same for training, with transparency
-over `data.background` and the image's pixel-art grid (amused_tune.data.pixel_art); `Report` collects bad samples, conversions and captions too
-long for the text encoder; `data.on_bad_sample` says whether a bad sample is skipped or stops the run.
+`load_sample` decodes one sample, converting grayscale, palette, RGBA, CMYK and 16-bit images to RGB (transparency
+over `data.background`), refusing unreadable, truncated, non-image and too-small files, and finds its pixel-art grid
+(amused_tune.data.pixel_art); `checked_samples` is the one loop over a source's samples; `Report` collects bad
+samples, conversions, pixel art and captions too long for the text encoder; `data.on_bad_sample` says whether a bad sample is skipped or stops the run.
 """
 
 from __future__ import annotations
@@ -86,13 +86,6 @@ def check_size(image: Image.Image, min_size: int) -> None:
         raise BadSample(f"too small: {w}x{h} px is smaller than {min_size} px (data.min_image_size=0 upscales it)")
 
 
-def load_image(source: Source, record: Record, min_size: int) -> tuple[Image.Image, str | None]:
-    """Decode and check one sample; raises BadSample with the reason. Returns (RGB image, conversion or None)."""
-    image = decode(source, record)
-    check_size(image, min_size)
-    return to_rgb(image)
-
-
 def min_image_size(cfg: DataConfig, resolution: int) -> int:
     """The smallest short side a photo may have: data.min_image_size, else the resolution."""
     return resolution if cfg.min_image_size is None else cfg.min_image_size
@@ -119,6 +112,30 @@ def check_caption(record: Record, cfg: DataConfig) -> str:
     if not caption.strip():
         raise BadSample("empty caption")
     return caption.strip()
+
+
+def checked_samples(source: Source, records, cfg: DataConfig, min_size: int, report: "Report", stop: bool = True,
+                    progress=None):
+    """The one check of every sample (the cache, the dataset and the web page read it): yields (record, caption, RGB
+    image, pixel-art grid or None) of each usable one (`load_sample`); a bad one is counted in `report` (or, with
+    `stop` and data.on_bad_sample=error, stops with its one line), a conversion and pixel art counted.
+    `progress.update(1)` after each record when given."""
+    for record in records:
+        try:
+            caption = check_caption(record, cfg)
+            image, converted, grid = load_sample(source, record, cfg, min_size)
+        except BadSample as bad:
+            if stop:
+                bad_sample(report, cfg, record.key, str(bad))
+            else:
+                report.bad.append((record.key, str(bad)))
+            continue
+        finally:
+            if progress is not None:
+                progress.update(1)
+        report.converted.update([converted] if converted else [])
+        report.count_pixel_art(image, grid)
+        yield record, caption, image, grid
 
 
 @dataclass

@@ -1,13 +1,10 @@
 """Training datasets: what the trainer trains on, every sample validated before the first step.
 
-Top to bottom: `resolve_config` merges the recipe's data section over its dataset card; `open_source` lists the
-samples of one of four sources (hub, imagefolder, captionfolder, single_image) without decoding them;
-`load_sample` decodes and validates one sample (converting grayscale, palette, RGBA, CMYK and 16-bit images
-to RGB, refusing unreadable, truncated, non-image and too-small files) and finds pixel art; `preprocess` resizes
-(pixel art: enlarges by a whole factor), crops and flips;
-`prepare_training_data` is what the trainer calls: it validates every sample before training and returns
-either a dataset of pixels (`data.cache: false`) or one of cached VQ tokens and text embeddings
-(amused_tune.data.cache).
+`prepare_training_data` is what the trainer calls, with the data plan the preflight made (data.preflight: each
+source resolved over its card and listed): every sample of every source is checked (data.checks.checked_samples;
+pixel art found there) before training, and each source becomes either a `PixelDataset` (`data.cache: false`:
+decoded and preprocessed on access) or a dataset of cached VQ tokens and text embeddings (data.cache); several sources are trained on as
+their mixture (data.mixture), with prior-preservation images paired in (data.prior). `collate` batches items.
 
 A dataset item is a dict:
   pixels       float [3, R, R] in [0, 1]  (R = the model's resolution)          (cache off)
@@ -29,11 +26,12 @@ from torch.utils.data import Dataset
 from amused_tune.writes import write_file
 from amused_tune.data import cache
 from amused_tune.data.captions import with_caption_rules
-from amused_tune.data.cards import resolve_config
-from amused_tune.data.mixture import Mixture, mixture_report, part_configs
-from amused_tune.data.checks import (BadSample, Report, bad_sample, check_caption, check_lengths, finish, load_sample,
-                                    min_image_size)
+from amused_tune.data.checks import Report, check_lengths, checked_samples, finish, load_sample, min_image_size
+from amused_tune.data.mixture import Mixture, mixture_report
 from amused_tune.data.pixel_art import parse_colour
+from amused_tune.data.preflight import DataPlan, Part, preflight
+from amused_tune.data.mixture import Mixture, mixture_report
+from amused_tune.data.preflight import DataPlan, Part, preflight
 from amused_tune.data.prior import with_prior
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
 from amused_tune.data.sources import Record, Source, open_source
@@ -62,77 +60,63 @@ class PixelDataset(Dataset):
         return {"pixels": pixels, "prompt": prompt, "micro_conds": micro}
 
 
-def validated_dataset(cfg: DataConfig, resolution: int, tokenizer=None, seed: int = 0) -> tuple[PixelDataset, Report]:
-    """Decode and check every sample now (cache off), so that no bad sample is met mid-run."""
-    source = open_source(cfg)
+def validated_dataset(cfg: DataConfig, resolution: int, tokenizer=None, seed: int = 0,
+                      source: Source | None = None) -> tuple[PixelDataset, Report]:
+    """Decode and check every sample now (cache off), so that no bad sample is met mid-run. `source`: the section's
+    listing when the preflight made it."""
+    source = source or open_source(cfg)
     report = Report(total=len(source.records))
-    min_size = min_image_size(cfg, resolution)
-    samples = []
-    for record in source.records:
-        try:
-            caption = check_caption(record, cfg)
-            image, converted, grid = load_sample(source, record, cfg, min_size)
-        except BadSample as bad:
-            bad_sample(report, cfg, record.key, str(bad))
-            continue
-        report.count_pixel_art(image, grid)
-        if converted:
-            report.converted[converted] += 1
-        samples.append((record, make_prompt(cfg, caption)))
+    samples = [(record, make_prompt(cfg, caption)) for record, caption, _, _ in
+               checked_samples(source, source.records, cfg, min_image_size(cfg, resolution), report)]
     finish(report, cfg, len(samples))
     check_lengths(sorted({p for _, p in samples}), tokenizer, report)
     return PixelDataset(source, samples, resolution, cfg, seed), report
 
 
-def build_dataset(cfg: DataConfig, resolution: int) -> Dataset:
-    """The pixel dataset described by a data section (its card resolved), every sample validated first."""
-    dataset, report = validated_dataset(resolve_config(cfg), resolution)
-    report.log()
-    return dataset
-
-
-def prepare_training_data(recipe, comps, accelerator) -> tuple[Dataset, tuple[torch.Tensor, torch.Tensor]]:
+def prepare_training_data(recipe, comps, accelerator, plan: DataPlan | None = None
+                          ) -> tuple[Dataset, tuple[torch.Tensor, torch.Tensor]]:
     """What the trainer trains on, and the empty prompt's (hidden [1, 77, D], pooled [1, P]) on the device.
 
+    `plan` is the data as the command's preflight resolved and listed it (data.preflight; made here when None).
     Every sample is validated here, before the first step. With `data.cache` the images are encoded to VQ tokens
     and the captions to embeddings (resuming an interrupted encoding), then the VQ model, and the text encoder
     unless it trains, are moved to the CPU. Writes OUTPUT_DIR/data_report.json. With `data.sources`, each source in
     turn, trained on as their mixture (amused_tune.data.mixture).
     """
-    parts = part_configs(recipe.data)
+    parts = (plan or preflight(recipe.data)).parts
     built = []
-    for n, (cfg, _) in enumerate(parts):
+    for n, part in enumerate(parts):
         if n:  # the previous source's cache moved the encoders off the device
             comps.vqvae.to(accelerator.device)
             comps.text_encoder.to(accelerator.device)
-        built.append(_one_source(recipe, cfg, comps, accelerator))
+        built.append(_one_source(recipe, part, comps, accelerator))
     empty = built[0][1]
     if len(parts) == 1:
         dataset, report = built[0][0], built[0][2].to_dict()
     else:
-        dataset = Mixture([b[0] for b in built], [repeats for _, repeats in parts])
-        report = mixture_report([b[2].to_dict() for b in built], parts)
+        dataset = Mixture([b[0] for b in built], [part.repeats for part in parts])
+        report = mixture_report([b[2].to_dict() for b in built], [(part.cfg, part.repeats) for part in parts])
     path = Path(recipe.output.dir) / "data_report.json"
     if accelerator.is_main_process:
         write_file(path, json.dumps(report, indent=1) + "\n", "the data report")
     return with_prior(recipe, comps, dataset, accelerator), empty  # prior.prompts: the base's own images paired in
 
 
-def _one_source(recipe, cfg, comps, accelerator) -> tuple[Dataset, tuple[torch.Tensor, torch.Tensor], Report]:
-    """The dataset of one resolved data section, the empty prompt's embeddings, its validation report (logged)."""
-    resolution = comps.resolution
+def _one_source(recipe, part: Part, comps, accelerator) -> tuple[Dataset, tuple[torch.Tensor, torch.Tensor], Report]:
+    """The dataset of one resolved source, the empty prompt's embeddings, its validation report (logged)."""
+    cfg, resolution = part.cfg, comps.resolution
     live_text = recipe.adapter.text_encoder or cfg.shuffle_tags  # no text-embedding cache
     if cfg.cache:
         with accelerator.main_process_first():
             dataset, empty, report = cache.cached_dataset(
                 cfg, resolution, comps, train_text=live_text, seed=recipe.train.seed,
-                show_progress=accelerator.is_main_process)
+                show_progress=accelerator.is_main_process, source=part.source())
         comps.vqvae.to("cpu")
         if not live_text:
             comps.text_encoder.to("cpu")
         empty = tuple(t.to(accelerator.device) for t in empty)
     else:
-        dataset, report = validated_dataset(cfg, resolution, comps.tokenizer, recipe.train.seed)
+        dataset, report = validated_dataset(cfg, resolution, comps.tokenizer, recipe.train.seed, part.source())
         empty = encode_prompts(comps.text_encoder, comps.tokenizer, [""])
     dataset = with_caption_rules(dataset, cfg)  # data.shuffle_tags
     if accelerator.is_main_process:

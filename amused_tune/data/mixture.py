@@ -8,28 +8,10 @@ and the number of samples consumed (train.setup.EpochSampler), so resume is exac
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch.utils.data import Dataset
 
-from amused_tune.data.cards import resolve_config
 from amused_tune.data.pixel_art import merge_reports
 from amused_tune.recipe import DataConfig
-
-# the keys a source sets for itself; every other data key is the data section's
-OWN_KEYS = ("card", "source", "path", "split", "image_column", "caption_column", "prompt", "prompt_prefix",
-            "prompt_template", "trigger_word")
-
-
-def part_configs(cfg: DataConfig) -> list[tuple[DataConfig, int]]:
-    """(resolved data section, repeats) of every source; a single-source section is one part with repeats 1."""
-    if not cfg.sources:
-        return [(resolve_config(cfg), 1)]
-    parts = []
-    for spec in cfg.sources:
-        own = {k: getattr(spec, k) for k in OWN_KEYS}
-        parts.append((resolve_config(dataclasses.replace(cfg, sources=[], **own)), spec.repeats))
-    return parts
 
 
 class Mixture(Dataset):

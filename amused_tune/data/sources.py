@@ -72,9 +72,7 @@ def _images_under(root: Path) -> list[Path]:
 
 
 def _imagefolder(root: Path, cfg: DataConfig) -> Source:
-    meta = root / "metadata.jsonl"
-    if not meta.is_file():
-        raise DataError(f"data.path={cfg.path}: no metadata.jsonl in this folder (or use data.source=captionfolder)")
+    meta = root / "metadata.jsonl"  # there: source_problem refuses an imagefolder without one
     records, listed = [], set()
     for line_no, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -175,18 +173,83 @@ def open_source(cfg: DataConfig) -> Source:
 
 def _local(cfg: DataConfig) -> Source:
     path = resolve_path(cfg.path)
-    if not path.exists():
-        raise DataError(f"data.path={cfg.path} does not exist")
+    problem = source_problem(cfg, path)
+    if problem:
+        raise DataError(problem)
     if cfg.source == "single_image":
-        if path.is_dir():
-            raise DataError(f"data.path={cfg.path} is a folder, but data.source=single_image needs one image file: "
-                            "for a folder of captioned images pass --data.source=folder (a .txt per image, or a "
-                            "metadata.jsonl)")
-        if not cfg.prompt:
-            raise DataError("data.source=single_image needs data.prompt, e.g. 'A mushroom in [V] style'")
         return Source("single_image", [Record(str(path), path, cfg.prompt)], [_stat(path, path.parent)])
-    if not path.is_dir():
-        raise DataError(f"data.path={cfg.path}: data.source={cfg.source} needs a folder")
     if cfg.source == "imagefolder" or (cfg.source == "folder" and (path / "metadata.jsonl").is_file()):
         return _imagefolder(path, cfg)
     return _captionfolder(path, cfg)
+
+
+# --------------------------------------------------------------------------------------------- which source fits
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a local data.path holds, as the facts the sources' rules read (nothing is decoded)."""
+
+    exists: bool
+    is_file: bool = False
+    image_file: bool = False  # a file with an image suffix
+    saved_dataset: bool = False  # a folder written by datasets' save_to_disk
+    metadata: bool = False  # a folder with a metadata.jsonl (imagefolder's captions)
+    txt_captions: bool = False  # a folder with .txt files (captionfolder's captions)
+
+
+def layout(path: Path) -> Layout:
+    """The facts about `path` that say which source reads it."""
+    if not path.exists():
+        return Layout(exists=False)
+    if path.is_file():
+        return Layout(exists=True, is_file=True, image_file=path.suffix.lower() in IMAGE_SUFFIXES)
+    return Layout(exists=True,
+                  saved_dataset=(path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file(),
+                  metadata=(path / "metadata.jsonl").is_file(), txt_captions=next(path.rglob("*.txt"), None) is not None)
+
+
+def fitting_source(facts: Layout) -> str:
+    """The data.source that reads a path with these facts, as a hint ("--data.source=... (why)"), or ""."""
+    if facts.is_file:
+        return '--data.source=single_image --data.prompt="its caption" (one image)' if facts.image_file else ""
+    if facts.saved_dataset:
+        return "--data.source=hub (a dataset saved with save_to_disk)"
+    if facts.metadata:
+        return "--data.source=folder (it has a metadata.jsonl; imagefolder reads it too)"
+    if facts.txt_captions:
+        return "--data.source=folder (it has .txt captions; captionfolder reads them too)"
+    return ""
+
+
+def source_problem(cfg: DataConfig, path: Path) -> str | None:
+    """Why the (resolved) local data section cannot be read at `path` (its data.path resolved): a missing path, a
+    file for a folder source, a folder for single_image, a folder without the captions its source reads; the
+    message names the source that fits. None when the source can list it (hub sources are checked on loading)."""
+    source, shown = cfg.source, cfg.path
+    if source == "hub":
+        return None
+    if not str(shown).strip():
+        return "data.path is empty: set it to your images (a folder, or one image for data.source=single_image)"
+    facts = layout(path)
+    if not facts.exists:
+        return (f"data.path={shown} does not exist: set data.path in the recipe to your images (a folder, or one "
+                "image for data.source=single_image), or pass --data.path=...")
+    fits = fitting_source(facts)
+    hint = f": use {fits}" if fits else ""
+    if source == "single_image":
+        if not facts.is_file:
+            return (f"data.path={shown} is a folder, but data.source=single_image needs one image file"
+                    f"{hint or ': for a folder of captioned images use --data.source=folder (a .txt per image, or a metadata.jsonl)'}")
+        if not cfg.prompt:
+            return "data.source=single_image needs data.prompt, e.g. 'A mushroom in [V] style'"
+        return None
+    if facts.is_file:
+        return f"data.path={shown} is a file, but data.source={source} needs a folder{hint or ': pass a folder'}"
+    if source == "imagefolder" and not facts.metadata:
+        add = ': add one ({"file_name": ..., "text": ...} per line) or use data.source=captionfolder with a .txt per image'
+        return f"data.path={shown} has no metadata.jsonl, which data.source=imagefolder reads{hint or add}"
+    if source == "captionfolder" and not facts.txt_captions and not cfg.prompt:
+        add = ": add a same-named .txt per image, or set data.prompt to caption every image alike"
+        return f"data.path={shown} has no .txt captions, which data.source=captionfolder reads{hint or add}"
+    return None

@@ -5,7 +5,7 @@ device (docs/memory.md):
 
 - weights: the U-ViT (frozen in `model.dtype`, or 8/4-bit with `model.quantize`, or fp32 when fully fine-tuned),
   the LoRA weights (fp32), the text encoder and the VQ model (or nothing, when `data.cache` moves them off the GPU);
-- gradients (fp32, one per trainable weight) and the optimizer state (`optimizers.state_bytes`): AdamW keeps two
+- gradients (fp32, one per trainable weight) and the optimizer state (the registry's `state_bytes`, amused_tune/optimizers.py): AdamW keeps two
   fp32 moments per weight; bitsandbytes' 8-bit AdamW one byte per element per moment plus an fp32 scale per
   256-element block, except for tensors under `min_8bit_size` (4096) elements, which keep fp32 moments; 8-bit Lion
   one such moment; Prodigy four fp32 buffers; Adafactor a row and a column of each matrix; the EMA copy
@@ -31,8 +31,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from amused_tune.common import DTYPE_BYTES
+from amused_tune.optimizers import REGISTRY as OPTIMIZERS
+
 GB = 10**9  # decimal gigabytes, the unit of the reference measurements (docs/memory.md)
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # 4-bit: one 8-bit absmax per 64 weights, one fp32 per 256 of those
 CODEBOOK = 8192  # the U-ViT's output classes
 CUDA_WORKSPACE = 32 * 2**20  # cuBLAS' workspace on recent GPUs, allocated through torch's caching allocator
@@ -219,13 +221,6 @@ def parameter_counts(resolution: int, rank: int, targets: tuple[str, ...], kind:
     return counts
 
 
-def adam_state_bytes(sizes: list[int], eight_bit: bool) -> int:
-    """Optimizer state of AdamW (two fp32 moments) or bitsandbytes' AdamW8bit, for tensors of these sizes."""
-    from amused_tune.optimizers import state_bytes
-
-    return state_bytes("adamw8bit" if eight_bit else "adamw", [(n,) for n in sizes])
-
-
 def quantized_uvit_bytes(counts: dict, bits: int, compute_bytes: int) -> int:
     """The frozen U-ViT with its linear layers in bitsandbytes 8-bit (int8 + an fp32 scale per row) or 4-bit
     (NF4 with double-quantized block scales); biases in the compute dtype; everything else in the compute dtype."""
@@ -291,12 +286,10 @@ def estimate_plan(plan: Plan) -> Estimate:
     sizes = trainable_sizes(plan, counts)
     est = Estimate(plan, weight_rows(plan, counts))
     grads = 4 * sum(sizes)
-    from amused_tune.optimizers import DESCRIPTIONS, state_bytes
-
-    name = plan.optimizer_name
+    optimizer = OPTIMIZERS[plan.optimizer_name]
     shapes = counts["uvit_shapes"] if plan.full else counts["lora_shapes"]
     est.rows.append(Row("gradients", f"{sum(sizes) / 1e6:.2f}M x fp32", grads))
-    est.rows.append(Row("optimizer state", DESCRIPTIONS[name], state_bytes(name, shapes)))
+    est.rows.append(Row("optimizer state", optimizer.state, optimizer.state_bytes(shapes)))
     if plan.ema:
         est.rows.append(Row("EMA weights", f"{sum(sizes) / 1e6:.2f}M x fp32, train.ema_device",
                             4 * sum(sizes) if plan.ema == "cuda" else 0))
@@ -327,23 +320,11 @@ def estimate_plan(plan: Plan) -> Estimate:
         held = 4 * b * (plan.resolution // 16) ** 2 * CODEBOOK
         for moment in ("VQ encode (not cached)", "text encoder forward"):
             est.resident[moment] += held
-    temp, what = optimizer_temporary(name, grads, shapes)
-    est.moments["optimizer step"] = (temp, what)
+    est.moments["optimizer step"] = (optimizer.step_bytes(grads, shapes), optimizer.step_note)
     est.resident["optimizer step"] = weights + grads
     if plan.validation_images:
         add_validation(est, plan, counts, weights)
     return est
-
-
-def optimizer_temporary(name: str, grads: int, shapes: list[tuple[int, ...]]) -> tuple[int, str]:
-    """Bytes the optimizer step allocates on top of its state: torch's AdamW and Prodigy one fp32 copy of the
-    trainable weights (an upper bound for the fused AdamW), Adafactor one update of its largest tensor, the 8-bit
-    ones nothing (they update in place)."""
-    if name in ("adamw8bit", "lion8bit"):
-        return 0, "8-bit optimizer updates in place"
-    if name == "adafactor":
-        return 4 * max((math.prod(s) for s in shapes), default=0), "Adafactor: one tensor's update"
-    return grads, f"{'AdamW' if name == 'adamw' else 'Prodigy'}'s fp32 temporary"
 
 
 def add_validation(est: Estimate, plan: Plan, counts: dict, weights: int) -> None:

@@ -29,7 +29,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from amused_tune.common import torch_dtype
+
 BLOCK = 512  # the CUDA caching allocator hands out multiples of 512 bytes
 TEXT_TOKENS = 77
 
@@ -206,13 +207,13 @@ def _uvit_for(setup: StepSetup):
     if setup.full:
         transformer.float().requires_grad_(True)
     else:
-        transformer.to(DTYPES[setup.frozen_dtype])
+        transformer.to(torch_dtype(setup.frozen_dtype))
         attach_lora(transformer, setup.lora_rank, 2.0 * setup.lora_rank, list(setup.lora_targets))
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
     if setup.grad_checkpointing:
-        _checkpoint_blocks(transformer, None if setup.autocast == "fp32" else DTYPES[setup.autocast])
+        _checkpoint_blocks(transformer, None if setup.autocast == "fp32" else torch_dtype(setup.autocast))
     return transformer.train()
 
 
@@ -233,7 +234,7 @@ def trace_step(setup: StepSetup, batch: int) -> StepTrace:
     loss, the backward) on meta tensors and count its bytes."""
     transformer = _uvit_for(setup)
     params = list(transformer.parameters()) + list(transformer.buffers())
-    autocast = None if setup.autocast == "fp32" else DTYPES[setup.autocast]
+    autocast = None if setup.autocast == "fp32" else torch_dtype(setup.autocast)
     side = setup.resolution // 16
     cond_dtype = autocast or torch.float32
     tracker = LiveBytes(storage_keys(params))
@@ -264,14 +265,14 @@ def trace_encode(resolution: int, batch: int, vq_dtype: str, text_dtype: str, au
     """Live-byte timelines of encoding one batch without the cache: (VQ encoder on the pixels, CLIP on the
     prompts). The pixel batch and the outputs are counted; no gradients."""
     comps = _meta_components(resolution)
-    vq, text = comps.vqvae, comps.text_encoder.to(DTYPES[text_dtype])
-    torch.nn.Module.to(vq, DTYPES[vq_dtype])  # (diffusers' own .to warns on every cast)
+    vq, text = comps.vqvae, comps.text_encoder.to(torch_dtype(text_dtype))
+    torch.nn.Module.to(vq, torch_dtype(vq_dtype))  # (diffusers' own .to warns on every cast)
     existing = storage_keys([*vq.parameters(), *vq.buffers(), *text.parameters(), *text.buffers()])
-    cast = None if autocast == "fp32" else DTYPES[autocast]
+    cast = None if autocast == "fp32" else torch_dtype(autocast)
     peaks = []
     with torch.no_grad(), GpuAutocast(cast):
         with LiveBytes(existing) as tracker:
-            pixels = torch.empty(batch, 3, resolution, resolution, device="meta", dtype=DTYPES[vq_dtype])
+            pixels = torch.empty(batch, 3, resolution, resolution, device="meta", dtype=torch_dtype(vq_dtype))
             latents = vq.encode(pixels).latents
             _, _, (_, _, indices) = vq.quantize(latents)
             del pixels, latents, indices
@@ -290,7 +291,7 @@ def trace_sampling(setup: StepSetup, batch: int) -> tuple[int, ...]:
     grid's classifier-free guidance runs the prompts and the empty prompt together."""
     transformer = _uvit_for(setup).eval()
     existing = storage_keys([*transformer.parameters(), *transformer.buffers()])
-    autocast = None if setup.autocast == "fp32" else DTYPES[setup.autocast]
+    autocast = None if setup.autocast == "fp32" else torch_dtype(setup.autocast)
     side = setup.resolution // 16
     with torch.no_grad(), LiveBytes(existing) as tracker, GpuAutocast(autocast):
         tokens = torch.zeros(batch, side, side, dtype=torch.long, device="meta")
@@ -307,7 +308,7 @@ def trace_sampling(setup: StepSetup, batch: int) -> tuple[int, ...]:
 def trace_decode(resolution: int, batch: int, vq_dtype: str) -> tuple[int, ...]:
     """Live-byte timeline of decoding `batch` token grids to images with the VQ model (no gradients, no autocast)."""
     vq = _meta_components(resolution).vqvae
-    torch.nn.Module.to(vq, DTYPES[vq_dtype])
+    torch.nn.Module.to(vq, torch_dtype(vq_dtype))
     existing = storage_keys([*vq.parameters(), *vq.buffers()])
     side = resolution // 16
     with torch.no_grad(), LiveBytes(existing) as tracker:

@@ -47,18 +47,17 @@ def attach_lora(
     targets: list[str] | tuple[str, ...] = ("to_q", "to_k", "to_v"),
     dropout: float = 0.0,
     adapter_name: str = "default",
-    use_dora: bool = False,
     kind: str = "lora",
 ) -> LoraConfig:
-    """Inject a LoRA adapter into every module named in `targets` (DoRA with `use_dora`: a trained magnitude per
-    output row as well; kind "lokr" / "loha": peft's LoKr / LoHa, with r = rank, no input dropout); only the
-    adapter's weights stay trainable."""
+    """Inject an adapter of `kind` (adapter.kind) into every module named in `targets`: "lora", "dora" (a LoRA plus
+    a trained magnitude per output row), "lokr" / "loha" (peft's LoKr / LoHa, with r = rank, no input dropout);
+    only the adapter's weights stay trainable."""
     if kind in lycoris.KINDS:
         config = lycoris.lycoris_config(kind, rank, alpha, targets)
     else:
         config = LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, init_lora_weights=True,
-            use_dora=use_dora or kind == "dora",
+            use_dora=kind == "dora",
         )
     model.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=adapter_name)

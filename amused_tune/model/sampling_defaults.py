@@ -18,7 +18,8 @@ import json
 import math
 from pathlib import Path
 
-GUIDANCE_SCHEDULES = ("constant", "linear", "cosine", "ramp1")
+from amused_tune.common import GUIDANCE_SCHEDULES
+
 SAMPLING_FILE = "sampling.json"
 DIFFUSERS_DEFAULTS = {"guidance": 10.0, "guidance_schedule": "constant", "steps": 12, "temperature": (2.0, 0.0),
                       "min_p": 0.0, "top_k": 0}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from amused_tune.model.sampling_defaults import GUIDANCE_SCHEDULES
+from amused_tune.common import GUIDANCE_SCHEDULES
 
 Embeds = tuple[torch.Tensor, torch.Tensor]  # (penultimate hidden states [B, L, D], pooled projection [B, P])
 

@@ -3,7 +3,7 @@
   amused-tune push OUTPUT_DIR --repo-id user/name [--private] [--token-from-env] [--dry-run]
 
 `finish_run(out, recipe)` runs at the end of every training run (`outputs.write_final`): it writes the model card
-(`amused_tune.card`) and, with `output.push_to_hub: true`, pushes.
+(`amused_tune.share.card`) and, with `output.push_to_hub: true`, pushes.
 
 `push(out, repo_id)` creates the repo (or reuses one the token can write to) and uploads, in ONE commit, exactly:
 

@@ -126,9 +126,3 @@ def is_clean(image, found: Classification | None = None) -> bool:
         return False
     spec = ShapeSpec(found.shape, found.colour, found.background, found.row, found.col, frame=found.frame)
     return bool((cell_colours(image) == cells(spec)).all())
-
-
-def caption_match_rate(images, captions: list[str]) -> float:
-    """Fraction of images that `classify` finds to be what their caption asks for."""
-    hits = [classify(im).matches(c) for im, c in zip(images, captions, strict=True)]
-    return sum(hits) / max(len(hits), 1)

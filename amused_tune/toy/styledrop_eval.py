@@ -68,7 +68,7 @@ def load_recipe(path: str | Path, **overrides: object) -> Recipe:
     for dotted, value in overrides.items():
         section, key = dotted.split(".", 1)
         _set(getattr(recipe, section), dotted, value)
-    return recipe.validate()
+    return recipe.resolve().validate()
 
 
 def _set(section: object, dotted: str, value: object) -> None:

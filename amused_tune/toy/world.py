@@ -236,8 +236,3 @@ STYLE_IMAGES: dict[str, ShapeSpec] = {
     "black_circle_on_yellow": ShapeSpec("circle", "black", "yellow", style=True),
     "green_square_on_red": ShapeSpec("square", "green", "red", style=True),
 }
-
-
-def style_examples() -> list[tuple[ShapeSpec, str]]:
-    """(spec, caption) of every single StyleDrop image of `STYLE_IMAGES`, in its order."""
-    return [(spec, caption(spec)) for spec in STYLE_IMAGES.values()]

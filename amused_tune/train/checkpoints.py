@@ -214,19 +214,21 @@ class Resumed:
     rng: list[dict]
 
 
-def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerator, generators, skipped=0,
-         ema=None) -> None:
-    """Checkpoint `step`. Every process's RNG states are gathered; the main process writes; all wait for it."""
-    rng = rng_state(generators)
+def save(run, step: int, skipped: int = 0) -> None:
+    """Checkpoint `step` of `run` (train.loop.Run: its recipe, output folder, trainable weights and their names,
+    optimizer, schedule, accelerator, RNGs and EMA). Every process's RNG states are gathered; the main process
+    writes; all wait for it."""
+    recipe, optimizer, accelerator, ema = run.recipe, run.optimizer, run.accelerator, run.ema
+    rng = rng_state(run.rngs)
     rngs = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
     if accelerator.is_main_process:
         t = recipe.train
-        state = {"optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(), "rng": rngs}
+        state = {"optimizer": optimizer.state_dict(), "scheduler": run.lr_scheduler.state_dict(), "rng": rngs}
         if ema is not None:  # train.ema_decay: the average, next to the trained weights that resume continues
             state["ema"] = ema.state_dict()
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
-        weights = {names[id(p)]: p for p in trainable}
+        weights = {run.names[id(p)]: p for p in run.trainable}
         meta = {
             "recipe_fingerprint": recipe_fingerprint(recipe),
             "samples_per_process": step * t.batch_size * t.grad_accum,
@@ -237,17 +239,20 @@ def save(out, recipe, step, trainable, names, optimizer, lr_scheduler, accelerat
             "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
             "recipe": recipe.to_dict(),
         }
-        save_checkpoint(out / "checkpoints", step, weights, state, meta, t.keep_checkpoints,
-                                    recipe_text=recipe_yaml(recipe))
+        save_checkpoint(run.out / "checkpoints", step, weights, state, meta, t.keep_checkpoints,
+                        recipe_text=recipe_yaml(recipe))
     accelerator.wait_for_everyone()
 
 
-def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator, ema=None) -> Resumed | None:
-    """Restore weights, optimizer, schedule and scaler from the checkpoint `train.resume` names (auto: the newest
-    readable one of output.dir; corrupt ones are skipped with a warning). None: nothing to resume from.
+def resume(run) -> Resumed | None:
+    """Restore `run`'s weights, optimizer, schedule, scaler and EMA (train.loop.Run) from the checkpoint
+    `train.resume` names (auto: the newest readable one of output.dir; corrupt ones are skipped with a warning).
+    None: nothing to resume from.
 
     The RNG states are restored later by `restore_rng`, once the data loader exists.
     """
+    recipe, out, accelerator = run.recipe, run.out, run.accelerator
+    optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
     where = recipe.train.resume
     try:
         found = load_latest(out / "checkpoints") if where == "auto" else load_from(where)
@@ -259,7 +264,7 @@ def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator, 
             log.warning("no checkpoint in %s could be read: starting from step 0", out / "checkpoints")
         return None
     path, weights, state, meta = found
-    by_name = {names[id(p)]: p for p in trainable}
+    by_name = {run.names[id(p)]: p for p in run.trainable}
     _check_weights(path, weights, by_name)
     if meta.get("recipe_fingerprint") != recipe_fingerprint(recipe):
         log.warning("checkpoint %s was written by a different recipe: continuing from its weights and optimizer "
@@ -267,7 +272,7 @@ def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator, 
     with torch.no_grad():
         for name, p in by_name.items():
             p.copy_(weights[name].to(p.dtype))
-    resume_ema(ema, state, path)
+    resume_ema(run.ema, state, path)
     kind = type(getattr(optimizer, "optimizer", optimizer)).__name__
     if meta.get("optimizer", kind) == kind:
         optimizer.load_state_dict(state["optimizer"])
@@ -277,7 +282,7 @@ def resume(out, recipe, trainable, names, optimizer, lr_scheduler, accelerator, 
     o = recipe.optim
     for group in optimizer.param_groups:  # this recipe's hyperparameters (the same values when it is the same recipe)
         group.update({k: v for k, v in hyperparameters(o).items() if k in group})
-        if group["weight_decay"]:  # the decayed group (see optimizers.param_groups)
+        if group["weight_decay"]:  # the decayed group (see train.setup.param_groups)
             group["weight_decay"] = o.weight_decay
     lr_scheduler.load_state_dict(state["scheduler"])
     lambdas = getattr(lr_scheduler, "lr_lambdas", None)

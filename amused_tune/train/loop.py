@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from amused_tune.common import RECIPE_FILE
 from amused_tune.data.datasets import collate, prepare_training_data
+from amused_tune.data.preflight import DataPlan
 from amused_tune.model.bases import Components, load_components
 from amused_tune.recipe import Recipe
 from amused_tune.train import checkpoints, outputs, report
 from amused_tune.train.progress import Reporter
-from amused_tune.optimizers import make_optimizer
 from amused_tune.train.setup import (EpochSampler, check_distributed, check_resolution, make_accelerator,
-                                     make_scheduler, param_groups, place_encoders, setup_models)
+                                     make_optimizer, make_scheduler, param_groups, place_encoders, setup_models)
 from amused_tune.train.step import Conditioning, train_step
 from amused_tune.train.stops import StopFlag, TrainingStopped  # noqa: F401 (TrainingStopped: what train raises)
 from amused_tune.train.validation import Validator
@@ -87,18 +87,18 @@ class Run:
         swap(self.ema)  # back to the trained weights
 
     def save(self, step: int, skipped: int) -> None:
-        checkpoints.save(self.out, self.recipe, step, self.trainable, self.names, self.optimizer, self.lr_scheduler,
-                         self.accelerator, self.rngs, skipped, ema=self.ema)
+        checkpoints.save(self, step, skipped)
 
 
-def train(recipe: Recipe, components: Components | None = None) -> dict:
-    """Run one recipe to `train.max_steps`; returns a summary (final step, loss, output paths).
+def train(recipe: Recipe, components: Components | None = None, data: DataPlan | None = None) -> dict:
+    """Run one recipe to `train.max_steps`; returns a summary (final step, loss, output paths). `data`: the recipe's
+    data as the command's preflight resolved and listed it (data.preflight; made here when None).
 
     Raises TrainingStopped after SIGINT/SIGTERM (once a checkpoint is written) or a non-finite loss (nothing written).
     """
     stop = StopFlag()
     try:
-        return _run(recipe, components, stop)
+        return _run(recipe, components, stop, data)
     except BaseException:
         for bar in list(getattr(tqdm, "_instances", ())):  # end the progress line, so the error gets its own
             bar.close()
@@ -107,11 +107,10 @@ def train(recipe: Recipe, components: Components | None = None) -> dict:
         stop.restore()
 
 
-def _run(recipe: Recipe, components: Components | None, stop: StopFlag) -> dict:
-    run = set_up(recipe, components)
+def _run(recipe: Recipe, components: Components | None, stop: StopFlag, data: DataPlan | None) -> dict:
+    run = set_up(recipe, components, data)
     t = recipe.train
-    resumed = None if t.resume == "none" else checkpoints.resume(
-        run.out, recipe, run.trainable, run.names, run.optimizer, run.lr_scheduler, run.accelerator, ema=run.ema)
+    resumed = None if t.resume == "none" else checkpoints.resume(run)
     step, skipped = (resumed.step, resumed.skipped) if resumed else (0, 0)
     if step >= t.max_steps:
         return already_done(run, step)
@@ -151,11 +150,11 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag) -> dict:
     return finish(run, step, loss, skipped)
 
 
-def set_up(recipe: Recipe, components: Components | None) -> Run:
+def set_up(recipe: Recipe, components: Components | None, data: DataPlan | None = None) -> Run:
     """Output folder, accelerate, the base (LoRA attached or unfrozen), validated data, optimizer and schedule, then
     the wrappers. The order matters and lives here only: encoders placed before the data (the cache encodes with
     them alone), LoRA attached once the data is ready, wrappers made last and kept apart from the raw modules."""
-    recipe.validate()
+    recipe.resolve().validate()
     out = Path(recipe.output.dir)
     accelerator = make_accelerator(recipe)
     check_distributed(accelerator)
@@ -169,7 +168,7 @@ def set_up(recipe: Recipe, components: Components | None) -> Run:
     check_resolution(recipe, comps)
     device = accelerator.device
     place_encoders(recipe, comps, device)  # the U-ViT waits: building the cache holds only the encoders
-    dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator)  # validates; may cache and offload
+    dataset, empty_embeds = prepare_training_data(recipe, comps, accelerator, data)  # validates; may cache, offload
     dataset, held = heldout.split(dataset, recipe.validation.holdout, recipe.train.seed)
     set_seed(recipe.train.seed)  # the init of the LoRA weights, identical on every process
     trainable = setup_models(recipe, comps, device)

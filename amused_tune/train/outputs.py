@@ -200,7 +200,7 @@ def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
     written = {}
     # the base, the sampling and pixel-art settings travel with the weights
     record = run_record(recipe.model.base, recipe.validation, pixel_art_settings(recipe))
-    if recipe.adapter.kind != "full":  # lora or dora
+    if recipe.adapter.kind != "full":  # lora, dora, lokr or loha: an adapter
         text_encoder = comps.text_encoder if recipe.adapter.text_encoder else None
         save_adapter(out / "adapter", transformer, text_encoder, base_model=recipe.model.base, record=record)
         written["adapter"] = str(out / "adapter")

@@ -14,6 +14,7 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from diffusers.optimization import get_scheduler
 from torch.utils.data import Sampler
 
+from amused_tune import optimizers
 from amused_tune.model import adapters
 from amused_tune.common import place, torch_dtype
 from amused_tune.model.bases import Components
@@ -122,15 +123,14 @@ def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> lis
 
             quantize_linear_layers(transformer, recipe.model.quantize, frozen_dtype, device)
         place(transformer, device, frozen_dtype)
-        dora = recipe.adapter.kind == "dora"
         adapters.attach_lora(
             transformer, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.targets, recipe.adapter.dropout,
-            use_dora=dora, kind=recipe.adapter.kind,
+            kind=recipe.adapter.kind,
         )
-        if recipe.adapter.text_encoder:
+        if recipe.adapter.text_encoder:  # lora or dora (the recipe refuses the LyCORIS kinds on the text encoder)
             adapters.attach_lora(
                 comps.text_encoder, recipe.adapter.rank, recipe.adapter.alpha, recipe.adapter.text_encoder_targets,
-                use_dora=dora,
+                kind=recipe.adapter.kind,
             )
     else:
         place(transformer, device, torch.float32).requires_grad_(True)
@@ -157,6 +157,22 @@ def param_groups(models, weight_decay: float) -> list[dict]:
                     (keep if exempt or p.ndim < 2 or name.endswith("bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def make_optimizer(recipe: Recipe, params: list) -> torch.optim.Optimizer:
+    """The optimizer `optim.name` names (amused_tune.optimizers; `optim.adam_8bit` means adamw8bit) over `params`:
+    parameters (all decayed by `optim.weight_decay`), or groups already split for weight decay (`param_groups`)."""
+    o = recipe.optim
+    groups = list(params) if params and isinstance(params[0], dict) else [{"params": list(params)}]
+    groups = [{"weight_decay": o.weight_decay, **g} for g in groups]
+    entry = optimizers.REGISTRY[o.resolved_name]
+    try:
+        return entry.build(groups, o.lr, optimizers.hyperparameters(o))
+    except ImportError as err:
+        if not entry.package:
+            raise
+        raise RecipeError(f"optim.name={entry.name} needs the {entry.package.split()[0]} package: pip install "
+                          f"{entry.package}") from err
 
 
 def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):

@@ -29,7 +29,7 @@ class Form:
     prompt: str = ""
     max_steps: int | None = None
     output_dir: str = ""
-    extra: str = ""  # more overrides, as on the command line: --train.lr=1e-4 --adapter.rank=4
+    extra: str = ""  # more overrides, as on the command line: --optim.lr=1e-4 --adapter.rank=4
 
     def argv(self) -> list[str]:
         """The arguments after `amused-tune`, exactly as the CLI takes them."""
@@ -50,17 +50,18 @@ class Form:
 def parse(form: Form):
     """(recipe, None) or (None, the CLI's one-line error)."""
     from amused_tune.cli.args import parse_recipe
-    from amused_tune.cli.checks import data_path_problem
+    from amused_tune.data.cards import DataError
+    from amused_tune.data.preflight import preflight
     from amused_tune.recipe import RecipeError
 
     if not form.recipe.strip():
         return None, "pick a shipped recipe or upload a YAML file"
     try:
         recipe, _, _ = parse_recipe(form.argv())
-    except RecipeError as err:
+        preflight(recipe.data)
+    except (RecipeError, DataError) as err:
         return None, str(err)
-    problem = data_path_problem(recipe.data)
-    return (None, problem) if problem else (recipe, None)
+    return recipe, None
 
 
 @dataclass
@@ -73,31 +74,26 @@ class DataView:
 
 def check_data(recipe) -> DataView:
     """List the recipe's data and run the data checks on up to CHECKED_SAMPLES samples."""
-    from amused_tune.data.cards import DataError, resolve_config
-    from amused_tune.data.checks import BadSample, check_caption, load_sample
+    from amused_tune.data.cards import DataError
+    from amused_tune.data.checks import Report, checked_samples, min_image_size
+    from amused_tune.data.preflight import preflight
     from amused_tune.data.preprocess import make_prompt
-    from amused_tune.data.sources import open_source
 
     view = DataView()
     try:
-        cfg = resolve_config(recipe.data)
-        source = open_source(cfg)
+        part = preflight(recipe.data).parts[0]
+        cfg, source = part.cfg, part.source()
     except DataError as err:
         view.lines.append(str(err))
         return view
-    min_size = cfg.min_image_size if cfg.min_image_size is not None else _resolution(recipe)
+    min_size = min_image_size(cfg, _resolution(recipe))
     checked = source.records[:CHECKED_SAMPLES]
-    bad, converted = [], 0
-    for record in checked:
-        try:
-            caption = check_caption(record, cfg)
-            _, kind, _ = load_sample(source, record, cfg, min_size)  # as training: pixel art is never too small
-        except BadSample as why:
-            bad.append(f"{record.key}: {why}")
-            continue
-        converted += kind is not None
+    report = Report()
+    for record, caption, _, _ in checked_samples(source, checked, cfg, min_size, report, stop=False):
         if len(view.images) < PREVIEW_IMAGES and source.kind != "hub":
             view.images.append((str(record.ref), make_prompt(cfg, caption)))
+    bad = [f"{key}: {why}" for key, why in report.bad]
+    converted = sum(report.converted.values())
     more = f" (checked the first {len(checked)})" if len(source.records) > len(checked) else ""
     n = len(source.records)
     view.lines.append(f"{n} sample{'' if n == 1 else 's'} in {cfg.path} ({source.kind}){more}: "

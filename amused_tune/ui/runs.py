@@ -40,9 +40,6 @@ class RunInfo:
         return [self.name, self.status, of, loss, when]
 
 
-HEADERS = ["run", "status", "step", "loss", "updated"]
-
-
 def run_folders(root: Path) -> list[Path]:
     """Every folder under `root` (one or two levels down) that holds a run's recipe.yaml."""
     root = Path(root)

@@ -1,29 +1,168 @@
-"""A local, in-memory stand-in for the Hugging Face Hub: the few routes `HfApi.create_repo` and `create_commit` use.
+"""Helpers shared by the test modules (the fixtures every test gets stay in conftest.py): a test module imports
+them from here, never from another test module.
 
-Bound to 127.0.0.1 on a free port, served by one daemon thread, shut down by `stop()` (the `fake_hub` fixture does
-it at the end of the test). Checked against huggingface_hub 2.4:
-
-  POST /api/repos/create                       {name, organization, visibility?}  -> {url} | 401 | 403 | 409
-  GET  /api/models/{ns}/{name}[/revision/...]  repo info (create_repo(exist_ok=True) asks after a 403)
-  POST /api/validate-yaml                      README.md front matter check       -> {errors, warnings}
-  POST /api/models/{ns}/{name}/preupload/{rev} -> every file "regular" (so contents arrive base64 in the commit)
-  POST /api/models/{ns}/{name}/commit/{rev}    NDJSON: header + one {"key": "file"} line per file -> {commitUrl, ...}
-
-Everything received is kept in `requests` (method, path, auth header, parsed body) for the test to inspect.
-LFS is refused: a client that tried it would show up as a 400 and a failed test, never as a silent pass.
+- data: `pixel_dataset`
+- runs: `recipe_for` (the tiny recipe every resume test trains), `final_weights`, `losses`, `assert_same_run`,
+  `resumed_equals_straight`
+- commands: `no_model_loading` (a fixture: import it into a test module to use it)
+- the toy base: `toy_components` (loaded once per session), `fresh_toy` (a private copy to train)
+- the Hub: `FakeHub` and `Repo` (a local stand-in for the Hugging Face Hub), `TOKEN`, `push` (the push command in a
+  process of its own, pointed at a fake Hub)
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
+
+from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimConfig, OutputConfig, Recipe,
+                                TrainConfig)
+from amused_tune.train import checkpoints, outputs
+from conftest import reset_accelerate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def pixel_dataset(data, resolution: int):
+    """The pixel dataset of a data section (its card resolved), every sample validated first (cache off)."""
+    from amused_tune.data.cards import resolve_config
+    from amused_tune.data.datasets import validated_dataset
+
+    return validated_dataset(resolve_config(data), resolution)[0]
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def recipe_for(out: Path, data: Path, kind: str = "lora", adam_8bit: bool = False, max_steps: int = 4,
+               **train_overrides) -> Recipe:
+    """Two images per micro-batch, two micro-batches per step, condition dropout and random flips: every RNG and
+    the data position matter."""
+    train_cfg = dict(batch_size=2, grad_accum=2, max_steps=max_steps, precision="fp32", checkpoint_every=2,
+                     keep_checkpoints=3, cond_dropout=0.5)
+    train_cfg.update(train_overrides)
+    return Recipe(
+        model=ModelConfig(base="tiny"),
+        data=DataConfig(source="imagefolder", path=str(data), cache=False, random_flip=True),
+        adapter=AdapterConfig(kind=kind, rank=4, alpha=8.0),
+        optim=OptimConfig(lr=2e-3, adam_8bit=adam_8bit),
+        train=TrainConfig(**train_cfg),
+        output=OutputConfig(dir=str(out), loss_plot=False),
+    )
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights of the newest checkpoint (every trainable parameter by name)."""
+    return load_file(checkpoints.list_checkpoints(out / "checkpoints")[-1] / "trainable.safetensors")
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in outputs.read_metrics(out / "metrics.jsonl")]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    assert losses(a) == losses(b)
+
+
+def resumed_equals_straight(tmp_path, recipe) -> None:
+    """`recipe(out, max_steps)` run 4 steps straight, and 2 steps then resumed to 4: the same weights and losses."""
+    from amused_tune.train.loop import train
+
+    train(recipe(tmp_path / "straight", 4))
+    reset_accelerate()
+    train(recipe(tmp_path / "resumed", 2))
+    reset_accelerate()
+    train(recipe(tmp_path / "resumed", 4))
+    reset_accelerate()
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Every check below happens before a base model is loaded (wherever the kit imported the loader)."""
+    import amused_tune.train.loop  # noqa: F401 (loaded now, so that its copy of the name is replaced too)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a base model was loaded before the inputs were checked")
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("amused_tune") and hasattr(module, "load_components"):
+            monkeypatch.setattr(module, "load_components", refuse)
+
+
+# --------------------------------------------------------------------------------------------- the toy base
+
+
+@lru_cache(maxsize=1)
+def toy_components():
+    """The shipped toy base (read-only by convention: do not train it, use `fresh_toy()`)."""
+    from amused_tune.model.bases import load_components
+
+    return load_components("toy")
+
+
+def fresh_toy():
+    """A private deep copy of the toy base, safe to fine-tune."""
+    return copy.deepcopy(toy_components())
+
+
+# --------------------------------------------------------------------------------------------- the Hub
+
+TOKEN = "hf_fakeAliceToken0123456789abcdef"
+
+
+def push(run: Path, *args: str, endpoint: str, token: str | None = TOKEN, home: Path,
+         **extra_env: str) -> subprocess.CompletedProcess:
+    """`amused-tune push RUN ARGS` in a process of its own, against the Hub at `endpoint` with `token`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONPATH=str(REPO))
+    if token is not None:
+        env["HF_TOKEN"] = token
+    env.update(extra_env)
+    return subprocess.run([sys.executable, "-m", "amused_tune.cli", "push", str(run), *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+# A local, in-memory stand-in for the Hugging Face Hub: the few routes `HfApi.create_repo` and `create_commit` use.
+#
+# Bound to 127.0.0.1 on a free port, served by one daemon thread, shut down by `stop()` (the `fake_hub` fixture does
+# it at the end of the test). Checked against huggingface_hub 2.4:
+#
+#   POST /api/repos/create                       {name, organization, visibility?}  -> {url} | 401 | 403 | 409
+#   GET  /api/models/{ns}/{name}[/revision/...]  repo info (create_repo(exist_ok=True) asks after a 403)
+#   POST /api/validate-yaml                      README.md front matter check       -> {errors, warnings}
+#   POST /api/models/{ns}/{name}/preupload/{rev} -> every file "regular" (so contents arrive base64 in the commit)
+#   POST /api/models/{ns}/{name}/commit/{rev}    NDJSON: header + one {"key": "file"} line per file -> {commitUrl, ...}
+#
+# Everything received is kept in `requests` (method, path, auth header, parsed body) for the test to inspect.
+# LFS is refused: a client that tried it would show up as a 400 and a failed test, never as a silent pass.
 
 
 @dataclass
