@@ -78,8 +78,6 @@ def preview(recipe, folder: str, plan=None) -> list[Path]:
         cfg, source = part.cfg, part.source()
         for record, caption, image, grid in checked_samples(source, source.records, cfg,
                                                             min_image_size(cfg, resolution), report, stop=False):
-            if len(pictures) == COUNT:
-                break
             prompt = make_prompt(cfg, caption)
             rng = random.Random(recipe.train.seed * 1_000_003 + len(pictures))  # one draw of the crop and flip
             flip = bool(cfg.random_flip) and rng.random() < 0.5
@@ -97,6 +95,11 @@ def preview(recipe, folder: str, plan=None) -> list[Path]:
             pictures.append(picture)
             kind = f"pixel art {grid.name}" if grid is not None else "photo"
             labels.append(f"{kind}: {prompt}")
+            if len(pictures) == COUNT:
+                break
+        if len(pictures) == COUNT:
+            break
+    report.total = len(pictures) + len(report.bad)
     if not pictures:
         raise DataError(f"--preview-data: no usable sample in {recipe.data.path or recipe.data.card}")
     written.append(save_grid(viewable_tiles(pictures, labels), out / "grid.png", {"labels": labels}))
