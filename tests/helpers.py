@@ -318,3 +318,37 @@ class FakeHub:
                 pass
 
         return Handler
+
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "green", "square", "circle", "a", "picture", "of"]
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory) -> str:
+    """A BLIP captioner of a few thousand weights, saved like a Hub model; it says "red ..." (biased output)."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    text = dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                bos_token_id=2, sep_token_id=3, eos_token_id=3, pad_token_id=0, max_position_embeddings=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[vocab["red"]] = 20.0
+    folder = tmp_path_factory.mktemp("blip")
+    model.save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=BertTokenizer(vocab=vocab)).save_pretrained(folder)
+    return str(folder)
+
+
+def one_error(capsys, rc: int, prefix: str = "amused-tune") -> str:
+    """The single `prefix: error:` line of a failed command (exit 2), with no traceback."""
+    captured = capsys.readouterr()
+    err = captured.err
+    lines = [line for line in err.splitlines() if line.startswith(f"{prefix}: error: ")]
+    assert rc == 2, (rc, err[-2000:])
+    assert len(lines) == 1 and "Traceback" not in err + captured.out, err[-2000:]
+    return lines[0]

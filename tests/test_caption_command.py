@@ -14,30 +14,8 @@ from amused_tune.cli import main as cli_main
 from amused_tune.cli.caption import caption_folder
 from amused_tune.train.loop import train
 from conftest import make_images
-from helpers import recipe_for
+from helpers import captioner, recipe_for  # noqa: F401  (captioner: a fixture)
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "green", "square", "circle", "a", "picture", "of"]
-
-
-@pytest.fixture(scope="module")
-def captioner(tmp_path_factory) -> str:
-    """A BLIP captioner of a few thousand weights, saved like a Hub model; it says "red ..." (biased output)."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
-
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    text = dict(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                bos_token_id=2, sep_token_id=3, eos_token_id=3, pad_token_id=0, max_position_embeddings=64)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=16)
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[vocab["red"]] = 20.0
-    folder = tmp_path_factory.mktemp("blip")
-    model.save_pretrained(folder)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                  tokenizer=BertTokenizer(vocab=vocab)).save_pretrained(folder)
-    return str(folder)
 
 
 def five_images(folder):

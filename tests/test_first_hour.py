@@ -20,7 +20,7 @@ from PIL import Image
 
 from amused_tune.cli import main as cli_main
 from conftest import make_images
-from helpers import no_model_loading  # noqa: F401 (a fixture: loading a base model fails the test)
+from helpers import one_error, no_model_loading  # noqa: F401 (a fixture: loading a base model fails the test)
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--model.base=tiny", "--train.max_steps=3", "--train.checkpoint_every=3", "--output.loss_plot=false",
@@ -37,16 +37,6 @@ def caption_folder(folder: Path, n: int = 4) -> Path:
 
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def one_error(capsys, rc: int, prefix: str = "amused-tune") -> str:
-    """The single `prefix: error:` line of a failed command (exit 2), with no traceback."""
-    captured = capsys.readouterr()
-    err = captured.err
-    lines = [line for line in err.splitlines() if line.startswith(f"{prefix}: error: ")]
-    assert rc == 2, (rc, err[-2000:])
-    assert len(lines) == 1 and "Traceback" not in err + captured.out, err[-2000:]
-    return lines[0]
 
 
 def print_config(capsys, argv: list[str]) -> dict:

@@ -32,7 +32,7 @@ from amused_tune.cli import main as cli_main
 from amused_tune.train import checkpoints, outputs
 from amused_tune.writes import WRITE_FAILED
 from conftest import make_images, reset_accelerate
-from test_caption_command import captioner  # noqa: F401  (a fixture: a tiny BLIP saved like a Hub model)
+from helpers import captioner  # noqa: F401  (a fixture: a tiny BLIP saved like a Hub model)
 
 DISK_SIZE = 64 << 20
 
@@ -429,8 +429,7 @@ def test_round2_missing_run(tmp_path, capsys):
 def test_push_of_a_run_on_a_full_or_read_only_disk_pushes_and_keeps_the_old_card(disk, straight, tmp_path):
     """The push stages nothing in the run folder; only its local card is refreshed after the upload. On a full or
     read-only disk that refresh fails: one warning line, the old card intact, the push done (exit 0)."""
-    from fake_hub import FakeHub
-    from test_hub import TOKEN, push
+    from helpers import TOKEN, FakeHub, push
 
     hub = FakeHub({TOKEN: "alice"}).start()
     try:

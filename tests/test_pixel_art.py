@@ -18,7 +18,7 @@ from amused_tune.data.pixel_art import find_grid, parse_colour
 from amused_tune.sampling.pixel_art import pixelate, read_palette
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_first_hour import one_error  # noqa: E402
+from helpers import one_error  # noqa: E402
 
 BACKGROUND = "#203040"
 

@@ -4,6 +4,7 @@ one-line errors naming the valid keys), the subcommands' argparse with one-line 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -114,10 +115,11 @@ def parse_recipe(argv: list[str]):
                                   f"({', '.join(SUBCOMMANDS)}; see `amused-tune --help` and `amused-tune recipes`)")
             path = alt
         try:
-            read_yaml(path, "recipe")
+            written = read_yaml(path, "recipe")
         except ValueError as err:
             raise RecipeError(str(err)) from None
         args = ["--config", str(path)] + args[1:]
+        args[2:2] = earlier_values(path, written)
     parser = build_parser()
     try:
         ns = parser.parse_args(args)
@@ -127,6 +129,17 @@ def parse_recipe(argv: list[str]):
     fields = {name: getattr(init, name) for name in Recipe.__dataclass_fields__}
     command_line_source(fields["data"], given_keys(args[2:] if args[:1] == ["--config"] else args, "data"))
     return Recipe(**fields).resolve().validate(), parser, ns
+
+
+def earlier_values(path: Path, written: dict) -> list[str]:
+    """For a recipe.yaml an earlier version of the kit wrote: the keys added since, as overrides with the values that
+    do what that version did (train.identity.ADDED_KEYS), so that its run resumes as itself; [] for other files."""
+    from amused_tune.train.identity import ADDED_KEYS, RESOLVED_HEADER
+
+    if not path.read_text(encoding="utf-8").startswith(RESOLVED_HEADER):
+        return []
+    return [f"--{section}.{key}={json.dumps(value).strip(chr(34))}" for (section, key), value in ADDED_KEYS.items()
+            if key not in (written.get(section) or {})]
 
 
 def given_keys(overrides: list[str], section: str) -> set[str]:

@@ -22,6 +22,11 @@ RESUMABLE_CHANGES = {
     ("train", "grad_checkpointing"), ("train", "compile"), ("data", "num_workers"), ("data", "cache_dir"),
     ("validation", None), ("output", None),
 }
+# keys added after run folders were first written, each with the value that does what the versions before it did:
+# a recipe.yaml the kit wrote without the key is read with that value (cli.args.parse_recipe), and the key at that
+# value is left out of the fingerprint, so an earlier run still resumes as itself
+ADDED_KEYS = {("data", "pixel_art"): False, ("data", "background"): "#ffffff"}
+RESOLVED_HEADER = "# resolved recipe written by amused-tune"
 VERSIONED = ("amused-tune", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
 
@@ -33,6 +38,9 @@ def recipe_fingerprint(recipe: Recipe) -> str:
             d.pop(section, None)
         else:
             d[section].pop(key, None)
+    for (section, key), earlier in ADDED_KEYS.items():
+        if d[section].get(key) == earlier:
+            d[section].pop(key)
     if recipe.validation.holdout:  # held-out images are not trained on: a different holdout is a different run
         d["holdout"] = recipe.validation.holdout
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -49,7 +57,7 @@ def package_versions() -> dict[str, str]:
 
 
 def recipe_yaml(recipe: Recipe) -> str:
-    header = "# resolved recipe written by amused-tune; resume or rerun with: amused-tune THIS_FILE\n"
+    header = f"{RESOLVED_HEADER}; resume or rerun with: amused-tune THIS_FILE\n"
     header += "".join(f"# {k}=={v}\n" for k, v in package_versions().items())
     header += f"# fingerprint: {recipe_fingerprint(recipe)}\n"
     return header + yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False)
