@@ -24,6 +24,7 @@ import yaml
 
 from amused_tune.model.bases import Components
 from amused_tune.toy import world
+from amused_tune.train.validation import write_before_after
 from amused_tune.share.card import EVAL_SECTION
 from amused_tune.toy.evaluate import _sampler_kwargs, eval_prompts, match_rate
 from amused_tune.toy.report import eval_lines
@@ -112,25 +113,6 @@ def run_styledrop(run: Path) -> tuple[float, float] | None:
     return tuple(sd) if sd else None
 
 
-def side_by_side(run: Path) -> Path | None:
-    """RUN_DIR/samples/before_after.png: the first validation grid (step 0) next to the last (same prompts and
-    seeds), made with the kit's `save_grid`; None when the run wrote fewer than two grids."""
-    from PIL import Image
-
-    from amused_tune.sampling.sampler import save_grid
-
-    grids = sorted((run / "samples").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
-    if len(grids) < 2:
-        return None
-    first, last = Image.open(grids[0]).convert("RGB"), Image.open(grids[-1]).convert("RGB")
-    gap = Image.new("RGB", (8, first.height), (255, 255, 255))
-    row = Image.new("RGB", (first.width + gap.width + last.width, first.height))
-    for x, img in ((0, first), (first.width, gap), (first.width + gap.width, last)):
-        row.paste(img, (x, 0))
-    return save_grid([row], run / "samples" / "before_after.png",
-                     {"left": grids[0].name, "right": grids[-1].name}, nrow=1)
-
-
 def evaluate_run(base: Components, run: Path, settings: dict, print_fn=print, base_numbers: dict | None = None) -> dict:
     """The base's numbers (`base_numbers` when already measured) and the run's, written to RUN_DIR/eval.json."""
     run = Path(run)
@@ -150,7 +132,7 @@ def evaluate_run(base: Components, run: Path, settings: dict, print_fn=print, ba
                                        **finetune_numbers(tuned, settings, print_fn, styledrop=sd)}
     (run / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
     (run / EVAL_SECTION).write_text("\n".join(eval_lines(run)) + "\n")  # the model card includes it
-    side_by_side(run)
+    write_before_after(run)
     if (run / "recipe.yaml").is_file():  # the model card shows these numbers: write it again
         from amused_tune.share.card import write_card
 

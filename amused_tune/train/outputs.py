@@ -187,7 +187,8 @@ def final_written(out: Path, recipe: Recipe) -> bool:
 
 
 def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
-    """The run's deliverables: the adapter (both formats) or the full U-ViT, and the loss plot."""
+    """The run's deliverables: the adapter (both formats) or the full U-ViT, the loss plot and the validation grids
+    before and after training side by side (samples/before_after.png)."""
     written = {}
     record = run_record(recipe.model.base, recipe.validation)  # the base and sampling settings travel with the weights
     if recipe.adapter.kind != "full":  # lora or dora
@@ -202,6 +203,11 @@ def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
         plot = write_loss_plot(out / METRICS_FILE, out / "loss.png")
         if plot:
             written["loss_plot"] = str(plot)
+    from amused_tune.train.validation import write_before_after
+
+    before_after = write_before_after(out)
+    if before_after:
+        written["before_after"] = str(before_after)
     # the model card, then output.push_to_hub (a failed push keeps the run: see push_error)
     written.update(hub.finish_run(out, recipe.to_dict()))
     return written
