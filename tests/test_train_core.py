@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,11 @@ def test_run_writes_the_documented_files(tmp_path, image_folder):
     w = before.shape[1]
     assert pair.shape == (before.shape[0], 2 * w + 8, 3)
     assert np.array_equal(pair[:, :w], before) and np.array_equal(pair[:, w + 8:], after)
+    # the run keeps its own log (what it printed, however it was started), progress bars folded to their last state
+    log = (out / "train.log").read_text()
+    assert "train: base tiny" in log and "samples: writing" in log and "finished: step 2" in log
+    assert "\r" not in log and log.count("\n$ ") == 1
+    assert sys.stdout.__class__.__name__ != "_Tee" and sys.stderr.__class__.__name__ != "_Tee"  # put back
     text = (out / "recipe.yaml").read_text()
     assert "# torch==" in text and "# diffusers==" in text and "base: tiny" in text
     rows = __import__("amused_tune.train.outputs", fromlist=["x"]).read_metrics(out / "metrics.jsonl")

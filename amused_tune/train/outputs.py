@@ -18,7 +18,8 @@ from amused_tune.train import checkpoints
 from amused_tune.train.identity import recipe_fingerprint, recipe_yaml
 
 # what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
-RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "samples", "adapter", "adapter-raw", "transformer", "loss.png", "logs")
+RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "samples", "adapter", "adapter-raw", "transformer", "loss.png", "logs",
+                 "train.log")
 
 
 def prepare_output_dir(out: Path, recipe: Recipe, main: bool) -> None:
