@@ -317,7 +317,9 @@ def test_the_log_panel_shows_a_terminal_runs_own_log_and_the_pages_when_newer(tm
                                                                                              "terminal.log")}))
     stamp = time.time() + 5
     os.utime(tmp_path / ".ui" / "terminal.log", (stamp, stamp))
-    assert "holds a run of a different recipe" in page.run_view("terminal", None)[5]
+    view = page.run_view("terminal", None)
+    assert "holds a run of a different recipe" in view[5]
+    assert view[0].endswith("\namused-tune: error: output.dir=... holds a run of a different recipe")  # said on top
 
 
 def test_the_fits_table_says_why_it_is_empty_for_the_toy(tmp_path):

@@ -75,8 +75,12 @@ class Page:
         slider = gr.update(minimum=0, maximum=max(len(grids) - 1, 1), value=max(index, 0),
                            label=f"validation grid: step {grid[0]}" if grid else "validation grid: none yet")
         stoppable = bool(alive) and info.status in ACTIVE  # only a process this page started can be stopped here
-        return (runs_mod.summary_line(info, series), loss_frame(series), slider,
-                str(grid[1]) if grid else None, runs_mod.eval_markdown(path), processes.log_tail(self.runs, path),
+        log = processes.log_tail(self.runs, path)
+        summary = runs_mod.summary_line(info, series)
+        last = log.rsplit("\n", 1)[-1]
+        if info.status not in ACTIVE and "error:" in last:  # how the run ended, the command's own line
+            summary += f"  \n{last}"
+        return (summary, loss_frame(series), slider, str(grid[1]) if grid else None, runs_mod.eval_markdown(path), log,
                 gr.update(visible=stoppable))
 
     def card(self, name: str | None) -> str:
