@@ -298,6 +298,14 @@ def test_stop_shows_only_for_a_run_the_page_is_training_and_polling_stops_when_n
         sleeper.kill()
         sleeper.wait()
     assert page.run_view("live", None)[-1]["visible"] is False  # its process ended
+    starting = tmp_path / "not-yet"  # a process the page started, still loading: no folder yet, but polled for
+    sleeper = _sleeper_record(tmp_path, starting)
+    try:
+        assert page.refresh_list(None)[2].active is True and not starting.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert page.refresh_list(None)[2].active is False
     terminal = fake_run(tmp_path, "terminal", 3, age_s=1)  # training from a terminal: the page cannot stop it
     assert page.run_view(terminal.name, None)[-1]["visible"] is False
     assert page.refresh_list(terminal.name)[2].active is True  # but it is running: the page polls it

@@ -42,10 +42,12 @@ class Page:
     def refresh_list(self, current: str | None):
         """The table, the run choice, and the poll timer: on while a run is running or starting, off otherwise (a
         page left open on finished runs sends nothing; Refresh, or starting a run, turns it on again)."""
-        found = self.listing()
+        alive = processes.alive_runs(self.runs)
+        found = runs_mod.list_runs(self.runs, alive)
         rows, names = [r.row() for r in found], [r.name for r in found]
         chosen = current if current in names else (names[0] if names else None)
-        active = any(r.status in ACTIVE for r in found)
+        # a process the page started counts before its folder holds a recipe.yaml (while it imports and loads)
+        active = any(r.status in ACTIVE for r in found) or any(alive.values())
         return gr.update(value=rows or None), gr.update(choices=names, value=chosen), gr.Timer(active=active)
 
     def folder_of(self, name: str | None) -> Path | None:
