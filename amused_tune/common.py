@@ -82,3 +82,28 @@ def place(module, device, dtype):
         if current != dtype:
             module.to(dtype)
     return module
+
+
+def yaml_error_words(err: Exception) -> str:
+    """A YAML parse error in words, with what usually causes it: " at line L, column C: PROBLEM (HINT)". The line a
+    parser reports is where it gave up, often far below the mistake: an unclosed quote or bracket is found only at
+    the end of the file, so the hint names where the unclosed one opens."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None) or str(err).splitlines()[0]
+    context, opened = getattr(err, "context", None) or "", getattr(err, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    at = f"line {opened.line + 1}, column {opened.column + 1}" if opened else "a line above"
+    if "quoted scalar" in context:
+        hint = f"the quote opened at {at} is never closed: add the closing quote"
+    elif "flow mapping" in context or "flow sequence" in context:
+        bracket = "{" if "mapping" in context else "["
+        hint = (f"the {bracket} opened at {at} is never closed, or a comma is missing between its items: close it "
+                f"with {'}' if bracket == '{' else ']'}")
+    elif "'\\t'" in problem:
+        hint = "a tab character: YAML indents with spaces only"
+    elif "mapping values are not allowed" in problem:
+        hint = ("a value holding ': ' must be quoted, or this line is indented deeper than the key above it; "
+                "else an unclosed quote or bracket above this line")
+    else:
+        hint = ("usually an unclosed quote or bracket above the reported line, or indentation that does not line up "
+                "with the lines above")
+    return f"{where}: {problem} ({hint})"

@@ -53,6 +53,7 @@ def test_the_base_draws_neither_the_new_concept_nor_the_style(base_numbers):
 
 def _assert_concept_learnt(result: dict) -> None:
     base, tuned = result["base"], result["adapter"]
+    assert result["kind"] == "concept" and "style_with" not in tuned  # a concept run is not measured for the style
     assert tuned["concept"] >= 0.80, tuned
     assert tuned["world"] >= base["world"] - 0.10, (base, tuned)
 
@@ -69,8 +70,31 @@ def test_full_finetuning_with_8bit_adamw_teaches_a_new_concept(tmp_path, base_nu
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory, base_numbers):
-    return _train_and_measure("quickstart.yaml", tmp_path_factory.mktemp("quickstart"), base_numbers)["adapter"]
+def quickstart_run(tmp_path_factory, base_numbers):
+    folder = tmp_path_factory.mktemp("quickstart")
+    return folder / "run", _train_and_measure("quickstart.yaml", folder, base_numbers)
+
+
+@pytest.fixture(scope="module")
+def quickstart(quickstart_run):
+    return quickstart_run[1]["adapter"]
+
+
+def test_a_style_runs_eval_and_card_show_the_style_by_background_not_the_concept(quickstart_run):
+    """`toy eval --adapter` of a style run: the style rows and where the style is missing (by background colour),
+    not the purple-concept row that only a concept run learns; the model card repeats exactly those rows."""
+    run, result = quickstart_run
+    tuned = result["adapter"]
+    assert result["kind"] == "style" and "concept" not in tuned
+    by_bg = tuned["style_by_background"]
+    assert sum(r["samples"] for r in by_bg.values()) == 50  # 25 prompts x 2 seeds, each counted once
+    assert sum(r["style_with"] * r["samples"] for r in by_bg.values()) / 50 == pytest.approx(tuned["style_with"])
+    assert sum(r["style_match"] * r["samples"] for r in by_bg.values()) / 50 == pytest.approx(tuned["style_match"])
+    card = (run / "README.md").read_text()
+    assert "`... in [v] style`: the style is drawn" in card and "new concept (purple)" not in card
+    for bg, r in by_bg.items():
+        assert f"| {bg} | {r['style_with']:.2f} / {r['style_match']:.2f} (n={r['samples']}) |" in card
+    assert "min_p 0.1" in card  # the sampling settings the rates were measured with
 
 
 @pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
@@ -110,3 +134,30 @@ def test_styledrop_method_learns_the_style_for_any_style_image(tmp_path, monkeyp
     assert worst["leak"] <= 0.05, worst  # measured 0.00
     assert worst["caption_kept"] >= 0.95, worst  # measured 1.00
     assert worst["clean"] >= 0.42, worst  # measured 0.52
+
+
+def test_the_eval_table_shows_the_rows_of_what_the_run_teaches(tmp_path):
+    """eval.json -> the card's Markdown: a style run's rows and its by-background table; a concept run's concept
+    row; an older eval.json (every number) keeps every row."""
+    from amused_tune.toy.finetune_eval import run_kind
+    from amused_tune.toy.report import eval_lines
+
+    for recipe, kind in (("quickstart", "style"), ("toy_concept_lora", "concept"), ("toy_concept_full8bit", "concept"),
+                         ("my_folder", None)):
+        (tmp_path / recipe).mkdir()
+        (tmp_path / recipe / "recipe.yaml").write_text((ROOT / "recipes" / f"{recipe}.yaml").read_text())
+        assert run_kind(tmp_path / recipe) == kind, recipe
+    sampling = {"guidance": 2.0, "steps": 12, "min_p": 0.1, "top_k": 0}
+    style = {"world": 1.0, "style_with": 0.5, "style_match": 0.25, "style_without": 0.0,
+             "style_by_background": {"red": {"samples": 4, "style_with": 0.0, "style_match": 0.0},
+                                     "blue": {"samples": 4, "style_with": 1.0, "style_match": 0.5}}}
+    (tmp_path / "eval.json").write_text(json.dumps({"kind": "style", "sampling": sampling, "adapter": style,
+                                                    "base": {**style, "concept": 0.0, "style_with": 0.0}}))
+    text = "\n".join(eval_lines(tmp_path))
+    assert "| `... in [v] style`: the style is drawn | 0.00 | 0.50 |" in text and "concept" not in text
+    assert "| red | 0.00 / 0.00 (n=4) |" in text and "| blue | 1.00 / 0.50 (n=4) |" in text
+    assert "guidance 2.0, 12 steps, min_p 0.1" in text
+    every = {"world": 1.0, "concept": 0.9, "style_with": 0.0, "style_match": 0.0, "style_without": 0.0}
+    (tmp_path / "eval.json").write_text(json.dumps({"sampling": sampling, "adapter": every, "base": every}))
+    text = "\n".join(eval_lines(tmp_path))
+    assert "new concept (purple)" in text and "the style is drawn" in text and "by the background" not in text

@@ -215,8 +215,16 @@ def test_toy_eval_checks_its_arguments(capsys, tmp_path, argv, fragments):
 
 
 @pytest.mark.parametrize("text, fragments", [
-    ("model:\n  base: tiny\ntrain: {max_steps: 3\n", ["bad.yaml", "not valid YAML", "line 4"]),
-    ("model:\n\tbase: tiny\n", ["bad.yaml", "not valid YAML", "line 2"]),
+    ("model:\n  base: tiny\ntrain: {max_steps: 3\n", ["bad.yaml", "not valid YAML", "line 4",
+                                                      "the { opened at line 3, column 8 is never closed"]),
+    ("model:\n\tbase: tiny\n", ["bad.yaml", "not valid YAML", "line 2", "YAML indents with spaces only"]),
+    # an unclosed quote on line 6 of 9: the parser stops at the end of the file; the hint names the opening quote
+    ('model:\n  base: tiny\ndata:\n  source: single_image\n  path: a.png\n  prompt: "a red circle\ntrain:\n'
+     '  max_steps: 3\nx: 1\n', ["not valid YAML at line 10, column 1", "found unexpected end of stream",
+                                "the quote opened at line 6, column 11 is never closed"]),
+    ("validation:\n  prompts: [a, b\ntrain:\n  max_steps: 3\n", ["the [ opened at line 2, column 12 is never closed"]),
+    ("model:\n    base: tiny\n  dtype: fp32\n", ["line 3", "usually an unclosed quote or bracket above the reported "
+                                                  "line, or indentation"]),
     ("", ["bad.yaml", "is empty"]),
     ("- model\n- train\n", ["bad.yaml", "must be a mapping of sections"]),
 ])
@@ -230,7 +238,7 @@ def test_a_broken_recipe_file_is_named_with_its_line(capsys, tmp_path, text, fra
 def test_a_broken_dataset_card_is_named_with_its_line(capsys, tmp_path):
     (tmp_path / "card.yaml").write_text("source: folder\npath: [photos\n")
     line = one_error(capsys, cli_main(["quickstart", f"--data.card={tmp_path / 'card.yaml'}", "--print_config"]))
-    assert "card.yaml is not valid YAML at line 3" in line
+    assert "card.yaml is not valid YAML at line 3" in line and "the [ opened at line 2, column 7 is never closed" in line
 
 
 def test_an_unedited_my_folder_recipe_says_to_set_data_path_before_loading(capsys, no_model_loading):

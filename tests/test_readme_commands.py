@@ -96,5 +96,6 @@ def test_every_offline_readme_command_runs_as_written_in_order(fresh_folder):
     print("\n".join(f"{s:6.1f} s  {c}" for s, c in took))
     # what the commands promise, checked on what they wrote
     assert (fresh_folder / "runs" / "quickstart-lora" / "adapter" / "amused_tune.json").is_file()
+    assert (fresh_folder / "runs" / "quickstart-lora" / "samples" / "before_after.png").is_file()  # the picture shown
     if any(c.startswith("amused-tune merge runs/quickstart-lora --out merged/") for c in to_run):
         assert (fresh_folder / "merged" / "sampling.json").is_file()

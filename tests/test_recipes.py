@@ -138,6 +138,35 @@ def test_recipes_cli_is_wired_into_amused_tune(tmp_path):
     assert (tmp_path / "quickstart.yaml").read_text().startswith("# Quickstart")
 
 
+def test_a_copy_gets_its_own_output_dir_so_its_first_run_trains(tmp_path, monkeypatch):
+    """`recipes cp quickstart my_style.yaml`: runs/my_style-lora, not the quickstart's folder (whose run would stop
+    the copy with "holds a run of a different recipe"); a name with a space is quoted and still parses."""
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(["cp", "quickstart", "my_style.yaml"])
+    assert code == 0 and "output.dir: runs/my_style-{adapter.kind}" in out
+    copy, _, _ = parse_recipe(["my_style.yaml"])
+    assert copy.output.dir == "runs/my_style-lora"
+    text = (tmp_path / "my_style.yaml").read_text()
+    assert "runs/quickstart" not in text and "--adapter runs/my_style-lora" in text
+    full, _, _ = parse_recipe(["my_style.yaml", "--adapter.kind=full"])
+    assert full.output.dir == "runs/my_style-full"
+    assert run_cli(["cp", "styledrop_256", "my style.yaml"])[0] == 0
+    assert parse_recipe(["my style.yaml"])[0].output.dir == "runs/my style"
+    # the quickstart ran here, then the copy is edited and run: its folder is its own, so nothing refuses it
+    from amused_tune.train.outputs import prepare_output_dir
+
+    original, _, _ = parse_recipe([str(recipes_cli.RECIPES_DIR / "quickstart.yaml")])
+    prepare_output_dir(Path(original.output.dir), original, True)
+    (Path(original.output.dir) / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # it trained a step
+    edited, _, _ = parse_recipe(["my_style.yaml", "--data.prompt=a red circle on a white background in [v] style"])
+    prepare_output_dir(Path(edited.output.dir), edited, True)
+    assert (tmp_path / "runs" / "quickstart-lora" / "recipe.yaml").is_file()
+    assert (tmp_path / "runs" / "my_style-lora" / "recipe.yaml").is_file()
+    with pytest.raises(Exception, match="different recipe"):  # what the copy met before it had its own folder
+        edited.output.dir = original.output.dir
+        prepare_output_dir(Path(original.output.dir), edited, True)
+
+
 def test_cp_copies_a_recipe_to_edit(tmp_path):
     dest = tmp_path / "mine.yaml"
     code, out, _ = run_cli(["cp", "nouns_256_lora_bs1x16", str(dest)])
@@ -146,7 +175,9 @@ def test_cp_copies_a_recipe_to_edit(tmp_path):
     assert f"# command: amused-tune {dest}" in text
     original, _, _ = parse_recipe([str(recipes_cli.RECIPES_DIR / "nouns_256_lora_bs1x16.yaml")])
     copy, _, _ = parse_recipe([str(dest)])
-    assert copy.to_dict() == original.to_dict()
+    assert copy.output.dir == "runs/mine" and original.output.dir == "runs/nouns_256_lora_bs1x16"
+    copy.output.dir = original.output.dir
+    assert copy.to_dict() == original.to_dict()  # the same recipe, in a folder of its own
 
     code, _, err = run_cli(["cp", "nouns_256_lora_bs1x16", str(dest)])
     assert code == 2 and "--force" in err

@@ -67,7 +67,10 @@ def test_a_run_records_its_base_and_validated_settings_beside_the_weights_and_in
     assert lone == record
     card = (run / "README.md").read_text()
     assert "guidance 2.0" in card and "amused_tune.json" in card
-    assert "guidance_scale=2.0, num_inference_steps=12" in card  # diffusers' own call, at the recorded settings
+    assert "guidance_scale=2.0, num_inference_steps=12, temperature=(2.0, 0.0)" in card  # diffusers' own call
+    # every setting is listed, and what plain diffusers cannot apply is said (the toy truncates at min_p 0.1)
+    assert "temperature 2.0 -> 0.0, min_p 0.1, top_k 0" in card
+    assert "`AmusedPipeline` takes guidance, steps and temperature" in card and "cannot apply `min_p` 0.1" in card
 
 
 @pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)

@@ -274,3 +274,23 @@ def test_eight_toy_samples_take_under_five_seconds(toy):
     t0 = time.perf_counter()
     generate(toy, ["a red circle on a blue background"], list(range(8)), steps=d["steps"], guidance=d["guidance"])
     assert time.perf_counter() - t0 < 5.0
+
+
+def test_docs_give_every_palette_colours_rgb_and_an_image_drawn_from_them_is_read_right():
+    """docs/toy.md lists each colour's RGB (what a user needs to draw a style image); a style image painted cell by
+    cell from the documented values alone is read by the classifier as its caption says, frame included."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "toy.md").read_text()
+    documented = {m[1]: tuple(int(v) for v in m[2].split(",")) for m in
+                  re.finditer(r"^\| (\w+) \| \((\d+, \d+, \d+)\) \| `#[0-9a-f]{6}` \|", text, re.M)}
+    assert documented == world.PALETTE
+    cells = np.array([[documented["grey"] if r in (0, 7) or c in (0, 7) else documented["black"] for c in range(8)]
+                      for r in range(8)], dtype=np.uint8)
+    cells[2:6, 2:6] = documented["orange"]  # a square, drawn by hand from the table
+    image = Image.fromarray(np.kron(cells, np.ones((4, 4, 1), dtype=np.uint8)))
+    found = classify(image)
+    assert found.matches_with_style("a orange square on a black background in [v] style")
+    assert np.array_equal(np.asarray(image), np.asarray(world.render(world.ShapeSpec("square", "orange", "black",
+                                                                                      style=True))))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,13 +260,30 @@ def test_adapter_reloads_in_diffusers_with_its_alpha_and_the_same_logits(tmp_pat
 
 
 def test_run_writes_the_documented_files(tmp_path, image_folder):
-    recipe = tiny_recipe(tmp_path, image_folder, train={"max_steps": 2, "checkpoint_every": 1})
+    recipe = tiny_recipe(tmp_path, image_folder, train={"max_steps": 2, "checkpoint_every": 1},
+                         validation={"prompts": ["a photo"], "every": 2, "steps": 2, "images_per_prompt": 1})
     recipe.output.loss_plot = True
     train(recipe)
     out = Path(recipe.output.dir)
     for name in ("recipe.yaml", "metrics.jsonl", "loss.png", "adapter/pytorch_lora_weights.safetensors",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoints/step-2/meta.json"):
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoints/step-2/meta.json",
+                 "samples/step-0.png", "samples/step-2.png"):
         assert (out / name).is_file(), name
+    # the picture the README shows: the grid before training beside the last one, written by the run itself
+    from PIL import Image
+
+    before, after = (np.asarray(Image.open(out / "samples" / f"step-{n}.png").convert("RGB")) for n in (0, 2))
+    with Image.open(out / "samples" / "before_after.png") as both:
+        assert both.text["left"] == "step-0.png" and both.text["right"] == "step-2.png"
+        pair = np.asarray(both.convert("RGB"))
+    w = before.shape[1]
+    assert pair.shape == (before.shape[0], 2 * w + 8, 3)
+    assert np.array_equal(pair[:, :w], before) and np.array_equal(pair[:, w + 8:], after)
+    # the run keeps its own log (what it printed, however it was started), progress bars folded to their last state
+    log = (out / "train.log").read_text()
+    assert "train: base tiny" in log and "samples: writing" in log and "finished: step 2" in log
+    assert "\r" not in log and log.count("\n$ ") == 1
+    assert sys.stdout.__class__.__name__ != "_Tee" and sys.stderr.__class__.__name__ != "_Tee"  # put back
     text = (out / "recipe.yaml").read_text()
     assert "# torch==" in text and "# diffusers==" in text and "base: tiny" in text
     rows = __import__("amused_tune.train.outputs", fromlist=["x"]).read_metrics(out / "metrics.jsonl")

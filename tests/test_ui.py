@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -259,3 +260,185 @@ def test_a_run_that_fails_at_once_shows_the_commands_line(tmp_path):
     said = processes.early_failure(tmp_path / "runs", out, wait_s=60)
     assert said.startswith(f"amused-tune: error: recipe {tmp_path / 'nope.yaml'} not found")
     assert processes.record_of(tmp_path / "runs", out)["command"] == f"amused-tune {tmp_path / 'nope.yaml'}"
+
+
+# --------------------------------------------------------------------------------------------- what a new user met
+
+
+def _page(runs: Path, **access):
+    pytest.importorskip("gradio")
+    from amused_tune.ui.access import Access
+    from amused_tune.ui.app import Page
+
+    return Page(runs, Access(runs, **access))
+
+
+def _sleeper_record(runs: Path, out: Path) -> subprocess.Popen:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    (runs / ".ui").mkdir(exist_ok=True)
+    (runs / ".ui" / f"{out.name}.json").write_text(json.dumps({"pid": sleeper.pid, "out": str(out.resolve()),
+                                                               "command": "amused-tune x", "log": "none"}))
+    return sleeper
+
+
+def test_stop_shows_only_for_a_run_the_page_is_training_and_polling_stops_when_nothing_runs(tmp_path):
+    page = _page(tmp_path)
+    empty = page.run_view(None, None)
+    assert empty[-1]["visible"] is False  # no run selected: no Stop
+    assert page.refresh_list(None)[2].active is False  # nothing runs: the page stops polling
+    fake_run(tmp_path, "done", 100, finished=True, age_s=5)
+    assert page.run_view("done", None)[-1]["visible"] is False  # a finished run: no Stop
+    assert page.refresh_list("done")[2].active is False
+    live = fake_run(tmp_path, "live", 7, age_s=1)
+    sleeper = _sleeper_record(tmp_path, live)
+    try:
+        assert page.run_view("live", None)[-1]["visible"] is True  # training in a process the page started
+        assert page.refresh_list("live")[2].active is True  # a run is training: the Runs tab polls
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert page.run_view("live", None)[-1]["visible"] is False  # its process ended
+    starting = tmp_path / "not-yet"  # a process the page started, still loading: no folder yet, but polled for
+    sleeper = _sleeper_record(tmp_path, starting)
+    try:
+        assert page.refresh_list(None)[2].active is True and not starting.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert page.refresh_list(None)[2].active is False
+    terminal = fake_run(tmp_path, "terminal", 3, age_s=1)  # training from a terminal: the page cannot stop it
+    assert page.run_view(terminal.name, None)[-1]["visible"] is False
+    assert page.refresh_list(terminal.name)[2].active is True  # but it is running: the page polls it
+
+
+def test_the_log_panel_shows_a_terminal_runs_own_log_and_the_pages_when_newer(tmp_path):
+    out = fake_run(tmp_path, "terminal", 3, age_s=1)
+    (out / "train.log").write_text("\n$ amused-tune q.yaml\ntrain: base toy | ...\ntrain:  33%|x| 1/3\rtrain: 100%|x| 3/3\n")
+    page = _page(tmp_path)
+    assert page.run_view("terminal", None)[5].splitlines() == ["$ amused-tune q.yaml", "train: base toy | ...",
+                                                               "train: 100%|x| 3/3"]
+    (tmp_path / ".ui").mkdir()
+    (tmp_path / ".ui" / "terminal.log").write_text("amused-tune: error: output.dir=... holds a run of a different "
+                                                   "recipe\n")  # a later start from the page that failed at once
+    (tmp_path / ".ui" / "terminal.json").write_text(json.dumps({"pid": 2 ** 22 + 1, "out": str(out.resolve()),
+                                                                "command": "x", "log": str(tmp_path / ".ui" /
+                                                                                             "terminal.log")}))
+    stamp = time.time() + 5
+    os.utime(tmp_path / ".ui" / "terminal.log", (stamp, stamp))
+    view = page.run_view("terminal", None)
+    assert "holds a run of a different recipe" in view[5]
+    assert view[0].endswith("\namused-tune: error: output.dir=... holds a run of a different recipe")  # said on top
+
+
+def test_the_fits_table_says_why_it_is_empty_for_the_toy(tmp_path):
+    page = _page(tmp_path)
+    command_line, _, _, estimate, fits = page.check("quickstart", None, "", "", None, "", "")
+    assert command_line == "amused-tune quickstart"
+    assert fits == [["any", "not estimated", estimate.splitlines()[0]]]
+    assert fits[0][2].startswith("model.base=toy: the memory estimate covers the real-size aMUSEd bases")
+
+
+def _png(path: Path, size=(32, 32)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    return path
+
+
+def _bomb(path: Path, side: int = 30000) -> Path:
+    """A PNG whose header claims side x side pixels (a few hundred bytes on disk): decoding 30000 would take 2.7 GB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    rows = zlib.compress(b"\0" * 100)  # far fewer bytes than the header promises
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def test_uploads_are_checked_and_refused_in_one_line_writing_nothing_outside_the_runs_folder(tmp_path):
+    from amused_tune.ui import uploads
+
+    runs, sent = tmp_path / "runs", tmp_path / "sent"
+    runs.mkdir()
+    sent.mkdir()
+    good, caption = _png(sent / "a.png"), sent / "a.txt"
+    caption.write_text("a red square in [v] style")
+    (sent / "notes.png").write_text("not an image at all")
+    refusals = [
+        ("style", [("notes.png", sent / "notes.png")], "upload notes.png is not an image PIL can read"),
+        ("style", [("bomb.png", _bomb(sent / "bomb.png"))], "too many pixels to decode safely (a decompression bomb)"),
+        ("style", [("big.png", _bomb(sent / "big.png", 9000))], "9000x9000 pixels is more than this page decodes"),
+        ("style", [("../evil.png", good)], "a file name may not hold a folder or '..'"),
+        ("style", [("/etc/evil.png", good)], "an absolute path is not a file name"),
+        ("style", [("a.exe", good)], "not an image"),
+        ("../escape", [("a.png", good)], "must be one plain name"),
+        ("a/b", [("a.png", good)], "must be one plain name"),
+        ("style", [("a.png", good), ("notes.png", sent / "notes.png")], "notes.png is not an image"),
+    ]
+    for name, files, said in refusals:
+        with pytest.raises(uploads.UploadError, match=re.escape(said)) as refused:
+            uploads.save_uploads(runs, name, files)
+        assert "\n" not in str(refused.value)
+    (runs / "uploads").mkdir()
+    os.symlink(tmp_path / "outside", runs / "uploads" / "linked")  # a planted link may not lead out either
+    with pytest.raises(uploads.UploadError, match="outside the runs folder"):
+        uploads.save_uploads(runs, "linked", [("a.png", good)])
+    # nothing was written anywhere: the refused batch with one good image left no file behind
+    assert sorted(p.name for p in (runs / "uploads").iterdir()) == ["linked"] and not (tmp_path / "outside").exists()
+    folder, images = uploads.save_uploads(runs, "style", [("a.png", good), ("a.txt", caption)])
+    assert folder == (runs / "uploads" / "style").resolve() and images == [folder / "a.png"]
+    assert (folder / "a.txt").read_text() == "a red square in [v] style"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["linked", "style"]  # no half-written folder aside
+    page = _page(runs)
+    said, data_path = page.upload("style", [str(good)])
+    assert said.startswith("saved 1 file to") and data_path == str(folder / "a.png")
+    said, _ = page.upload("style", [str(sent / "notes.png")])
+    assert said == "error: upload notes.png is not an image PIL can read (UnidentifiedImageError): upload a PNG, " \
+                   "JPEG or WebP file"
+
+
+def test_a_page_reachable_from_other_machines_asks_a_password_and_confines_paths(tmp_path, monkeypatch):
+    from amused_tune.ui import access
+
+    assert access.login_password("127.0.0.1", False, {}) == (None, False)  # this machine only: no login
+    password, printed = access.login_password("0.0.0.0", False, {})
+    assert printed and len(password) >= 16
+    assert access.login_password("127.0.0.1", True, {access.PASSWORD_ENV: "s3cret"}) == ("s3cret", False)
+    assert access.login_password("127.0.0.1", False, {access.PASSWORD_ENV: "s3cret"}) == ("s3cret", False)
+    check = access.checker("s3cret")
+    assert check("anyone", "s3cret") and not check("anyone", "s3cre") and not check("anyone", "")
+
+    runs, data = tmp_path / "runs", tmp_path / "photos"
+    runs.mkdir()
+    data.mkdir()
+    _png(data / "x.png")
+    (tmp_path / "private").mkdir()
+    monkeypatch.chdir(tmp_path)
+    page = _page(runs, data=[data], confined=True)
+    form = ("quickstart", None, "", "", 2, "", "")
+    said = page.start("quickstart", None, str(tmp_path / "private"), "", 2, "", "")[1]
+    assert said == (f"error: --data.path={tmp_path / 'private'} is outside the runs folder or a data folder named at "
+                    "start (--data): this page is reachable from other machines, so it only takes paths inside them")
+    for fields, fragment in (
+            (("quickstart", None, "", "", 2, str(tmp_path / "elsewhere"), ""), "--output.dir="),
+            (("quickstart", None, "", "", 2, "", "--output.dir=../out"), "--output.dir=../out is outside the runs"),
+            (("quickstart", None, "", "", 2, "", "--data.cache_dir=/tmp/c"), "--data.cache_dir=/tmp/c is outside"),
+            (("quickstart", None, "", "", 2, "", "--model.base=/etc"), "--model.base=/etc is outside"),
+            (("/etc/passwd", None, "", "", 2, "", ""), "recipe=/etc/passwd is outside"),
+            (("quickstart", None, "../private", "", 2, "", ""), "--data.path=../private is outside")):
+        assert fragment in page.check(*fields)[1], fields
+    # inside the --data folder and the runs folder: taken; a run without output.dir goes into the runs folder
+    command_line, lines, *_ = page.check("quickstart", None, str(data / "x.png"), "a red square in [v] style", 2, "",
+                                         "")
+    assert f"--output.dir={runs / 'quickstart-lora'}" in command_line and "1 sample" in lines, lines
+    assert page.merge(None, "", 1.0, False) == "error: pick a run"
+    fake_run(runs, "r", 3, finished=True)
+    assert "--out=/tmp/m is outside the runs folder" in page.merge("r", "/tmp/m", 1.0, False)
+    gallery, said = page.compare("/etc", [], "", "a red circle", 0, 1.0, "", "", False, 1.0, 1.0)
+    assert gallery == [] and "base=/etc is outside" in said
+    gallery, said = page.compare("toy", [], str(tmp_path / "private"), "a red circle", 0, 1.0, "", "", False, 1, 1)
+    assert gallery == [] and "adapter=" in said and "is outside" in said
+    assert access.Access(runs, confined=False).check("/etc", "x") is None  # this machine only: any path

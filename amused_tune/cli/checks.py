@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.common import looks_local
+from amused_tune.common import looks_local, yaml_error_words
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -27,10 +27,7 @@ def read_yaml(path: str | os.PathLike, what: str = "") -> dict:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{label} is not valid YAML{where}: {problem}; fix that line") from None
+        raise ValueError(f"{label} is not valid YAML{yaml_error_words(err)}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{label} is not a text file: pass a YAML file") from None
     if values is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -179,7 +180,31 @@ def copy(name: str, dest: str, force: bool = False, recipes_dir: Path = RECIPES_
     text = src.read_text()
     text = re.sub(r"^(#\s*command:\s*amused-tune\s+)\S+", lambda m: m.group(1) + str(target), text, count=1,
                   flags=re.MULTILINE)
+    text = own_output_dir(text, src.stem, target.stem)
+    target.parent.mkdir(parents=True, exist_ok=True)
     return write_file(target, text, "the recipe")
+
+
+OUTPUT_DIR_RE = re.compile(r"^output:[^\n]*\n(?:(?:[ \t]+[^\n]*)?\n)*?[ \t]+dir:[ \t]*([^#\n]*?)[ \t]*(?:#.*)?$",
+                           re.MULTILINE)
+
+
+def own_output_dir(text: str, old: str, new: str) -> str:
+    """The recipe text with `output.dir` named after the copy: `runs/quickstart-{adapter.kind}` copied to
+    my_style.yaml becomes `runs/my_style-{adapter.kind}`, and the comments' `runs/quickstart...` follow, so the
+    copy's first run does not stop on the folder of the recipe it came from."""
+    found = OUTPUT_DIR_RE.search(text)
+    if old == new or not found:
+        return text
+    value = found[1].strip("'\"")
+    parent, _, leaf = value.rpartition("/")
+    leaf = new + leaf[len(old):] if leaf.startswith(old) else new
+    fresh = f"{parent}/{leaf}" if parent else leaf
+    quoted = fresh if re.fullmatch(r"[\w./{}-]+", fresh) else json.dumps(fresh)  # spaces or YAML's own characters
+    text = text[:found.start(1)] + quoted + text[found.end(1):]
+    if parent:  # the comments that name the old folder (`# ... runs/quickstart-lora/samples ...`)
+        text = re.sub(rf"(?<![\w/]){re.escape(f'{parent}/{old}')}(?!\w)", f"{parent}/{new}", text)
+    return text
 
 
 def build_parser() -> SubcommandParser:
@@ -207,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, FileExistsError) as err:
             print(f"amused-tune recipes: error: {err}", file=sys.stderr)
             return 2
-        print(f"copied {args.name} to {target}; edit it, then train with: amused-tune {target}")
+        import yaml
+
+        out = ((yaml.safe_load(target.read_text()) or {}).get("output") or {}).get("dir")
+        print(f"copied {args.name} to {target}" + (f" (its runs go to output.dir: {out})" if out else "")
+              + f"; edit it, then train with: amused-tune {shlex.quote(str(target))}")
         return 0
     rows, errors = list_recipes()
     for message in errors:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.common import kit_path
+from amused_tune.common import kit_path, yaml_error_words
 from amused_tune.data.pixel_art import parse_colour
 from amused_tune.recipe import DataConfig, SourceConfig
 
@@ -54,10 +54,7 @@ def load_card(card: str) -> dict:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise DataError(f"data.card={card}: {path} is not valid YAML{where}: {problem}") from None
+        raise DataError(f"data.card={card}: {path} is not valid YAML{yaml_error_words(err)}") from None
     settable = {f.name for f in dataclasses.fields(DataConfig) if f.default is None and f.name != "card"}
     unknown = sorted(set(values) - settable - CARD_INFO_KEYS)
     if unknown:

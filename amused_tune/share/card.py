@@ -205,9 +205,38 @@ def _samples_lines(out: Path, base: str, validation: dict) -> list[str]:
     sampling, taken = resolve_sampling(base, **{k: validation.get(k) for k in DIFFUSERS_DEFAULTS})
     return [f"![validation grid at step {step}]({path})", "",
             f"Validation grid at step {step}: prompts {', '.join(f'`{p}`' for p in validation.get('prompts') or [])}; "
-            f"{sampling['steps']} MaskGIT steps, guidance {sampling['guidance']} "
-            f"({sampling['guidance_schedule']} schedule), seeds from {validation.get('seed')} (also in the PNG's "
+            f"{sampling_words(sampling)}; seeds from {validation.get('seed')} (also in the PNG's "
             f"text chunks){'; ' + describe_taken(base, taken) if taken else ''}."]
+
+
+def sampling_words(sampling: dict) -> str:
+    """Every sampling setting in words: guidance and its schedule, steps, temperature, min_p, top_k."""
+    temperature = sampling.get("temperature")
+    shown = " -> ".join(map(str, temperature)) if isinstance(temperature, (list, tuple)) else temperature
+    return (f"{sampling.get('steps')} MaskGIT steps, guidance {sampling.get('guidance')} "
+            f"({sampling.get('guidance_schedule')} schedule), temperature {shown}, min_p {sampling.get('min_p')}, "
+            f"top_k {sampling.get('top_k')}")
+
+
+def diffusers_gap(sampling: dict) -> list[str]:
+    """What plain diffusers' AmusedPipeline cannot apply of `sampling` (it takes guidance_scale,
+    num_inference_steps and temperature; it has no truncation and no guidance schedule), as one paragraph."""
+    missing = []
+    if sampling.get("min_p"):
+        missing.append(f"`min_p` {sampling['min_p']} (a token less likely than that share of the likeliest one "
+                       "is never drawn)")
+    if sampling.get("top_k"):
+        missing.append(f"`top_k` {sampling['top_k']} (only the likeliest tokens are drawn)")
+    if sampling.get("guidance_schedule") not in (None, "constant"):
+        missing.append(f"the `{sampling['guidance_schedule']}` guidance schedule (it guides at one constant scale)")
+    if not missing:
+        return ["Plain diffusers' `AmusedPipeline` applies all of these: the calls below pass guidance, steps and "
+                "temperature.", ""]
+    return ["Plain diffusers' `AmusedPipeline` takes guidance, steps and temperature (the calls below pass them) but "
+            f"cannot apply {' and '.join(missing)}: without that truncation its samples differ from the validation "
+            "grids (on a small base such as the toy, a few stray cells per image). `amused-tune sample` (and a "
+            "pipeline folder from `amused-tune merge`, sampled with `amused-tune sample --base`) applies every "
+            "setting.", ""]
 
 
 def _recorded_lines(out: Path, lora: bool) -> list[str]:
@@ -218,13 +247,10 @@ def _recorded_lines(out: Path, lora: bool) -> list[str]:
     sampling = (record or {}).get("sampling")
     if not record or not sampling:
         return []
-    temperature = sampling.get("temperature")
-    shown = " -> ".join(map(str, temperature)) if isinstance(temperature, list) else temperature
     return [f"The weights record the base they were trained on (`{record['base']}`) and the sampling settings "
-            f"they were validated with (guidance {sampling.get('guidance')}, {sampling.get('guidance_schedule')} "
-            f"schedule, {sampling.get('steps')} steps, temperature {shown}) in `{INFO_FILE}` beside them: "
+            f"they were validated with ({sampling_words(sampling)}) in `{INFO_FILE}` beside them: "
             f"`amused-tune sample --adapter ...` and `amused-tune merge` use them when you pass no `--base` "
-            "and no settings.", ""]
+            "and no settings.", "", *diffusers_gap(sampling)]
 
 
 def _pixel_art_lines(out: Path, lora: bool) -> list[str]:
@@ -319,12 +345,14 @@ def _imports(base: str, *lines: str) -> list[str]:
 
 
 def _call_settings(out: Path, lora: bool) -> str:
-    """The recorded guidance and steps as AmusedPipeline's call arguments (", guidance_scale=2.0, ..."), or ""."""
+    """The recorded guidance, steps and temperature as AmusedPipeline's call arguments (", guidance_scale=2.0,
+    ..."), or "" (min_p and top_k it cannot take: `diffusers_gap`)."""
     from amused_tune.model.provenance import read_record
 
     sampling = (read_record(Path(out) / ("adapter" if lora else "transformer")) or {}).get("sampling") or {}
-    names = {"guidance": "guidance_scale", "steps": "num_inference_steps"}
-    return "".join(f", {names[k]}={sampling[k]!r}" for k in names if sampling.get(k) is not None)
+    names = {"guidance": "guidance_scale", "steps": "num_inference_steps", "temperature": "temperature"}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in sampling.items()}
+    return "".join(f", {names[k]}={values[k]!r}" for k in names if values.get(k) is not None)
 
 
 def _usage(base: str, source: str, prompt: str, lora: bool, text_encoder: bool, repo_id: str | None,

@@ -26,6 +26,7 @@ from amused_tune.model.bases import Components, load_components
 from amused_tune.recipe import Recipe
 from amused_tune.train import checkpoints, outputs, report
 from amused_tune.train.progress import Reporter
+from amused_tune.train.runlog import RunLog
 from amused_tune.train.setup import (EpochSampler, check_distributed, check_resolution, make_accelerator,
                                      make_optimizer, make_scheduler, param_groups, place_encoders, setup_models)
 from amused_tune.train.step import Conditioning, train_step
@@ -97,18 +98,25 @@ def train(recipe: Recipe, components: Components | None = None, data: DataPlan |
     Raises TrainingStopped after SIGINT/SIGTERM (once a checkpoint is written) or a non-finite loss (nothing written).
     """
     stop = StopFlag()
+    run_log = RunLog(Path(recipe.output.dir))  # OUTPUT_DIR/train.log, started once the folder is this run's
     try:
-        return _run(recipe, components, stop, data)
-    except BaseException:
+        summary = _run(recipe, components, stop, data, run_log)
+        run_log.line(f"finished: step {summary['step']}, outputs in {summary['output_dir']}")
+        return summary
+    except BaseException as err:
         for bar in list(getattr(tqdm, "_instances", ())):  # end the progress line, so the error gets its own
             bar.close()
+        said = str(err).splitlines()[0] if str(err) else ""
+        run_log.line(f"ended: {said or type(err).__name__}")
         raise
     finally:
         stop.restore()
+        run_log.close()
 
 
-def _run(recipe: Recipe, components: Components | None, stop: StopFlag, data: DataPlan | None) -> dict:
-    run = set_up(recipe, components, data)
+def _run(recipe: Recipe, components: Components | None, stop: StopFlag, data: DataPlan | None,
+         run_log: RunLog | None = None) -> dict:
+    run = set_up(recipe, components, data, run_log)
     t = recipe.train
     resumed = None if t.resume == "none" else checkpoints.resume(run)
     step, skipped = (resumed.step, resumed.skipped) if resumed else (0, 0)
@@ -150,7 +158,8 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag, data: Da
     return finish(run, step, loss, skipped)
 
 
-def set_up(recipe: Recipe, components: Components | None, data: DataPlan | None = None) -> Run:
+def set_up(recipe: Recipe, components: Components | None, data: DataPlan | None = None,
+           run_log: RunLog | None = None) -> Run:
     """Output folder, accelerate, the base (LoRA attached or unfrozen), validated data, optimizer and schedule, then
     the wrappers. The order matters and lives here only: encoders placed before the data (the cache encodes with
     them alone), LoRA attached once the data is ready, wrappers made last and kept apart from the raw modules."""
@@ -160,6 +169,8 @@ def set_up(recipe: Recipe, components: Components | None, data: DataPlan | None 
     check_distributed(accelerator)
     outputs.prepare_output_dir(out, recipe, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # the main process may have discarded an old run (output.overwrite)
+    if run_log is not None and accelerator.is_main_process:
+        run_log.start()
     start_trackers(accelerator, recipe)
 
     if components is None:

@@ -18,7 +18,8 @@ from amused_tune.train.validation import pixel_art_settings
 from amused_tune.writes import WRITE_ERRNOS, as_write_error, folder_aside, write_file, write_with
 
 # what a run writes into output.dir; `--output.overwrite=true` discards these before starting over
-RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "samples", "adapter", "adapter-raw", "transformer", "loss.png", "logs")
+RUN_ARTIFACTS = ("checkpoints", METRICS_FILE, "samples", "adapter", "adapter-raw", "transformer", "loss.png", "logs",
+                 "train.log")
 
 
 def prepare_output_dir(out: Path, recipe: Recipe, main: bool) -> None:
@@ -196,7 +197,8 @@ def save_adapter(folder: Path, transformer, text_encoder=None, base_model: str |
 
 
 def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
-    """The run's deliverables: the adapter (both formats) or the full U-ViT, and the loss plot."""
+    """The run's deliverables: the adapter (both formats) or the full U-ViT, the loss plot and the validation grids
+    before and after training side by side (samples/before_after.png)."""
     written = {}
     # the base, the sampling and pixel-art settings travel with the weights
     record = run_record(recipe.model.base, recipe.validation, pixel_art_settings(recipe))
@@ -213,6 +215,11 @@ def write_final(out: Path, recipe: Recipe, transformer, comps) -> dict:
         plot = write_loss_plot(out / METRICS_FILE, out / "loss.png")
         if plot:
             written["loss_plot"] = str(plot)
+    from amused_tune.train.validation import write_before_after
+
+    before_after = write_before_after(out)
+    if before_after:
+        written["before_after"] = str(before_after)
     # the model card, then output.push_to_hub (a failed push keeps the run: see push_error)
     written.update(hub.finish_run(out, recipe.to_dict()))
     return written

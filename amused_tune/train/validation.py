@@ -103,6 +103,33 @@ def pixel_art_settings(recipe: Recipe) -> dict | None:
         raise RecipeError(str(err).replace("--palette", "validation.palette")) from None
 
 
+BEFORE_AFTER = "before_after.png"
+
+
+def grid_files(out: Path) -> list[Path]:
+    """The run's validation grids `samples/step-N.png`, oldest step first."""
+    found = [p for p in (Path(out) / "samples").glob("step-*.png") if p.stem.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem.split("-", 1)[1]))
+
+
+def write_before_after(out: Path) -> Path | None:
+    """`samples/before_after.png`: the first validation grid (step 0, before training) beside the last (same
+    prompts and seeds), with the two file names in its text chunks; None when the run wrote fewer than two grids."""
+    from PIL import Image
+
+    grids = grid_files(out)
+    if len(grids) < 2:
+        return None
+    with Image.open(grids[0]) as a, Image.open(grids[-1]) as b:
+        first, last = a.convert("RGB"), b.convert("RGB")
+    gap = 8
+    row = Image.new("RGB", (first.width + gap + last.width, max(first.height, last.height)), (255, 255, 255))
+    row.paste(first, (0, 0))
+    row.paste(last, (first.width + gap, 0))
+    return save_grid([row], Path(out) / "samples" / BEFORE_AFTER, {"left": grids[0].name, "right": grids[-1].name},
+                     nrow=1)
+
+
 def log_grid(accelerator, images: torch.Tensor, tiles, step: int) -> None:
     """The grid's images to the run's trackers (output.log_with): TensorBoard gets the tensors, W&B the tiles."""
     for tracker in accelerator.trackers:

@@ -7,21 +7,28 @@ from pathlib import Path
 
 import gradio as gr
 
-from amused_tune.ui import actions, prepare, processes, runs as runs_mod
+from amused_tune.ui import actions, prepare, processes, runs as runs_mod, uploads
+from amused_tune.ui.access import Access, AccessError
 
 POLL_S = 2.0
+ACTIVE = ("running", "starting")  # the Runs tab polls while a run has one of these statuses
+GRID_MIN_PX = 512  # the validation grid is shown at least this wide (its labels readable), zoomable
 CSS = """
 #run-status p, #new-run-message p, #compare-message p, #share-message p { font-size: 1.05rem; }
 #compare-gallery img, #grid-image img, #data-images img { image-rendering: pixelated; }
+#grid-image img { min-width: %dpx; width: 100%%; max-width: 1024px; height: auto; object-fit: contain; }
+#grid-image { overflow-x: auto; }
 #estimate textarea, #run-log textarea { font-family: ui-monospace, monospace; font-size: 0.8rem; }
-"""
+""" % GRID_MIN_PX
 
 
 class Page:
-    """The page's state: the runs folder; handlers are its methods (so the tests can call them without a browser)."""
+    """The page's state: the runs folder and where its paths may point; handlers are its methods (so the tests can
+    call them without a browser)."""
 
-    def __init__(self, runs_dir: str | Path):
+    def __init__(self, runs_dir: str | Path, access: Access | None = None):
         self.runs = Path(runs_dir)
+        self.access = access or Access(self.runs)
 
     # ------------------------------------------------------------------------------------------ Runs
     def listing(self) -> list[runs_mod.RunInfo]:
@@ -33,9 +40,15 @@ class Page:
         return [r.row() for r in found], names
 
     def refresh_list(self, current: str | None):
-        rows, names = self.table()
+        """The table, the run choice, and the poll timer: on while a run is running or starting, off otherwise (a
+        page left open on finished runs sends nothing; Refresh, or starting a run, turns it on again)."""
+        alive = processes.alive_runs(self.runs)
+        found = runs_mod.list_runs(self.runs, alive)
+        rows, names = [r.row() for r in found], [r.name for r in found]
         chosen = current if current in names else (names[0] if names else None)
-        return gr.update(value=rows or None), gr.update(choices=names, value=chosen)
+        # a process the page started counts before its folder holds a recipe.yaml (while it imports and loads)
+        active = any(r.status in ACTIVE for r in found) or any(alive.values())
+        return gr.update(value=rows or None), gr.update(choices=names, value=chosen), gr.Timer(active=active)
 
     def folder_of(self, name: str | None) -> Path | None:
         if not name:
@@ -54,7 +67,7 @@ class Page:
         path = self.folder_of(name)
         if path is None:
             return ("No runs yet under " + str(self.runs) + ": start one from New run.", None,
-                    gr.update(maximum=1, value=0), None, "", "")
+                    gr.update(maximum=1, value=0), None, "", "", gr.update(visible=False))
         alive = processes.alive_runs(self.runs).get(str(path.resolve()))
         info = runs_mod.run_info(path, alive)
         series = runs_mod.metric_series(path)
@@ -63,8 +76,14 @@ class Page:
         grid = grids[index] if grids else None
         slider = gr.update(minimum=0, maximum=max(len(grids) - 1, 1), value=max(index, 0),
                            label=f"validation grid: step {grid[0]}" if grid else "validation grid: none yet")
-        return (runs_mod.summary_line(info, series), loss_frame(series), slider,
-                str(grid[1]) if grid else None, runs_mod.eval_markdown(path), processes.log_tail(self.runs, path))
+        stoppable = bool(alive) and info.status in ACTIVE  # only a process this page started can be stopped here
+        log = processes.log_tail(self.runs, path)
+        summary = runs_mod.summary_line(info, series)
+        last = log.rsplit("\n", 1)[-1]
+        if info.status not in ACTIVE and "error:" in last:  # how the run ended, the command's own line
+            summary += f"  \n{last}"
+        return (summary, loss_frame(series), slider, str(grid[1]) if grid else None, runs_mod.eval_markdown(path), log,
+                gr.update(visible=stoppable))
 
     def card(self, name: str | None) -> str:
         path = self.folder_of(name)
@@ -80,22 +99,43 @@ class Page:
         return prepare.Form(str(chosen), data_path or "", prompt or "", int(max_steps) if max_steps else None,
                             output_dir or "", extra or "")
 
+    def parsed(self, form: prepare.Form):
+        """(recipe, None) or (None, one line): the form parsed by the CLI's parser, its paths checked where the page
+        is confined (reachable from other machines); a confined page puts a run without output.dir in the runs
+        folder."""
+        try:
+            self.access.check_argv(form.argv())
+            recipe, error = prepare.parse(form)
+            if error:
+                return None, error
+            if self.access.confined and not form.output_dir.strip():
+                form.output_dir = str(self.runs / Path(recipe.output.dir).name)
+                recipe, error = prepare.parse(form)
+                if error:
+                    return None, error
+            self.access.check_recipe(recipe)
+        except AccessError as err:
+            return None, str(err)
+        return recipe, None
+
     def check(self, *fields):
         form = self.form(*fields)
+        recipe, error = self.parsed(form)
         command = processes.command_for(form.argv())[1]
-        recipe, error = prepare.parse(form)
         if error:
             return command, f"error: {error}", [], "", None
         view = prepare.check_data(recipe)
         text, rows = prepare.estimate_text(recipe)
+        if not rows:  # the toy and tiny bases (or a recipe the estimator cannot read): say why the table is empty
+            rows = [["any", "not estimated", text.splitlines()[0] if text else "no estimate for this recipe"]]
         listed = [f"`{Path(f).name}`: {cap}" for f, cap in view.images]
         lines = "\n\n".join(view.lines + (["first images, with the prompts they train with:"] + listed if listed else []))
-        return command, lines, [(thumbnail(f), cap) for f, cap in view.images], text, rows or None
+        return command, lines, [(thumbnail(f), cap) for f, cap in view.images], text, rows
 
     def start(self, *fields):
         form = self.form(*fields)
+        recipe, error = self.parsed(form)
         command = processes.command_for(form.argv())[1]
-        recipe, error = prepare.parse(form)
         if error:
             return command, f"error: {error}"
         out = Path(recipe.output.dir)
@@ -112,8 +152,19 @@ class Page:
                          f"page does not stop it. Watch it in Runs{where}.")
 
     def stop_started(self, *fields):
-        recipe, error = prepare.parse(self.form(*fields))
+        recipe, error = self.parsed(self.form(*fields))
         return f"error: {error}" if error else processes.stop(self.runs, Path(recipe.output.dir))
+
+    def upload(self, name: str, files) -> tuple[str, object]:
+        """Uploaded images (and captions) into RUNS/uploads/NAME/: (one line, the data.path field's new value)."""
+        held = [str(f) for f in (files or [])]
+        try:
+            folder, images = uploads.save_uploads(self.runs, name, [(Path(f).name, f) for f in held])
+        except uploads.UploadError as err:
+            return f"error: {err}", gr.update()
+        data_path = images[0] if len(images) == 1 else folder
+        return (f"saved {len(held)} file{'' if len(held) == 1 else 's'} to `{folder}`; data.path is set to "
+                f"`{data_path}`", str(data_path))
 
     # ------------------------------------------------------------------------------------------ Compare
     def adapter_runs(self) -> list[str]:
@@ -132,6 +183,12 @@ class Page:
         adapters += [p.strip() for p in (paths or "").splitlines() if p.strip()]
         if len(adapters) > actions.MAX_ADAPTERS:
             return [], f"error: up to {actions.MAX_ADAPTERS} runs or adapters at a time, got {len(adapters)}"
+        try:
+            self.access.check(base, "base")
+            for adapter in adapters:
+                self.access.check(adapter, "adapter")
+        except AccessError as err:
+            return [], f"error: {err}"
         try:
             steps_n = int(steps) if str(steps or "").strip() else None
             guidance_g = float(guidance) if str(guidance or "").strip() else None
@@ -152,7 +209,12 @@ class Page:
         path = self.folder_of(name)
         if path is None:
             return "error: pick a run"
-        return actions.merge(str(path), out or f"{path}-merged", float(scale), bool(overwrite))
+        out = out or f"{path}-merged"
+        try:
+            self.access.check(out, "--out", write=True)
+        except AccessError as err:
+            return f"error: {err}"
+        return actions.merge(str(path), out, float(scale), bool(overwrite))
 
     def push(self, name, repo_id, private, dry_run):
         path = self.folder_of(name)
@@ -194,5 +256,14 @@ def guarded(fn, outputs: int):
             import logging
 
             logging.getLogger(__name__).exception("ui handler failed")
-            raise gr.Error(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+            raise gr.Error(one_line(err)) from None
     return call
+
+
+def one_line(err: Exception) -> str:
+    """An unexpected error as the page shows it: a failed write names its file and the reason (a full disk, a
+    read-only folder), anything else its type and first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    said = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {said}"

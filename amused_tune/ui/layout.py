@@ -11,9 +11,9 @@ TITLE = "amused-tune"
 CURVE_COLOURS = {"loss": "#60a5fa", f"mean of {runs_mod.SMOOTH}": "#ea580c", "held-out": "#16a34a"}
 
 
-def build(runs_dir) -> gr.Blocks:
-    """The whole page for the runs under `runs_dir`."""
-    return blocks(Page(runs_dir))
+def build(runs_dir, access=None) -> gr.Blocks:
+    """The whole page for the runs under `runs_dir`; `access`: where its paths may point (ui/access.py)."""
+    return blocks(Page(runs_dir, access))
 
 
 def blocks(page: Page) -> gr.Blocks:
@@ -21,9 +21,9 @@ def blocks(page: Page) -> gr.Blocks:
         gr.Markdown(f"## {TITLE} · runs in `{page.runs}`")
         with gr.Tabs():
             with gr.Tab("Runs", id="runs"):
-                run_choice = runs_tab(page, demo)
+                run_choice, timer = runs_tab(page, demo)
             with gr.Tab("New run", id="new"):
-                new_run_tab(page)
+                new_run_tab(page, timer)
             with gr.Tab("Compare", id="compare") as compare_tab_:
                 compare_tab(page, compare_tab_)
             with gr.Tab("Share", id="share") as share_tab_:
@@ -31,7 +31,7 @@ def blocks(page: Page) -> gr.Blocks:
     return demo
 
 
-def runs_tab(page: Page, demo: gr.Blocks) -> gr.Dropdown:
+def runs_tab(page: Page, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Timer]:
     rows, names = page.table()
     with gr.Row():
         with gr.Column(scale=2):
@@ -40,45 +40,51 @@ def runs_tab(page: Page, demo: gr.Blocks) -> gr.Dropdown:
         with gr.Column(scale=1):
             choice = gr.Dropdown(names, value=names[0] if names else None, label="run", elem_id="run-choice")
             with gr.Row():
-                stop = gr.Button("Stop (writes a checkpoint)", variant="stop", elem_id="stop-run", size="sm")
+                refresh = gr.Button("Refresh", elem_id="refresh-runs", size="sm")
+                # shown only while a run this page started is training (the only runs the page can stop)
+                stop = gr.Button("Stop (writes a checkpoint)", variant="stop", elem_id="stop-run", size="sm",
+                                 visible=False)
             stopped = gr.Markdown(elem_id="stop-message")
     status = gr.Markdown(elem_id="run-status")
-    with gr.Row():
-        # no fixed height: the chart sizes itself, its legend (each step, the mean, held-out) included
-        plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss curve", show_label=False,
-                           elem_id="loss-plot", color_map=CURVE_COLOURS)
-        with gr.Column():
-            grid = gr.Image(label="validation grid", type="filepath", elem_id="grid-image", height=300,
-                            show_label=False, interactive=False)
-            grid_step = gr.Slider(0, 1, value=0, step=1, label="validation grid", elem_id="grid-step")
+    # no fixed height: the chart sizes itself, its legend (each step, the mean, held-out) included
+    plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss curve", show_label=False,
+                       elem_id="loss-plot", color_map=CURVE_COLOURS)
+    grid_step = gr.Slider(0, 1, value=0, step=1, label="validation grid", elem_id="grid-step")
+    # the grid at a readable size (at least GRID_MIN_PX wide, its labels legible), full screen on request
+    grid = gr.Image(label="validation grid", type="filepath", elem_id="grid-image", show_label=False,
+                    interactive=False, buttons=["fullscreen", "download"])
     eval_table = gr.Markdown(elem_id="eval-table")
-    with gr.Accordion("log", open=True):
+    with gr.Accordion("log (the run's train.log)", open=True):
         log = gr.Textbox(lines=8, max_lines=12, show_label=False, elem_id="run-log")
     with gr.Accordion("model card", open=False):
         card = gr.Markdown(elem_id="model-card")
 
-    view_outputs = [status, plot, grid_step, grid, eval_table, log]
+    view_outputs = [status, plot, grid_step, grid, eval_table, log, stop]
     view = guarded(page.run_view, len(view_outputs))
+    listing = guarded(page.refresh_list, 3)
     pinned = gr.State(None)  # the grid the slider holds, None: the newest
-    timer = gr.Timer(POLL_S)
-    timer.tick(guarded(page.refresh_list, 2), choice, [table, choice], show_progress="hidden")
+    timer = gr.Timer(POLL_S)  # on while a run is running or starting (refresh_list turns it off and on)
+    timer.tick(listing, choice, [table, choice, timer], show_progress="hidden")
     timer.tick(view, [choice, pinned], view_outputs, show_progress="hidden")
+    refresh.click(listing, choice, [table, choice, timer], show_progress="hidden").then(
+        view, [choice, pinned], view_outputs, show_progress="hidden")
     choice.change(lambda: None, None, pinned).then(view, [choice, pinned], view_outputs, show_progress="hidden")
     choice.change(guarded(page.card, 1), choice, card, show_progress="hidden")
     grid_step.release(guarded(page.pin, 1), [choice, grid_step], pinned).then(
         view, [choice, pinned], view_outputs, show_progress="hidden")
     table.select(_row_name, None, choice)
     stop.click(guarded(page.stop, 1), choice, stopped)
+    demo.load(listing, choice, [table, choice, timer], show_progress="hidden")
     demo.load(view, [choice, gr.State(None)], view_outputs, show_progress="hidden")
     demo.load(guarded(page.card, 1), choice, card, show_progress="hidden")
-    return choice
+    return choice, timer
 
 
 def _row_name(evt: gr.SelectData) -> str:
     return evt.row_value[0]
 
 
-def new_run_tab(page: Page) -> None:
+def new_run_tab(page: Page, timer: gr.Timer) -> None:
     gr.Markdown("Pick a recipe, point it at your images, check what it will train on and how much memory it "
                 "needs, then start it. The run trains in its own process: closing this page does not stop it.")
     with gr.Row():
@@ -90,6 +96,14 @@ def new_run_tab(page: Page) -> None:
         data_path = gr.Textbox(label="data.path: a folder of captioned images, or one image (empty: the recipe's)",
                                elem_id="data-path")
         prompt = gr.Textbox(label="data.prompt (one image: its caption, with the style words)", elem_id="data-prompt")
+    with gr.Accordion("or upload images (and their .txt captions)", open=False):
+        with gr.Row():
+            images_up = gr.File(label="images and captions", file_count="multiple", type="filepath",
+                                elem_id="images-upload", height=110)
+            upload_name = gr.Textbox(label=f"saved to {page.runs}/uploads/NAME: NAME", placeholder="my_style",
+                                     elem_id="upload-name")
+            upload_go = gr.Button("Upload", elem_id="upload-images")
+        uploaded = gr.Markdown(elem_id="upload-message")
     with gr.Row():
         max_steps = gr.Number(None, label="train.max_steps (0: the recipe's)", precision=0, elem_id="max-steps")
         output_dir = gr.Textbox(label="output.dir (empty: the recipe's)", elem_id="output-dir")
@@ -99,7 +113,7 @@ def new_run_tab(page: Page) -> None:
     with gr.Row():
         check = gr.Button("Check data and memory", elem_id="check-run")
         start = gr.Button("Start", variant="primary", elem_id="start-run")
-        stop = gr.Button("Stop (writes a checkpoint)", variant="stop", elem_id="stop-new-run")
+        stop = gr.Button("Stop (writes a checkpoint)", variant="stop", elem_id="stop-new-run", visible=False)
     command = gr.Textbox(label="the command this runs (the same on a terminal)", elem_id="command", interactive=False)
     message = gr.Markdown(elem_id="new-run-message")
     with gr.Row():
@@ -110,9 +124,14 @@ def new_run_tab(page: Page) -> None:
                         label="which cards it fits", elem_id="fits", wrap=True)
     estimate = gr.Textbox(label="--estimate (predicted peak GPU memory)", lines=4, max_lines=30, elem_id="estimate",
                           interactive=False)
-    check.click(guarded(page.check, 5), fields, [command, data_lines, images, estimate, fits])
-    start.click(guarded(page.start, 2), fields, [command, message])
-    stop.click(guarded(page.stop_started, 1), fields, message)
+    check.click(guarded(page.check, 5), fields, [command, data_lines, images, estimate, fits], api_name="check")
+    started = start.click(guarded(page.start, 2), fields, [command, message], api_name="start")
+    # the Stop of this tab shows once a run started here, and the Runs tab polls again
+    started.then(lambda said: (gr.update(visible=str(said).startswith("started")), gr.Timer(active=True)), message,
+                 [stop, timer])
+    stop.click(guarded(page.stop_started, 1), fields, message, api_name="stop").then(
+        lambda: gr.update(visible=False), None, stop)
+    upload_go.click(guarded(page.upload, 2), [upload_name, images_up], [uploaded, data_path], api_name="upload")
 
 
 def compare_tab(page: Page, tab: gr.Tab) -> None:
@@ -140,7 +159,7 @@ def compare_tab(page: Page, tab: gr.Tab) -> None:
     chosen.change(guarded(page.base_of, 1), chosen, base)
     tab.select(lambda: gr.update(choices=page.adapter_runs()), None, chosen)
     go.click(guarded(page.compare, 2), [base, chosen, paths, prompt, seed, scale, guidance, steps, use_sd, lam_a,
-                                        lam_b], [gallery, message])
+                                        lam_b], [gallery, message], api_name="compare")
 
 
 def share_tab(page: Page, tab: gr.Tab, run_choice: gr.Dropdown) -> None:
@@ -160,5 +179,5 @@ def share_tab(page: Page, tab: gr.Tab, run_choice: gr.Dropdown) -> None:
         dry = gr.Checkbox(True, label="--dry-run (list the files only)")
     push = gr.Button("Push", elem_id="push")
     message = gr.Markdown(elem_id="share-message")
-    merge.click(guarded(page.merge, 1), [run, out, scale, overwrite], message)
-    push.click(guarded(page.push, 1), [run, repo, private, dry], message)
+    merge.click(guarded(page.merge, 1), [run, out, scale, overwrite], message, api_name="merge")
+    push.click(guarded(page.push, 1), [run, repo, private, dry], message, api_name="push")

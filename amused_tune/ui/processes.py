@@ -1,5 +1,6 @@
 """Training runs the page starts: each is the command line `amused-tune RECIPE ...` in a process of its own
-(its own session, so closing the page or stopping the page's server does not stop it), its output in a log file,
+(its own session, so closing the page or stopping the page's server does not stop it), its output in a log file
+(the run also keeps its own, OUTPUT_DIR/train.log, which the Runs tab shows for any run),
 its pid in `RUNS/.ui/NAME.json` so that a restarted page still finds it. Stop sends SIGINT: the trainer finishes
 the step, writes a checkpoint and exits (train/stops.py); rerunning the same command resumes from it."""
 
@@ -102,19 +103,37 @@ def early_failure(runs: Path, out: Path, wait_s: float = 5.0) -> str | None:
         if record is None or record["alive"]:
             time.sleep(0.2)
             continue
-        said = [line for line in log_tail(runs, out, 20).splitlines() if "error:" in line]
+        said = [line for line in _tail(Path(record["log"]), 20).splitlines() if "error:" in line]
         return said[-1] if said else f"the run ended at once: see {record['log']}"
     return None
 
 
+def log_file(runs: Path, out: Path) -> Path | None:
+    """The log to show for the run in `out`: its own `train.log` (written by the run, however it was started), or
+    the output of the process this page started when that is newer (a mistake found before the run's folder was
+    ready is only there), or None."""
+    from amused_tune.train.runlog import RUN_LOG
+
+    own = Path(out) / RUN_LOG
+    record = record_of(runs, out)
+    page = Path(record["log"]) if record else None
+    found = [p for p in (own, page) if p is not None and p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime, p == own)) if found else None
+
+
 def log_tail(runs: Path, out: Path, lines: int = 40) -> str:
     """The last lines of the run's log (progress bars' carriage returns folded to their last state)."""
-    record = record_of(runs, out)
-    if not record:
-        return ""
+    path = log_file(runs, out)
+    return _tail(path, lines) if path else ""
+
+
+def _tail(path: Path, lines: int) -> str:
     try:
-        text = Path(record["log"]).read_text(errors="replace")
+        with open(path, "rb") as f:  # a long run's log is not read whole
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
-    kept = [line.split("\r")[-1] for line in text.splitlines()]
+    kept = [line.split("\r")[-1] for line in text.split("\n")]  # (splitlines would split at each \r too)
     return "\n".join([line for line in kept if line.strip()][-lines:])
