@@ -1,6 +1,6 @@
 """The optimizers a recipe can name (`optim.name`), built from the recipe, and the bytes of state each one keeps.
 
-  adamw       torch's AdamW (fused kernel when every trainable weight is on a GPU): two fp32 moments per weight
+  adamw       torch's AdamW (fused kernel when every trainable weight is on one GPU or the CPU): two fp32 moments
   adamw8bit   bitsandbytes' 8-bit AdamW: two 8-bit moments + an fp32 scale per 256-element block
   lion8bit    bitsandbytes' 8-bit Lion: one 8-bit moment (the sign of an interpolated momentum drives the step;
               its steps are all of size lr, so its lr is usually 3-10x below AdamW's)
@@ -59,7 +59,8 @@ def make_optimizer(recipe: Recipe, params: list) -> torch.optim.Optimizer:
     params = [p for g in groups for p in g["params"]]
     name, h = o.resolved_name, hyperparameters(o)
     if name == "adamw":
-        fused = bool(params) and all(p.is_cuda and p.dtype.is_floating_point for p in params)
+        fused = bool(params) and len({p.device.type for p in params}) == 1 and all(  # one kernel, no .item()
+            p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for p in params)
         return torch.optim.AdamW(groups, lr=o.lr, fused=fused or None, **h)
     if name in ("adamw8bit", "lion8bit"):
         import bitsandbytes as bnb
