@@ -37,36 +37,42 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("reference", "kit", "kit-cache", "kit-cache-compile")
 
 
-def prepare(work: Path, images: int) -> None:
-    """The random-weight amused-256 pipeline folder and the images (a plain folder whose file names are the
-    prompts, for the reference; the same images with metadata.jsonl, for the kit)."""
+def prepare(work: Path, images: int, base: str = "256") -> tuple[Path, Path, Path]:
+    """A random-weight pipeline folder (`base`: "256" or "512", real size; "tiny": the kit's tiny model) and the
+    images (a plain folder whose file names are the prompts, for the reference; the same images with
+    metadata.jsonl, for the kit). Returns (base folder, plain images, kit images); amused-256's are work/base,
+    work/plain and work/kit."""
     import numpy as np
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
-    from amused_tune.model.bases import build_real_size
+    from amused_tune.model.bases import build_real_size, build_tiny
 
-    if not (work / "base" / "model_index.json").is_file():
-        comps = build_real_size(256)
+    suffix = "" if base == "256" else f"-{base}"
+    folder, plain, kit = work / f"base{suffix}", work / f"plain{suffix}", work / f"kit{suffix}"
+    if not (folder / "model_index.json").is_file():
+        comps = build_tiny() if base == "tiny" else build_real_size(int(base))
         for name in ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler"):
-            getattr(comps, name).save_pretrained(work / "base" / name)
-        (work / "base" / "model_index.json").write_text(json.dumps({
+            getattr(comps, name).save_pretrained(folder / name)
+        (folder / "model_index.json").write_text(json.dumps({
             "_class_name": "AmusedPipeline", "transformer": ["diffusers", "UVit2DModel"],
             "vqvae": ["diffusers", "VQModel"], "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "AmusedScheduler"]}))
+    size = {"256": (320, 288), "512": (576, 544), "tiny": (40, 36)}[base]
     rng = np.random.default_rng(0)
-    for folder in ("plain", "kit"):
-        (work / folder).mkdir(parents=True, exist_ok=True)
+    for f in (plain, kit):
+        f.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(images):
         small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((320, 288), Image.Resampling.BICUBIC)
+        image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
         name = f"a picture number {i}.png"
-        for folder in ("plain", "kit"):
-            if not (work / folder / name).is_file():  # rewritten, a file's new mtime would be new data to the cache
-                image.save(work / folder / name)
+        for f in (plain, kit):
+            if not (f / name).is_file():  # rewritten, a file's new mtime would be new data to the cache
+                image.save(f / name)
         rows.append(json.dumps({"file_name": name, "text": f"a picture number {i}"}))
-    (work / "kit" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    (kit / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder, plain, kit
 
 
 def torchvision_shim() -> None:

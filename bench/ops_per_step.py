@@ -16,7 +16,8 @@ optimizer step and the end of the next (the first step, with its lazy initialisa
     optimizer   inside optimizer.step()
     clip        inside accelerate's or torch's clip_grad_norm_
     encode      the frozen VQ encoder and CLIP text encoder (none from the kit's cache)
-    other       everything else: data, masking, the loss, logging, the schedule, EMA
+    data        fetching the next batch from the data loader (CPU tensors: reading images, or the cache's files)
+    other       everything else: masking, condition dropout, the loss, logging, the schedule, EMA
 
 and into compute and view operators (an operator whose output aliases its input: view, t, transpose, detach, ...).
 Host syncs: `aten::_local_scalar_dense` (`.item()`, `float(t)`, `int(t)`, `bool(t)`), `Tensor.tolist()` and the
@@ -44,7 +45,7 @@ import cpu_vs_reference as side_by_side  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("kit-cache", "kit", "kit-cuda-optimizer", "reference")
-PHASES = ("forward", "backward", "optimizer", "clip", "encode", "other", "end")
+PHASES = ("forward", "backward", "optimizer", "clip", "encode", "data", "other", "end")
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
             "aten._unique2.default", "aten.unique_dim.default", "aten.unique_consecutive.default"}
 
@@ -164,7 +165,11 @@ def count_worker(args) -> None:
 
     def counted_next(self):
         leave_end()
-        return next_batch(self)
+        phase.stack.append("data")
+        try:
+            return next_batch(self)
+        finally:
+            phase.stack.pop()
 
     dataloader._BaseDataLoaderIter.__next__ = counted_next
 
@@ -244,12 +249,13 @@ def table(results: dict) -> str:
             r = results["sides"][s]
             fb = r["ops"]["forward"] + r["ops"]["backward"]
             fb_c = fb - r["views"]["forward"] - r["views"]["backward"]
-            inside = r["syncs_total"] - r["syncs"]["end"]
+            inside = r["syncs_total"] - r["syncs"]["end"] - r["syncs"]["data"]
             lines.append(f"{s}: forward + backward {fb:,} = {fb / ref_fb:.2f}x the reference's {ref_fb:,} "
                          f"(compute only {fb_c:,} = {fb_c / ref_fb_c:.2f}x); whole step {r['total']:,} = "
                          f"{r['total'] / ref['total']:.2f}x {ref['total']:,}; host syncs inside the step "
-                         f"{inside}, after it {r['syncs']['end']} (reference {ref['syncs_total'] - ref['syncs']['end']}"
-                         f" and {ref['syncs']['end']})")
+                         f"{inside}, after it {r['syncs']['end']}, in the data loader (host-side files) {r['syncs']['data']} "
+                         f"(reference {ref['syncs_total'] - ref['syncs']['end'] - ref['syncs']['data']}, "
+                         f"{ref['syncs']['end']} and {ref['syncs']['data']})")
     return "\n".join(lines)
 
 

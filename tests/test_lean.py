@@ -42,9 +42,8 @@ def test_lean_uvit_gives_the_same_loss_logits_and_lora_gradients_with_fewer_oper
     done = lean.make_lean(leaned)
     assert done["lora_linear"] == len([m for m in plain.modules() if type(m).__name__ == "Linear"
                                        and hasattr(m, "lora_A")])
-    assert done["lora_linear"] > 0 and done["rms_norm"] == (len([m for m in plain.modules()
-                                                                 if type(m).__name__ == "RMSNorm"])
-                                                            if lean.FUSED_RMS_NORM else 0)
+    assert done["lora_linear"] > 0 and done["rms_norm"] == len([m for m in plain.modules()
+                                                                if type(m).__name__ == "RMSNorm"])
     with CountOps() as before:
         loss0, logits0, grads0 = loss_and_grads(plain)
     with CountOps() as after:
@@ -127,11 +126,35 @@ def test_two_adapters_dropout_and_merged_layers_keep_peft_path():
     assert not any("forward" in vars(m) for m in model.modules())  # undo_lean restored every module
 
 
+def test_lean_rms_norm_gives_diffusers_values_and_gradients_also_for_the_weight():
+    from diffusers.models.normalization import RMSNorm
+
+    torch.manual_seed(0)
+    for affine in (True, False):
+        plain = RMSNorm(16, 1e-6, elementwise_affine=affine)
+        if affine:
+            torch.nn.init.normal_(plain.weight)
+        leaned = copy.deepcopy(plain)
+        assert lean.make_lean(torch.nn.Sequential(leaned))["rms_norm"] == 1
+        x = torch.randn(2, 3, 16) * 3
+        outs = []
+        for norm in (plain, leaned):
+            xi = x.clone().requires_grad_(True)
+            y = norm(xi)
+            (y * torch.linspace(-1, 2, 16)).sum().backward()
+            outs.append((y.detach(), xi.grad, norm.weight.grad if affine else None))
+        assert torch.equal(outs[1][0], outs[0][0])  # the forward: diffusers' operations in its order
+        torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)
+        if affine:
+            torch.testing.assert_close(outs[1][2], outs[0][2], rtol=1e-5, atol=1e-6)
+    if lean.FUSED_RMS_NORM:  # the CUDA path's operator, run here on the CPU: the same values
+        torch.testing.assert_close(torch.ops.aten._fused_rms_norm(x, [16], plain.weight, 1e-6)[0],
+                                   RMSNorm.forward(plain, x), rtol=1e-6, atol=1e-6)
+
+
 def test_lean_rms_norm_leaves_a_norm_with_a_bias_or_another_dtype_alone():
     from diffusers.models.normalization import RMSNorm
 
-    if not lean.FUSED_RMS_NORM:
-        pytest.skip("this torch has no fused RMS norm")
     norm = RMSNorm(16, 1e-6, bias=True)
     holder = torch.nn.Sequential(norm)
     lean.make_lean(holder)
