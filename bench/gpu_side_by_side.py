@@ -2,7 +2,7 @@
 small-GPU rows of the aMUSEd report: seconds per optimizer step and peak memory, side by side on the same card.
 
     python bench/gpu_side_by_side.py --reference train_amused.py                   # on the GPU machine
-    python bench/gpu_side_by_side.py --reference train_amused.py --write           # and write the measured column
+    python bench/gpu_side_by_side.py --write-from bench/results/gpu_side_by_side*.json   # the measured column
     python bench/gpu_side_by_side.py --reference train_amused.py --tiny            # CPU check of this script
 
 Rows: nouns_256_lora_bs1x16, minecraft_512_lora_bs1x8, nouns_256_full8bit_bs1x16 (their batch, accumulation, lr,
@@ -15,8 +15,9 @@ configurations take turns (--rounds rounds, the order reversed every other round
 a neighbour's load falls on all of them). A step's time is the interval between two optimizer steps; the last
 --timed steps of each process count (the kit with auto: after the step that compiled), their median is reported.
 Peak memory: torch.cuda.max_memory_allocated over the process (the kit's cache building included), against the
-kit's estimate (`--estimate`), within 15% is the target. Writes OUT/gpu_side_by_side.{json,txt,md}; with --write
-(CUDA only) also each recipe's `# measured:` header and the README's recipes table (bench/memory_table.py).
+kit's estimate (`--estimate`), within 15% is the target. Writes OUT/NAME.{json,txt,md} (--name, default
+gpu_side_by_side); --write-from writes GPU results into each recipe's `# measured:` header and the README's recipes
+table (bench/memory_table.py).
 --tiny runs the same on the CPU with the kit's tiny model (fp32, a few steps): it checks the script, not speed.
 """
 
@@ -203,18 +204,24 @@ def table(results: dict) -> str:
     return "\n".join(lines + ([""] + ["errors:"] + errors if errors else []))
 
 
-def apply_measurements(results: dict, out: Path) -> None:
+def apply_measurements(files: list[Path], out: Path) -> int:
     """Each recipe's `# measured:` header (bench/train.py's format and writer) and the README's recipes table
-    (bench/memory_table.py, which reads those headers)."""
+    (bench/memory_table.py, which reads those headers), from the results of GPU runs (one file per row or more)."""
     import importlib.util
 
+    loaded = [json.loads(Path(f).read_text()) for f in files]
+    if not loaded or any(r["device"] == "CPU (tiny model)" for r in loaded):
+        print("the measured column takes GPU results only: nothing written", file=sys.stderr)
+        return 2
+    results = {"device": loaded[0]["device"], "date": loaded[0]["date"],
+               "summary": {row: r for f in loaded for row, r in f["summary"].items()}}
     spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "train.py")
     bench_train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_train)
     rows = [{"lever": None, "recipe": row, "peak_gb": r["kit"]["peak_gb"], "reserved_gb": r["kit"]["reserved_gb"],
              "step_s": r["kit"]["step_s"], "recipe_row": {"file": str(REPO / "recipes" / f"{row}.yaml")}}
             for row, r in results["summary"].items() if r.get("kit", {}).get("peak_gb") is not None]
-    measured = out / "gpu_side_by_side-measured.json"
+    measured = out / "measured-from-gpu-side-by-side.json"
     measured.write_text(json.dumps({"device_type": "cuda", "device": results["device"], "date": results["date"],
                                     "rows": rows}, indent=1) + "\n")
     bench_train.update_recipes(measured)
@@ -222,11 +229,12 @@ def apply_measurements(results: dict, out: Path) -> None:
     memory_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(memory_table)
     memory_table.main([])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reference", required=True, help="path to diffusers' examples/amused/train_amused.py")
+    p.add_argument("--reference", help="path to diffusers' examples/amused/train_amused.py")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--rounds", type=int, default=2, help="turns each configuration takes (order reversed every other)")
@@ -236,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--reference-precision", default="fp16", choices=["fp16", "bf16", "no"])
     p.add_argument("--tiny", action="store_true", help="the kit's tiny model on the CPU (checks this script)")
-    p.add_argument("--write", action="store_true", help="CUDA only: write recipe headers and the README table")
+    p.add_argument("--write-from", nargs="+", metavar="JSON",
+                   help="write each recipe's measured header and the README table from these GPU results, then stop")
+    p.add_argument("--name", default="gpu_side_by_side", help="results file name (OUT/NAME.json, .txt, .md)")
     p.add_argument("--work", default=None)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--timeout", type=float, default=900)
@@ -244,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not Path(args.reference).is_file():
+    if args.write_from:
+        return apply_measurements([Path(f) for f in args.write_from], Path(args.out))
+    if not Path(args.reference or "").is_file():
         raise SystemExit(f"--reference {args.reference}: no such file (diffusers' examples/amused/train_amused.py)")
     if args.worker:
         worker(args)
@@ -272,13 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                          + fmt(run["peak_gb"]) + " GB"), flush=True)
                 results["summary"] = summarise(results)
                 results["load_after"] = os.getloadavg()
-                (out / "gpu_side_by_side.json").write_text(json.dumps(results, indent=1) + "\n")
+                (out / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")
     text = table(results)
-    (out / "gpu_side_by_side.txt").write_text(f"{results['command']}\n{results['date']}\n\n{text}\n")
-    (out / "gpu_side_by_side.md").write_text(text + "\n")
+    (out / f"{args.name}.txt").write_text(f"{results['command']}\n{results['date']}\n\n{text}\n")
+    (out / f"{args.name}.md").write_text(text + "\n")
     print(text)
-    if args.write and cuda:
-        apply_measurements(results, out)
     failed = any(v.get("errors") for r in results["summary"].values() for v in r.values() if isinstance(v, dict))
     return 1 if failed else 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from amused_tune.sampling.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
+from amused_tune.sampling.sampler import DRAWS, SampleError, resolve_draws, StyleDropGuidance, generate, png_info, save_grid, to_pil
 from amused_tune.cli.args import DefaultsFormatter, SubcommandParser, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem, image_problem
 from amused_tune.sampling.preview import viewable_tiles
@@ -80,8 +80,9 @@ def build_parser() -> SubcommandParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (results do not depend on it)")
-    p.add_argument("--draws", choices=DRAWS, default="exact",
-                   help="exact: diffusers' random draws (bit-identical tokens); fast: one uniform per token")
+    p.add_argument("--draws", choices=DRAWS, default="auto",
+                   help="auto (default): fast on CUDA, exact elsewhere; exact: diffusers' random draws (bit-identical "
+                        "tokens); fast: one uniform per token")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-ViT")
     return p
 
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {
         "base": args.base, **sampling, "schedule": args.schedule, "negative_prompt": args.negative_prompt or "",
         "adapter": [{"source": a, "scale": s} for a, s in zip(args.adapter, scales)],
-        "styledrop_guidance": args.styledrop_guidance, "draws": args.draws, "quantize": args.quantize,
+        "styledrop_guidance": args.styledrop_guidance, "draws": resolve_draws(args.draws, device), "quantize": args.quantize,
         "dtype": str(dtype).removeprefix("torch."), "sampler": "amused-tune",
     }
     if args.image:
