@@ -75,7 +75,9 @@ def _adamw(groups, lr, values):
     import torch
 
     params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.is_cuda and p.dtype.is_floating_point for p in params)
+    # one kernel and no host sync per weight when every trainable weight sits on one GPU, or on the CPU
+    fused = bool(params) and len({p.device.type for p in params}) == 1 and all(
+        p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None, **values)
 
 
@@ -103,7 +105,7 @@ def _adafactor(groups, lr, values):
 
 
 REGISTRY = {o.name: o for o in (
-    Optimizer("adamw", "torch's AdamW (fused on a GPU)", 8.0e-4, (0.9, 0.999), "AdamW: 2 x fp32 moments",
+    Optimizer("adamw", "torch's AdamW (fused: one kernel on a GPU or the CPU)", 8.0e-4, (0.9, 0.999), "AdamW: 2 x fp32 moments",
               ("betas", "eps"), _fp32(2), _adamw, "AdamW's fp32 temporary"),
     Optimizer("adamw8bit", "bitsandbytes' 8-bit AdamW, ~75% less optimizer memory", 8.0e-4, (0.9, 0.999),
               "8-bit AdamW: 1 B/element/moment + block scales", ("betas", "eps"), _eight_bit(2),

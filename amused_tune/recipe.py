@@ -245,8 +245,10 @@ class TrainConfig:
     rate is lowered to at most this value; 1 keeps the plain schedule. Single-image StyleDrop uses 0.5: with
     every token masked the only way to predict the one image is to learn it whole (its shape, its colours) as
     what `[v]` means; with half of it visible the content is given and the adapter learns what the style adds."""
-    compile: bool = False
-    """torch.compile the U-ViT for training (the first steps compile; faster after, mostly on a GPU)."""
+    compile: Union[bool, Literal["auto"]] = "auto"
+    """torch.compile the U-ViT for training: true, false, or auto: off on the CPU and with a quantized base; on a
+    GPU the first 3 steps run eagerly and time a step, then the U-ViT compiles if the steps left would repay the
+    compile time (~2 min) twice over. The compile time is logged and written to metrics.jsonl (compile_s)."""
     skip_nonfinite: bool = False
     """On a non-finite loss or gradient, skip the step (counted in metrics) instead of stopping the run."""
     log_every: int = 1

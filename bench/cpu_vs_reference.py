@@ -37,36 +37,42 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("reference", "kit", "kit-cache", "kit-cache-compile")
 
 
-def prepare(work: Path, images: int) -> None:
-    """The random-weight amused-256 pipeline folder and the images (a plain folder whose file names are the
-    prompts, for the reference; the same images with metadata.jsonl, for the kit)."""
+def prepare(work: Path, images: int, base: str = "256") -> tuple[Path, Path, Path]:
+    """A random-weight pipeline folder (`base`: "256" or "512", real size; "tiny": the kit's tiny model) and the
+    images (a plain folder whose file names are the prompts, for the reference; the same images with
+    metadata.jsonl, for the kit). Returns (base folder, plain images, kit images); amused-256's are work/base,
+    work/plain and work/kit."""
     import numpy as np
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
-    from amused_tune.model.bases import build_real_size
+    from amused_tune.model.bases import build_real_size, build_tiny
 
-    if not (work / "base" / "model_index.json").is_file():
-        comps = build_real_size(256)
+    suffix = "" if base == "256" else f"-{base}"
+    folder, plain, kit = work / f"base{suffix}", work / f"plain{suffix}", work / f"kit{suffix}"
+    if not (folder / "model_index.json").is_file():
+        comps = build_tiny() if base == "tiny" else build_real_size(int(base))
         for name in ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler"):
-            getattr(comps, name).save_pretrained(work / "base" / name)
-        (work / "base" / "model_index.json").write_text(json.dumps({
+            getattr(comps, name).save_pretrained(folder / name)
+        (folder / "model_index.json").write_text(json.dumps({
             "_class_name": "AmusedPipeline", "transformer": ["diffusers", "UVit2DModel"],
             "vqvae": ["diffusers", "VQModel"], "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "AmusedScheduler"]}))
+    size = {"256": (320, 288), "512": (576, 544), "tiny": (40, 36)}[base]
     rng = np.random.default_rng(0)
-    for folder in ("plain", "kit"):
-        (work / folder).mkdir(parents=True, exist_ok=True)
+    for f in (plain, kit):
+        f.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(images):
         small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((320, 288), Image.Resampling.BICUBIC)
+        image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
         name = f"a picture number {i}.png"
-        for folder in ("plain", "kit"):
-            if not (work / folder / name).is_file():  # rewritten, a file's new mtime would be new data to the cache
-                image.save(work / folder / name)
+        for f in (plain, kit):
+            if not (f / name).is_file():  # rewritten, a file's new mtime would be new data to the cache
+                image.save(f / name)
         rows.append(json.dumps({"file_name": name, "text": f"a picture number {i}"}))
-    (work / "kit" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    (kit / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder, plain, kit
 
 
 def torchvision_shim() -> None:
@@ -145,30 +151,41 @@ def worker(args) -> None:
     time_optimizer_steps(stamps)
     out = Path(tempfile.mkdtemp(prefix=f"{args.worker}-", dir=work))
     if args.worker == "reference":
-        import runpy
-
-        torchvision_shim()
-        sys.argv = [args.reference, "--pretrained_model_name_or_path", str(work / "base"),
-                    "--instance_data_dir", str(work / "plain"), "--resolution", "256", "--train_batch_size", "1",
-                    "--max_train_steps", str(args.steps), "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
-                    "--learning_rate", "1e-4", "--mixed_precision", "no", "--output_dir", str(out),
-                    "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--report_to", "comet_ml",  # not installed: no tracker
-                    "--cond_dropout_prob", "0.0", "--max_grad_norm", "1.0", "--seed", "0", "--logging_steps", "1"]
-        runpy.run_path(args.reference, run_name="__main__")
+        run_reference(args.reference, work, out, args.steps)
         return
+    run_kit(work, out, args.steps, cache="cache" in args.worker, compile_="compile" in args.worker)
+
+
+def run_reference(reference: str, work: Path, out: Path, steps: int) -> None:
+    """diffusers' train_amused.py, in this process, on the prepared folder (LoRA r16/a32, batch 1, fp32)."""
+    import runpy
+
+    torchvision_shim()
+    sys.argv = [reference, "--pretrained_model_name_or_path", str(work / "base"),
+                "--instance_data_dir", str(work / "plain"), "--resolution", "256", "--train_batch_size", "1",
+                "--max_train_steps", str(steps), "--use_lora", "--lora_r", "16", "--lora_alpha", "32",
+                "--learning_rate", "1e-4", "--mixed_precision", "no", "--output_dir", str(out),
+                "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--report_to", "comet_ml",  # not installed: no tracker
+                "--cond_dropout_prob", "0.0", "--max_grad_norm", "1.0", "--seed", "0", "--logging_steps", "1"]
+    runpy.run_path(reference, run_name="__main__")
+
+
+def run_kit(work: Path, out: Path, steps: int, cache: bool, compile_: bool = False, extra: tuple = ()) -> dict:
+    """The kit's trainer, in this process, on the same folder and settings as the reference (`extra`: more
+    recipe overrides)."""
     sys.path.insert(0, str(REPO))
     from amused_tune.cli.args import parse_recipe
     from amused_tune.train.loop import train
 
     recipe, _, _ = parse_recipe([
         f"--model.base={work / 'base'}", "--model.dtype=fp32", "--data.source=imagefolder", f"--data.path={work / 'kit'}",
-        f"--data.cache={'true' if 'cache' in args.worker else 'false'}", f"--data.cache_dir={work / 'cache'}",
+        f"--data.cache={'true' if cache else 'false'}", f"--data.cache_dir={work / 'cache'}",
         "--data.center_crop=false", "--adapter.kind=lora", "--adapter.rank=16", "--adapter.alpha=32",
-        "--optim.lr=1e-4", "--train.batch_size=1", "--train.grad_accum=1", f"--train.max_steps={args.steps}",
+        "--optim.lr=1e-4", "--train.batch_size=1", "--train.grad_accum=1", f"--train.max_steps={steps}",
         "--train.precision=fp32", "--train.device=cpu", "--train.cond_dropout=0.0", "--train.checkpoint_every=1000000",
-        f"--train.compile={'true' if 'compile' in args.worker else 'false'}", "--validation.prompts=[]",
-        f"--output.dir={out}", "--output.loss_plot=false"])
-    train(recipe)
+        f"--train.compile={'true' if compile_ else 'false'}", "--validation.prompts=[]",
+        f"--output.dir={out}", "--output.loss_plot=false", *extra])
+    return train(recipe)
 
 
 def load() -> list[float]:

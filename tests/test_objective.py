@@ -145,3 +145,30 @@ def test_trainer_passes_both_levers_to_the_objective(tmp_path, image_folder, mon
     loop.train(recipe, components=build_tiny())
     assert seen["label_smoothing"] == 0.2 and seen["min_masking_rate"] == 0.9 and seen["max_masking_rate"] == 0.95
     assert 58 / 64 <= seen["masked_share"] <= 61 / 64  # round(64 * 0.9) = 58 .. round(64 * 0.95) = 61 of 8x8 tokens
+
+
+def test_masks_are_each_images_lowest_scores_drawn_without_reading_a_value_back():
+    """Per image, in generator order: r, then one score per token; the round(rate * n) lowest scores are masked.
+    The whole batch is tensor operations: no `.item()` (a wait for the device on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Syncs.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    tokens = torch.randint(0, 99, (3, 8, 8), generator=torch.Generator().manual_seed(1))
+    with Syncs():
+        input_ids, mask = mask_tokens(tokens, 99, torch.Generator().manual_seed(5), min_masking_rate=0.1)
+    assert Syncs.n == 0
+    g = torch.Generator().manual_seed(5)
+    for b in range(3):  # the definition, image by image
+        r = torch.rand(1, generator=g)
+        k = int((masking_rate(r, 0.1) * 64).round().clamp(1, 64))
+        scores = torch.rand(64, generator=g)
+        expected = torch.zeros(64, dtype=torch.bool)
+        expected[scores.argsort()[:k]] = True
+        assert torch.equal(mask[b].flatten(), expected) and int(mask[b].sum()) == k
+    assert torch.equal(input_ids, torch.where(mask, 99, tokens))

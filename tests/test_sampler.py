@@ -447,3 +447,16 @@ def test_bench_runs_tiny_on_cpu(capsys):
     assert bench.main(["--tiny", "--steps", "2", "--batch-sizes", "1", "2", "--warmup", "0", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| batch | diffusers s" in out and "| 2 |" in out
+
+
+def test_default_draws_are_fast_on_cuda_and_exact_elsewhere(tiny):
+    from amused_tune.sampling.sampler import resolve_draws
+
+    assert resolve_draws("auto", torch.device("cuda", 0)) == "fast"
+    assert resolve_draws("auto", torch.device("cpu")) == "exact"
+    assert resolve_draws("exact", torch.device("cuda", 0)) == "exact"  # bit parity with diffusers when asked
+    assert resolve_draws("fast", torch.device("cpu")) == "fast"
+    with pytest.raises(SampleError, match="draws must be one of"):
+        resolve_draws("quick", torch.device("cpu"))
+    default, _ = generate(tiny, ["a cat"], [3], steps=4)  # on this CPU: the exact draws
+    assert torch.equal(default, generate(tiny, ["a cat"], [3], steps=4, draws="exact")[0])

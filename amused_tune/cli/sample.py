@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from amused_tune.sampling.sampler import DRAWS, SampleError, StyleDropGuidance, generate, png_info, save_grid, to_pil
+from amused_tune.sampling.sampler import (DRAWS, SampleError, StyleDropGuidance, generate, png_info, resolve_draws,
+                                           save_grid, to_pil)
 from amused_tune.cli.args import fail, DefaultsFormatter, SubcommandParser, quiet_libraries
 from amused_tune.cli.checks import adapter_problem, folder_problem, image_problem
 from amused_tune.sampling.pixel_art import (
@@ -85,8 +86,9 @@ def build_parser() -> SubcommandParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (results do not depend on it)")
-    p.add_argument("--draws", choices=DRAWS, default="exact",
-                   help="exact: diffusers' random draws (bit-identical tokens); fast: one uniform per token")
+    p.add_argument("--draws", choices=DRAWS, default="auto",
+                   help="auto (default): fast on CUDA, exact elsewhere; exact: diffusers' random draws (bit-identical "
+                        "tokens); fast: one uniform per token")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-ViT")
     pixel = p.add_argument_group("pixel art (docs/pixel_art.md; default: what the --adapter recorded)")
     pixel.add_argument("--pixel-grid", type=int, default=None, metavar="N",
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {
         "base": args.base, **sampling, "schedule": args.schedule, "negative_prompt": args.negative_prompt or "",
         "adapter": [{"source": a, "scale": s} for a, s in zip(args.adapter, scales)],
-        "styledrop_guidance": args.styledrop_guidance, "draws": args.draws, "quantize": args.quantize,
+        "styledrop_guidance": args.styledrop_guidance, "draws": resolve_draws(args.draws, device), "quantize": args.quantize,
         "dtype": str(dtype).removeprefix("torch."), "sampler": "amused-tune",
     }
     if args.image:

@@ -41,22 +41,20 @@ def mask_tokens(
     max_masking_rate]; at least one token.
 
     tokens: [B, h, w] VQ ids. Returns (input_ids with mask_id at masked positions, bool mask [B, h, w]).
-    Draws come from `generator` on the CPU, image by image, so an image's mask depends only on the generator's
-    state when its turn comes: batch 4 and four batches of 1 draw the same masks. The bounds change no draw: an
-    image whose cosine rate is already within them gets the same mask as without them.
+    Draws come from `generator` on the CPU, image by image (its r, then a score per token; the tokens with the
+    lowest scores are masked), so an image's mask depends only on the generator's state when its turn comes: batch 4
+    and four batches of 1 draw the same masks. The bounds change no draw: an image whose cosine rate is already
+    within them gets the same mask as without them. No value is read back to the host: the whole batch is a few
+    tensor operations, whatever its size.
     """
     b, h, w = tokens.shape
     n = h * w
-    masks = []
-    for _ in range(b):
-        r = torch.rand(1, generator=generator)
-        num_masked = int((masking_rate(r, min_masking_rate, max_masking_rate) * n).round().clamp(min=1, max=n))
-        scores = torch.rand(n, generator=generator)
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[scores.argsort()[:num_masked]] = True
-        masks.append(mask)
-    mask = torch.stack(masks).reshape(b, h, w).to(tokens.device)
-    input_ids = torch.where(mask, torch.full_like(tokens, mask_id), tokens)
+    draws = torch.rand(b, 1 + n, generator=generator)  # row by row: r, then n scores (the draws of one image)
+    num_masked = (masking_rate(draws[:, :1], min_masking_rate, max_masking_rate) * n).round().clamp(min=1, max=n)
+    order = draws[:, 1:].argsort(dim=1)  # tokens by score; the first num_masked of each row are masked
+    first = torch.arange(n).expand(b, n) < num_masked
+    mask = torch.zeros(b, n, dtype=torch.bool).scatter_(1, order, first).view(b, h, w).to(tokens.device)
+    input_ids = torch.where(mask, mask_id, tokens)
     return input_ids, mask
 
 

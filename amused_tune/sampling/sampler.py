@@ -15,7 +15,8 @@ every cell, some cell of most images gets a stray code. Truncation keeps the dra
 Randomness: each image has its own CPU `torch.Generator`, and every random number of that image comes from it, in a
 fixed order, so an image depends on its prompt and seed only, not on the rest of the batch. Two ways to draw:
 
-- ``draws="exact"`` (default) draws exactly what diffusers' `AmusedScheduler` draws from a CPU generator
+- ``draws="auto"`` (default): the fast draws on CUDA, the exact ones elsewhere (`resolve_draws`).
+- ``draws="exact"`` draws exactly what diffusers' `AmusedScheduler` draws from a CPU generator
   (``torch.multinomial`` = argmax of p / Exp(1) noise over the whole codebook, then the Gumbel uniforms), so at
   batch 1 with fp32 logits the tokens equal `AmusedPipeline(..., generator=torch.Generator().manual_seed(seed))`.
   It costs N x V exponentials per image and step on the CPU (2M at amused-256).
@@ -50,7 +51,15 @@ from amused_tune.sampling.images import load_image, mask_to_grid, png_info, save
 from amused_tune.model.masking import SCHEDULES
 from amused_tune.model.bases import Components, decode_tokens, encode_images, encode_prompts, micro_conditioning
 
-DRAWS = ("exact", "fast")
+DRAWS = ("auto", "exact", "fast")
+
+
+def resolve_draws(draws: str, device: torch.device) -> str:
+    """"auto": the fast draws on CUDA (where the exact ones, made on the CPU, would hold the GPU up), the exact
+    ones elsewhere; "exact" and "fast" as asked."""
+    if draws not in DRAWS:
+        raise SampleError(f"draws must be one of {DRAWS}, got {draws!r}")
+    return ("fast" if device.type == "cuda" else "exact") if draws == "auto" else draws
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -240,7 +249,7 @@ def sample_tokens(
     region: torch.Tensor | None = None,
     strength: float = 1.0,
     styledrop: StyleDropGuidance | tuple[float, float] | None = None,
-    draws: str = "exact",
+    draws: str = "auto",
     grid: tuple[int, int] | None = None,
     min_p: float = 0.0,
     top_k: int = 0,
@@ -277,7 +286,7 @@ def sample_tokens(
     x, count = _start_tokens(init_tokens, region, gens, h * w, mask_id, device, share)
     if first == steps:
         return x.reshape(-1, h, w)
-    draw = _Draws(draws, gens, steps - first, h * w, device)
+    draw = _Draws(resolve_draws(draws, device), gens, steps - first, h * w, device)
     was_training = base.training
     base.eval()
     try:
@@ -334,7 +343,7 @@ def generate(
     mask: str | Path | Image.Image | torch.Tensor | None = None,
     prompt_embeds: Embeds | None = None,
     styledrop: StyleDropGuidance | tuple[float, float] | None = None,
-    draws: str = "exact",
+    draws: str = "auto",
     min_p: float = 0.0,
     top_k: int = 0,
     aesthetic_score: float = 6.0,

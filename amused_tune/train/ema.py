@@ -38,8 +38,9 @@ class EMA:
         """Move the average after an optimizer step; returns the decay used."""
         self.updates += 1
         d = decay_at(self.decay, self.updates)
-        for e, p in zip(self.weights, self.params):
-            e.mul_(d).add_(p.detach().to(e.device, torch.float32), alpha=1 - d)
+        current = [p.detach().to(e.device, torch.float32) for e, p in zip(self.weights, self.params)]
+        torch._foreach_mul_(self.weights, d)  # the same two roundings per weight as e.mul_(d).add_(w, alpha=1 - d)
+        torch._foreach_add_(self.weights, current, alpha=1 - d)
         return d
 
     def state_dict(self) -> dict:

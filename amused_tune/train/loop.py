@@ -8,6 +8,7 @@ checkpoint; `finish` writes the deliverables. Building blocks are in setup.py, s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from amused_tune.data.datasets import collate, prepare_training_data
 from amused_tune.data.preflight import DataPlan
 from amused_tune.model.bases import Components, load_components
 from amused_tune.recipe import Recipe
-from amused_tune.train import checkpoints, outputs, report
+from amused_tune.train import checkpoints, compiling, outputs, report
 from amused_tune.train.progress import Reporter
 from amused_tune.train.runlog import RunLog
 from amused_tune.train.setup import (EpochSampler, check_distributed, check_resolution, make_accelerator,
@@ -125,6 +126,7 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag, data: Da
     batches = iter(data_loader(run, step))
     checkpoints.restore_rng(resumed, run.rngs, run.accelerator, recipe)  # after iter(): it draws from torch's RNG
     reporter = Reporter(run, step)
+    clock = compiling.CompileClock(t.compile, run.device, bool(recipe.model.quantize), t.max_steps)
     stop.install()
     if run.main and step == 0 and run.validator.enabled:
         run.validate(0)
@@ -140,7 +142,10 @@ def _run(recipe: Recipe, components: Components | None, stop: StopFlag, data: Da
             skipped += 1
             log.warning("step %d: non-finite loss (%s) or gradient norm (%s): skipped (%d so far)",
                         step, result.loss, result.grad_norm, skipped)
-        reporter.step(step, result, skipped)
+        compile_now, compile_metrics = clock.after_step(step, result.seconds)
+        if compile_now:  # train.compile=auto: the steps left repay compiling
+            run = dataclasses.replace(run, transformer=compiling.compiled(run.transformer))
+        reporter.step(step, result, skipped, compile_metrics)
         if run.main and run.validator.due(step):
             run.validate(step)
         heldout.record(run, reporter.metrics, step)
@@ -204,11 +209,12 @@ def set_up(recipe: Recipe, components: Components | None, data: DataPlan | None 
 
 def wrap(recipe: Recipe, accelerator: Accelerator, comps: Components, optimizer):
     """(U-ViT, text encoder, optimizer) as the training step uses them: DDP-wrapped by accelerate when the launch
-    is distributed, the U-ViT compiled with `train.compile`. `comps` keeps the raw modules."""
+    is distributed, the U-ViT compiled with `train.compile: true` (`auto` decides in the loop, train/compiling.py).
+    `comps` keeps the raw modules."""
     transformer, optimizer = accelerator.prepare(comps.transformer, optimizer)
     text_encoder = accelerator.prepare(comps.text_encoder) if recipe.adapter.text_encoder else comps.text_encoder
-    if recipe.train.compile:
-        transformer = torch.compile(transformer)
+    if compiling.mode(recipe.train.compile, accelerator.device, bool(recipe.model.quantize)) == "on":
+        transformer = compiling.compiled(transformer)
     return transformer, text_encoder, optimizer
 
 

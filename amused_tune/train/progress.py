@@ -21,8 +21,9 @@ class Reporter:
         self.images_per_step = t.batch_size * t.grad_accum * run.accelerator.num_processes
         self.scaler_skipped = 0  # steps the fp16 loss scaler skipped (overflowing gradients), in this process's run
 
-    def step(self, step: int, result: StepResult, skipped: int) -> dict:
-        """Record optimizer step `step` (every train.log_every steps and the last); returns its metrics row."""
+    def step(self, step: int, result: StepResult, skipped: int, extra: dict | None = None) -> dict:
+        """Record optimizer step `step` (every train.log_every steps and the last, and any step with `extra`
+        metrics, such as the compile time); returns its metrics row."""
         t = self.run.recipe.train
         row = {"step": step, "loss": result.loss, "lr": self.run.lr_scheduler.get_last_lr()[0],
                "grad_norm": result.grad_norm, "images_per_s": self.images_per_step / result.seconds,
@@ -30,7 +31,8 @@ class Reporter:
         if result.loss_scale is not None:  # fp16: the loss scale, and whether the scaler skipped this step
             self.scaler_skipped += result.scaler_skipped
             row.update(loss_scale=result.loss_scale, scaler_skipped=self.scaler_skipped)
-        if step % t.log_every == 0 or step == t.max_steps:
+        row.update(extra or {})
+        if step % t.log_every == 0 or step == t.max_steps or extra:
             self.metrics.write(row)
             if self.run.accelerator.trackers:  # output.log_with: TensorBoard, Weights & Biases
                 self.run.accelerator.log({k: v for k, v in row.items() if k != "step" and v == v}, step=step)

@@ -15,7 +15,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import Sampler
 
 from amused_tune import optimizers
-from amused_tune.model import adapters
+from amused_tune.model import adapters, lean
 from amused_tune.common import place, torch_dtype
 from amused_tune.model.bases import Components
 from amused_tune.recipe import Recipe, RecipeError
@@ -140,6 +140,9 @@ def setup_models(recipe: Recipe, comps: Components, device: torch.device) -> lis
         p.data = p.data.float()
     if recipe.train.grad_checkpointing:
         enable_grad_checkpointing(transformer)
+    lean.make_lean(transformer)  # the same maths in fewer operators (model/lean.py)
+    if recipe.adapter.text_encoder:
+        lean.make_lean(comps.text_encoder)
     transformer.train()
     return trainable
 

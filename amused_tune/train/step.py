@@ -27,14 +27,14 @@ class Conditioning:
 
 
 def draw_dropout(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Which of n samples lose their text (probability p each), drawn one sample at a time so that a sample's
-    draw does not depend on the batch size."""
-    return torch.cat([torch.rand(1, generator=generator) for _ in range(n)]) < p
+    """Which of n samples lose their text (probability p each): one draw per sample in batch order, the same draws
+    whatever the batch size (n draws of one value each are one draw of n values)."""
+    return torch.rand(n, generator=generator) < p
 
 
 def batch_conditioning(
     batch: dict, comps: Components, empty: Conditioning, drop: torch.Tensor, train_text: bool, device,
-    text_encoder: torch.nn.Module | None = None,
+    text_encoder: torch.nn.Module | None = None, empty_for_dropout: bool = True,
 ) -> Conditioning:
     """Text conditioning of a batch, with dropped samples given the empty prompt's hidden states and pooled.
     `text_encoder`: the encoder as the step calls it (DDP-wrapped when it trains); default the raw one."""
@@ -49,6 +49,8 @@ def batch_conditioning(
     else:  # as the text cache encodes: the frozen encoder in its own dtype, outside the autocast
         with torch.autocast(torch.device(device).type, enabled=False):
             hidden, pooled = encode_prompts(comps.text_encoder, comps.tokenizer, batch["prompt"])
+    if not empty_for_dropout:  # train.cond_dropout = 0: nothing to replace (the draws were still made)
+        return Conditioning(hidden, pooled)
     d = drop.to(device)
     hidden = torch.where(d[:, None, None], empty.hidden.to(hidden.dtype), hidden)
     pooled = torch.where(d[:, None], empty.pooled.to(pooled.dtype), pooled)
@@ -71,7 +73,8 @@ def compute_loss(
     """The MaskGIT loss of one micro-batch (masks and condition dropout drawn from `generators`)."""
     tokens = batch_tokens(batch, comps, device)
     drop = draw_dropout(tokens.shape[0], recipe.train.cond_dropout, generators["dropout"])
-    cond = batch_conditioning(batch, comps, empty, drop, recipe.adapter.text_encoder, device, text_encoder)
+    cond = batch_conditioning(batch, comps, empty, drop, recipe.adapter.text_encoder, device, text_encoder,
+                              empty_for_dropout=recipe.train.cond_dropout > 0)
     input_ids, mask = mask_tokens(tokens, comps.mask_id, generators["mask"], recipe.train.min_masking_rate,
                                  recipe.train.max_masking_rate)
     logits = transformer(
@@ -121,15 +124,20 @@ def train_step(run, batches, step: int) -> StepResult:
                                     run.device, run.text_encoder)
             accelerator.backward(loss / t.grad_accum)
         total += loss.detach() / t.grad_accum
-    grad_norm = float(clip_gradients(run))
-    loss_value = accelerator.gather(total[None]).mean().item()
+    norm = clip_gradients(run)
     scaler = accelerator.scaler
+    # the step's one host sync: its loss, gradient norm (and loss scale) read back together
+    read = [accelerator.gather(total[None]).mean(), torch.as_tensor(norm).to(total.device, torch.float32)]
+    if scaler is not None and scaler._scale is not None:
+        read.append(scaler._scale.to(total.device, torch.float32).reshape(()))
+    values = torch.stack(read).tolist()
+    loss_value, grad_norm = values[0], values[1]
     # fp16 loss scaling: the scaler skips a step whose gradients overflowed (inf or NaN) and lowers its scale;
     # only a non-finite loss is the run's problem then
     finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or scaler is not None)
     if not finite and not t.skip_nonfinite:
         raise TrainingStopped(nonfinite_message(run.out, step, loss_value, grad_norm), 1, error=True)
-    scale = float(scaler.get_scale()) if scaler is not None else None
+    scale = (values[2] if len(values) > 2 else float(scaler.get_scale())) if scaler is not None else None
     if finite or scaler is not None:  # the scaler must see every step it unscaled, to skip it and update itself
         run.optimizer.step()  # else (train.skip_nonfinite) the step counts for the data and schedule, no weight
     run.lr_scheduler.step()
@@ -145,7 +153,8 @@ def clip_gradients(run) -> torch.Tensor:
     """Clip to optim.max_grad_norm (0: no clipping); returns the norm before clipping."""
     if run.accelerator.sync_gradients and run.recipe.optim.max_grad_norm > 0:
         return run.accelerator.clip_grad_norm_(run.trainable, run.recipe.optim.max_grad_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.trainable if p.grad is not None]))
+    grads = [p.grad for p in run.trainable if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def peak_memory_gb() -> float:
