@@ -42,8 +42,9 @@ def test_an_earlier_run_resumes_from_its_checkpoint_to_the_same_next_step(old_ru
     assert f"resumed from {old_run / 'checkpoints' / 'step-2'} (step 2)" in capsys.readouterr().out
     metrics = read_metrics(old_run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert (metrics[-1]["loss"], metrics[-1]["grad_norm"]) == (EXPECTED["resumed_step3"]["loss"],
-                                                              EXPECTED["resumed_step3"]["grad_norm"])
+    # the same loss; the gradient norm to float rounding (the step now sums the norms with foreach operations)
+    assert metrics[-1]["loss"] == EXPECTED["resumed_step3"]["loss"]
+    assert metrics[-1]["grad_norm"] == pytest.approx(EXPECTED["resumed_step3"]["grad_norm"], rel=1e-6)
     assert (old_run / "checkpoints" / "step-3").is_dir() and not (old_run / "checkpoints" / "step-2").exists()
 
 

@@ -351,7 +351,8 @@ def test_validation_writes_a_grid_before_step_0_and_every_n_steps(tmp_path, imag
                                      "images_per_prompt": 2})
     train(recipe)
     samples = Path(recipe.output.dir) / "samples"
-    assert sorted(p.name for p in samples.iterdir()) == ["step-0.png", "step-2.png", "step-4.png"]
+    # the grids, and the first beside the last once the run ends
+    assert sorted(p.name for p in samples.iterdir()) == ["before_after.png", "step-0.png", "step-2.png", "step-4.png"]
     with Image.open(samples / "step-2.png") as grid:
         assert grid.size == (2 * 256, 2 * 256)  # 2 images per prompt in a row, a row per prompt; 32 px shown at 256
         assert "a red circle" in grid.text["prompts"] and grid.text["seeds"] == "[0, 1, 2, 3]"

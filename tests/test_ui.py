@@ -250,8 +250,8 @@ def test_push_and_merge_errors_are_the_commands_lines(tmp_path):
     assert actions.push(str(out), "not a repo id", dry_run=True).startswith(
         "amused-tune: error: --repo-id 'not a repo id' must look like user/name")
     assert actions.merge(str(tmp_path / "missing"), str(tmp_path / "m")) == (
-        f"amused-tune: error: {tmp_path / 'missing'} does not exist: pass a run's output.dir, an adapter folder or a "
-        ".safetensors file")
+        f"amused-tune: error: {tmp_path / 'missing'} does not exist: pass a run's output.dir, an adapter folder, a "
+        ".safetensors file or a Hub id (user/name)")
 
 
 def test_a_run_that_fails_at_once_shows_the_commands_line(tmp_path):
