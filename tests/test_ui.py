@@ -442,3 +442,16 @@ def test_a_page_reachable_from_other_machines_asks_a_password_and_confines_paths
     gallery, said = page.compare("toy", [], str(tmp_path / "private"), "a red circle", 0, 1.0, "", "", False, 1, 1)
     assert gallery == [] and "adapter=" in said and "is outside" in said
     assert access.Access(runs, confined=False).check("/etc", "x") is None  # this machine only: any path
+
+
+def test_the_page_builds_its_four_tabs_without_serving(tmp_path):
+    """The layout is built in the fast set too (the browser test serves it): four tabs, the runs folder named."""
+    pytest.importorskip("gradio")
+    from amused_tune.ui import layout
+
+    demo = layout.build(tmp_path / "runs")
+    config = demo.get_config_file()
+    tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
+    assert tabs == ["Runs", "New run", "Compare", "Share"]
+    assert any(str(tmp_path / "runs") in str(c["props"].get("value", "")) for c in config["components"]
+               if c.get("type") == "markdown")
