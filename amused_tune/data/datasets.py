@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from amused_tune.data import cache
+from amused_tune.data.augment import Recolour, recolourings
 from amused_tune.data.captions import with_caption_rules
 from amused_tune.data.cards import resolve_config
 from amused_tune.data.mixture import Mixture, mixture_report, part_configs
@@ -40,8 +41,8 @@ from amused_tune.recipe import DataConfig
 class PixelDataset(Dataset):
     """Validated samples, decoded and preprocessed on access (random crop and flip drawn per access)."""
 
-    def __init__(self, source: Source, samples: list[tuple[Record, str]], resolution: int, cfg: DataConfig,
-                 seed: int = 0):
+    def __init__(self, source: Source, samples: list[tuple[Record, str, Recolour | None]], resolution: int,
+                 cfg: DataConfig, seed: int = 0):
         self.source, self.samples, self.resolution, self.cfg = source, samples, resolution, cfg
         self.rng = random.Random(seed)
 
@@ -50,8 +51,9 @@ class PixelDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, rng = item_draws(key, self.rng)
-        record, prompt = self.samples[index]
+        record, prompt, recolour = self.samples[index]
         image, _ = load_image(self.source, record, 0)
+        image = recolour.image(image) if recolour else image
         flip = bool(self.cfg.random_flip) and rng.random() < 0.5
         pixels, micro = preprocess(image, self.resolution, None if self.cfg.center_crop else rng, flip)
         return {"pixels": pixels, "prompt": prompt, "micro_conds": micro}
@@ -66,15 +68,17 @@ def validated_dataset(cfg: DataConfig, resolution: int, tokenizer=None, seed: in
     for record in source.records:
         try:
             caption = check_caption(record, cfg)
-            _, converted = load_image(source, record, min_size)
+            image, converted = load_image(source, record, min_size)
         except BadSample as bad:
             bad_sample(report, cfg, record.key, str(bad))
             continue
         if converted:
             report.converted[converted] += 1
-        samples.append((record, make_prompt(cfg, caption)))
+        samples.append((record, make_prompt(cfg, caption), None))
+        for recolour in recolourings(image, caption, record.key, cfg.colour_variants, cfg.colours):
+            samples.append((record, make_prompt(cfg, recolour.caption(caption)), recolour))
     finish(report, cfg, len(samples))
-    check_lengths(sorted({p for _, p in samples}), tokenizer, report)
+    check_lengths(sorted({p for _, p, _ in samples}), tokenizer, report)
     return PixelDataset(source, samples, resolution, cfg, seed), report
 
 
