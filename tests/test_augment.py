@@ -105,7 +105,8 @@ def single(tmp_path: Path, **data) -> DataConfig:
 def test_the_cache_holds_the_image_then_its_copies_with_their_captions_and_the_pixel_path_agrees(tmp_path):
     comps = build_tiny()
     cfg = single(tmp_path, colour_variants=3, random_flip=True)
-    dataset, _, _ = cache.cached_dataset(cfg, 32, comps, show_progress=False)
+    dataset, _, report = cache.cached_dataset(cfg, 32, comps, show_progress=False)
+    assert (report.to_dict()["used"], report.to_dict()["recoloured_copies"]) == (1, 3)
     copies = recolourings(framed(), CAPTION, "s.png", 3, TOY)
     assert dataset.prompts == [CAPTION] + [c.caption(CAPTION) for c in copies]
     assert dataset.tokens.shape == (4, 2, 8, 8)  # 4 samples x (unflipped, flipped)
@@ -113,7 +114,8 @@ def test_the_cache_holds_the_image_then_its_copies_with_their_captions_and_the_p
     assert (dataset.tokens[2, 0].long() == encode_images(comps.vqvae, pixels[None])[0]).all()
     plain, _, _ = cache.cached_dataset(single(tmp_path, random_flip=True), 32, comps, show_progress=False)
     assert plain.prompts == [CAPTION] and len(list((tmp_path / "cache").glob("tokens-*"))) == 2  # its own key
-    pixel_set, _ = validated_dataset(cfg, 32)
+    pixel_set, pixel_report = validated_dataset(cfg, 32)
+    assert pixel_report.copies == 3
     assert [p for _, p, _ in pixel_set.samples] == dataset.prompts
     item = pixel_set[(2, 0)]
     flipped = pixel_set.cfg.random_flip

@@ -279,6 +279,7 @@ def token_cache(source: Source, cfg: DataConfig, resolution: int, comps: Compone
         report.bad += [tuple(b) for b in meta["bad"]]
         report.converted.update(meta["converted"])
     finish(report, cfg, len(captions))
+    report.copies = len(captions) - (report.total - len(report.bad))
     return torch.cat(tokens), torch.cat(micro), captions, report
 
 

@@ -96,6 +96,7 @@ class Report:
     bad: list[tuple[str, str]] = field(default_factory=list)
     converted: collections.Counter = field(default_factory=collections.Counter)
     truncated: list[str] = field(default_factory=list)
+    copies: int = 0  # recoloured copies of the usable images (data.colour_variants), trained on beside them
 
     def log(self, listed_in: Path | None = None) -> None:
         if self.converted:
@@ -104,6 +105,9 @@ class Report:
         if self.truncated:
             log.warning("data: %d captions are longer than 77 tokens and were truncated, e.g. %r",
                         len(self.truncated), self.truncated[0][:120])
+        if self.copies:
+            log.info("data: %d recoloured copies of the images (data.colour_variants), each with its own caption",
+                     self.copies)
         if self.bad:
             reasons = collections.Counter(re.split(r"[:(]", reason)[0].strip() for _, reason in self.bad)
             log.warning("data: skipped %d of %d samples (%s); first: %s: %s%s", len(self.bad), self.total,
@@ -113,7 +117,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"samples": self.total, "used": self.total - len(self.bad), "skipped": len(self.bad),
                 "bad": [{"sample": k, "reason": r} for k, r in self.bad], "converted": dict(self.converted),
-                "truncated_captions": len(self.truncated)}
+                "truncated_captions": len(self.truncated), "recoloured_copies": self.copies}
 
 
 def bad_sample(report: Report, cfg: DataConfig, key: str, reason: str) -> None:

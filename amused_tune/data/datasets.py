@@ -78,6 +78,7 @@ def validated_dataset(cfg: DataConfig, resolution: int, tokenizer=None, seed: in
         for recolour in recolourings(image, caption, record.key, cfg.colour_variants, cfg.colours):
             samples.append((record, make_prompt(cfg, recolour.caption(caption)), recolour))
     finish(report, cfg, len(samples))
+    report.copies = sum(recolour is not None for _, _, recolour in samples)
     check_lengths(sorted({p for _, p, _ in samples}), tokenizer, report)
     return PixelDataset(source, samples, resolution, cfg, seed), report
 
