@@ -143,6 +143,16 @@ class DataConfig:
     """Probability that a sample is trained with the empty prompt instead of its caption. The same mechanism as
     train.cond_dropout (which this value replaces when set): the sample's text conditioning becomes the empty
     prompt's, for that sample and draw only."""
+    colour_variants: int = 0
+    """Recoloured copies of each image, trained on beside it (0: none). Each moves every colour its caption names
+    (and the image shows) to another colour of `colours` and rewrites those words of the caption ("a red triangle
+    on a white background in [V] style" -> "a green triangle on a yellow background in [V] style"); colours the
+    caption does not name are the style and are kept. A fixed set per image, cached like flips and crops. For
+    single-image StyleDrop: the style then shows on many contents, not only the image's own (docs/styledrop.md)."""
+    colours: Optional[dict[str, tuple[int, int, int]]] = None
+    """The colour vocabulary of colour_variants: name -> [R, G, B]. A pixel belongs to its nearest colour here, a
+    caption's colour words are the names here, and the recoloured variants use these colours. Null: basic colour
+    names (red, orange, yellow, green, blue, purple, pink, brown, white, grey, black)."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Several data sources in one run, instead of data.card/source/path: a list of {card or source + path,
     repeats, prompt rules}. The other data keys (crops, flips, cache...) apply to every source. Each source is

@@ -216,6 +216,7 @@ PERTURBED = {
     "card": (None, "local_imagefolder"), "path": ("data", "moved"), "trigger_word": (None, "sks"),
     "shuffle_tags": (False, True), "keep_tags": (0, 1), "caption_dropout": (None, 0.5),
     "pixel_art": (None, False), "background": ("#ffffff", "#203040"),
+    "colour_variants": (2, 0), "colours": (None, {"red": (220, 30, 30), "white": (245, 245, 245)}),
 }
 # hub, the source kind (covered by its identity), and a list of sources (each one cached under its own key)
 NOT_FOR_AN_IMAGEFOLDER = {"source", "split", "image_column", "sources"}
@@ -266,6 +267,8 @@ def test_the_token_key_covers_every_data_setting_that_changes_pixels_or_captions
         if name not in cache.NOT_IN_TOKEN_KEY:
             assert key(changed) != key(base), f"data.{name} is meant to be in the key"
     assert key(settings(random_crops=3, center_crop=True)) == key(settings(center_crop=True))  # no effect: same key
+    assert key(settings(colour_variants=0, colours={"red": (1, 2, 3), "blue": (4, 5, 6)})) == key(
+        settings(colour_variants=0))  # no recoloured copies: the vocabulary is not in the key
 
 
 def test_an_unreadable_shard_is_encoded_again_and_orphaned_temp_files_removed(tmp_path):

@@ -20,7 +20,8 @@ Each shard is written aside, synced to disk and renamed, so an interrupted encod
 shard; a shard that cannot be read (a crash before the rename was durable, a full disk) is encoded again, and
 temporary files left by a killed run are removed. Encoding streams: it holds one encode batch of pixels at a time.
 
-V variants per image: every flip (random_flip: unflipped and flipped) of every crop (the centre crop, or
+Each image's recoloured copies (`data.colour_variants`, amused_tune.data.augment) follow it as samples of their own,
+with their own captions. V variants per image: every flip (random_flip: unflipped and flipped) of every crop (the centre crop, or
 `data.random_crops` random crops drawn from the sample's name, so the same crops come back on every run).
 Training picks one variant per access.
 """
@@ -47,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from amused_tune.data.augment import colour_copies
 from amused_tune.data.checks import Report, bad_sample, check_lengths, checked_samples, finish, min_image_size
 from amused_tune.data.pixel_art import parse_colour
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
@@ -190,14 +192,15 @@ def encode_shard(source: Source, records: list[Record], cfg: DataConfig, resolut
             pending.clear()
 
     for record, caption, image, grid in checked_samples(source, records, cfg, min_size, report, progress=progress):
-        keys.append(record.key)
-        captions.append(caption)
-        for rng, flip in variants(record.key, cfg):
-            px, mc = preprocess(image, resolution, rng, flip, grid, background)
-            pending.append(px)
-            micro.append(mc)
-            if len(pending) == batch:
-                encode_pending()
+        for suffix, picture, text in colour_copies(image, caption, record.key, cfg):  # the image, then its recolourings
+            keys.append(record.key + suffix)
+            captions.append(text)
+            for rng, flip in variants(record.key, cfg):
+                px, mc = preprocess(picture, resolution, rng, flip, grid, background)
+                pending.append(px)
+                micro.append(mc)
+                if len(pending) == batch:
+                    encode_pending()
     encode_pending()
     n_var = len(variants("", cfg))
     side = resolution // comps.vae_scale
@@ -218,6 +221,8 @@ def token_key(cfg: DataConfig, source: Source, resolution: int, vqvae: torch.nn.
         settings["random_crops"] = None
     if cfg.prompt is not None:  # the prompt replaces every caption: the column is not read
         settings["caption_column"] = None
+    if not cfg.colour_variants:  # no recoloured copies: the vocabulary is not used
+        settings["colours"] = None
     return digest(CACHE_VERSION, source.kind, source.identity, resolution, min_image_size(cfg, resolution), settings,
                   model_digest(vqvae))
 
@@ -259,6 +264,7 @@ def token_cache(source: Source, cfg: DataConfig, resolution: int, comps: Compone
         report.pixel_grids.update(meta["pixel_art"]["grids"])
         report.colours.update(meta["pixel_art"]["colours"])
     finish(report, cfg, len(captions))
+    report.copies = len(captions) - (report.total - len(report.bad))
     return torch.cat(tokens), torch.cat(micro), captions, report
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from amused_tune.common import kit_path, yaml_error_words
+from amused_tune.data.augment import vocabulary
 from amused_tune.data.pixel_art import parse_colour
 from amused_tune.recipe import DataConfig, SourceConfig
 
@@ -81,6 +82,13 @@ def resolve_config(cfg: DataConfig) -> DataConfig:
         raise DataError(f"data: set data.card, or data.source and data.path{where}")
     if out.random_crops < 1:
         raise DataError(f"data.random_crops must be >= 1, got {out.random_crops}")
+    if out.colour_variants < 0:
+        raise DataError(f"data.colour_variants must be >= 0 (0: no recoloured copies), got {out.colour_variants}")
+    if out.colour_variants:
+        try:
+            vocabulary(out.colours)
+        except ValueError as err:
+            raise DataError(str(err)) from None
     if out.min_image_size is not None and out.min_image_size < 0:
         raise DataError(f"data.min_image_size must be >= 0, got {out.min_image_size}")
     if out.pixel_art not in ("auto", True, False):

@@ -153,6 +153,7 @@ class Report:
         if grid is not None:
             self.pixel_grids[grid.name] += 1
             self.colours.update(native_colours(image, grid))
+    copies: int = 0  # recoloured copies of the usable images (data.colour_variants), trained on beside them
 
     def log(self, listed_in: Path | None = None) -> None:
         if self.converted:
@@ -161,6 +162,9 @@ class Report:
         if self.truncated:
             log.warning("data: %d captions are longer than 77 tokens and were truncated, e.g. %r",
                         len(self.truncated), self.truncated[0][:120])
+        if self.copies:
+            log.info("data: %d recoloured copies of the images (data.colour_variants), each with its own caption",
+                     self.copies)
         if self.bad:
             reasons = collections.Counter(re.split(r"[:(]", reason)[0].strip() for _, reason in self.bad)
             log.warning("data: skipped %d of %d samples (%s); first: %s: %s%s", len(self.bad), self.total,
@@ -176,7 +180,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"samples": self.total, "used": self.total - len(self.bad), "skipped": len(self.bad),
                 "bad": [{"sample": k, "reason": r} for k, r in self.bad], "converted": dict(self.converted),
-                "truncated_captions": len(self.truncated),
+                "truncated_captions": len(self.truncated), "recoloured_copies": self.copies,
                 "pixel_art": {"images": sum(self.pixel_grids.values()),
                               "photos": self.total - len(self.bad) - sum(self.pixel_grids.values()),
                               "grids": dict(self.pixel_grids),

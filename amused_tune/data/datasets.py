@@ -25,12 +25,11 @@ from torch.utils.data import Dataset
 
 from amused_tune.writes import write_file
 from amused_tune.data import cache
+from amused_tune.data.augment import Recolour, recolourings
 from amused_tune.data.captions import with_caption_rules
 from amused_tune.data.checks import Report, check_lengths, checked_samples, finish, load_sample, min_image_size
 from amused_tune.data.mixture import Mixture, mixture_report
 from amused_tune.data.pixel_art import parse_colour
-from amused_tune.data.preflight import DataPlan, Part, preflight
-from amused_tune.data.mixture import Mixture, mixture_report
 from amused_tune.data.preflight import DataPlan, Part, preflight
 from amused_tune.data.prior import with_prior
 from amused_tune.data.preprocess import item_draws, make_prompt, preprocess
@@ -42,8 +41,8 @@ from amused_tune.recipe import DataConfig
 class PixelDataset(Dataset):
     """Validated samples, decoded and preprocessed on access (random crop and flip drawn per access)."""
 
-    def __init__(self, source: Source, samples: list[tuple[Record, str]], resolution: int, cfg: DataConfig,
-                 seed: int = 0):
+    def __init__(self, source: Source, samples: list[tuple[Record, str, Recolour | None]], resolution: int,
+                 cfg: DataConfig, seed: int = 0):
         self.source, self.samples, self.resolution, self.cfg = source, samples, resolution, cfg
         self.rng = random.Random(seed)
 
@@ -52,8 +51,9 @@ class PixelDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, rng = item_draws(key, self.rng)
-        record, prompt = self.samples[index]
+        record, prompt, recolour = self.samples[index]
         image, _, grid = load_sample(self.source, record, self.cfg, 0)
+        image = recolour.image(image) if recolour else image
         flip = bool(self.cfg.random_flip) and rng.random() < 0.5
         pixels, micro = preprocess(image, self.resolution, None if self.cfg.center_crop else rng, flip, grid,
                                    parse_colour(self.cfg.background))
@@ -66,10 +66,15 @@ def validated_dataset(cfg: DataConfig, resolution: int, tokenizer=None, seed: in
     listing when the preflight made it."""
     source = source or open_source(cfg)
     report = Report(total=len(source.records))
-    samples = [(record, make_prompt(cfg, caption)) for record, caption, _, _ in
-               checked_samples(source, source.records, cfg, min_image_size(cfg, resolution), report)]
+    samples = []
+    for record, caption, image, _ in checked_samples(source, source.records, cfg, min_image_size(cfg, resolution),
+                                                     report):
+        samples.append((record, make_prompt(cfg, caption), None))
+        for recolour in recolourings(image, caption, record.key, cfg.colour_variants, cfg.colours):
+            samples.append((record, make_prompt(cfg, recolour.caption(caption)), recolour))
     finish(report, cfg, len(samples))
-    check_lengths(sorted({p for _, p in samples}), tokenizer, report)
+    report.copies = sum(recolour is not None for _, _, recolour in samples)
+    check_lengths(sorted({p for _, p, _ in samples}), tokenizer, report)
     return PixelDataset(source, samples, resolution, cfg, seed), report
 
 

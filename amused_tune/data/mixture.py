@@ -38,7 +38,7 @@ class Mixture(Dataset):
 
 def mixture_report(reports: list[dict], parts: list[tuple[DataConfig, int]]) -> dict:
     """data_report.json of a mixture: the totals and each source's report with its path and repeats."""
-    total = {key: sum(r[key] for r in reports) for key in ("samples", "used", "skipped")}
+    total = {key: sum(r[key] for r in reports) for key in ("samples", "used", "skipped", "recoloured_copies")}
     sources = [{"card": cfg.card, "source": cfg.source, "path": cfg.path, "repeats": repeats, **report}
                for report, (cfg, repeats) in zip(reports, parts)]
     return {**total, "bad": [b for r in reports for b in r["bad"]],
