@@ -241,3 +241,22 @@ STYLE_IMAGES: dict[str, ShapeSpec] = {
 def style_examples() -> list[tuple[ShapeSpec, str]]:
     """(spec, caption) of every single StyleDrop image of `STYLE_IMAGES`, in its order."""
     return [(spec, caption(spec)) for spec in STYLE_IMAGES.values()]
+
+
+def spec_name(spec: ShapeSpec) -> str:
+    """A style image's name, e.g. red_circle_on_black (as the keys of `STYLE_IMAGES`)."""
+    return f"{spec.colour}_{spec.shape}_on_{spec.background}"
+
+
+def random_style_specs(n: int, seed: int, exclude: list[ShapeSpec] = ()) -> list[ShapeSpec]:
+    """`n` style images nobody chose: a random shape, shape colour and background (the shape's colour never the
+    background's; the style's grey frame is neither, being no world colour), drawn with `seed`, no two alike and
+    none in `exclude`. Raises ValueError when fewer than `n` remain."""
+    import random
+
+    assert STYLE_COLOUR not in WORLD_COLOURS  # the frame is always a third colour
+    taken = {(s.shape, s.colour, s.background) for s in exclude}
+    pool = [t for t in all_triples() if t not in taken]
+    if n > len(pool):
+        raise ValueError(f"only {len(pool)} style images are left to draw, not {n}")
+    return [ShapeSpec(*t, style=True) for t in random.Random(seed).sample(pool, n)]
