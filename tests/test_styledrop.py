@@ -437,3 +437,91 @@ def test_a_kill_in_the_candidate_step_resumes_there_and_ends_bit_identical(tmp_p
     assert sorted(p.name for p in cands.glob("*.png")) == sorted(p.name for p in ref_cands.glob("*.png"))
     for image in ref_cands.glob("*.png"):
         assert Image.open(image).tobytes() == Image.open(cands / image.name).tobytes()
+
+
+def test_random_style_images_are_seeded_distinct_and_never_two_colours_alike():
+    from amused_tune.toy import world
+
+    drawn = world.random_style_specs(30, seed=3)
+    assert drawn == world.random_style_specs(30, seed=3) and drawn != world.random_style_specs(30, seed=4)
+    assert len({(s.shape, s.colour, s.background) for s in drawn}) == 30
+    for spec in drawn:
+        assert spec.style and spec.colour != spec.background and spec.ring not in (spec.colour, spec.background)
+        assert world.parse_caption(world.caption(spec)) == (spec.shape, spec.colour, spec.background)
+    fixed = list(world.STYLE_IMAGES.values())
+    assert not set(world.random_style_specs(84, seed=0, exclude=fixed)) & set(fixed)  # 90 - 6 left: all of them
+    with pytest.raises(ValueError, match="only 84 style images are left"):
+        world.random_style_specs(85, seed=0, exclude=fixed)
+
+
+@pytest.mark.slow  # about 30 s on 2 idle cores: two runs, each measured and drawn
+def test_the_eval_trains_random_images_and_pairs_and_counts_by_background(tmp_path, monkeypatch):
+    """`toy eval --styledrop --images none --random 1 --pairs 1` (1 training step, 3 prompts x 1 seed): a random
+    image trained alone and a random pair trained as a folder, each measured; the [v] samples by background add up
+    over both; the worst one's before/after picture is written."""
+    from amused_tune.toy import world
+    from amused_tune.toy.__main__ import main as toy_main
+
+    monkeypatch.chdir(REPO)
+    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    raw["train"].update(max_steps=1, checkpoint_every=1, batch_size=2)
+    raw["prior"]["prompts"] = ["a red circle on a black background"]
+    raw["styledrop"]["rounds"] = 1
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(raw))
+    out, picture = tmp_path / "eval.json", tmp_path / "worst.png"
+    assert toy_main(["eval", "--styledrop", "--recipe", str(tmp_path / "short.yaml"), "--images", "none",
+                     "--random", "1", "--pairs", "1", "--seed", "5", "--prompts", "3", "--seeds", "1",
+                     "--workdir", str(tmp_path / "w"), "--picture", str(picture), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    one, a, b = world.random_style_specs(3, seed=5, exclude=[])
+    single, pair = world.spec_name(one), f"{world.spec_name(a)}+{world.spec_name(b)}"
+    assert list(result["images"]) == [single, pair]
+    assert result["styles"][pair] == [world.caption(a), world.caption(b)]
+    assert json.loads((tmp_path / "w" / pair / "run" / "data_report.json").read_text())["used"] == 2
+    for numbers in result["images"].values():
+        assert sum(n for _, _, n in numbers["by_background"].values()) == 3
+    assert sum(n for _, _, n in result["by_background"].values()) == 6
+    assert result["worst"]["style_match"] == min(r["style_match"] for r in result["images"].values())
+    image = Image.open(picture)
+    assert result["worst_image"] in (single, pair) and image.text["top"] == "the base"
+    assert image.height == 2 * 256 and image.width == 256 * len(json.loads(image.text["prompts"]))
+
+
+def test_the_readme_styledrop_numbers_are_the_eval_files():
+    """README.md's StyleDrop block is what bench/styledrop_table.py makes of docs/styledrop_eval.json."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import styledrop_table
+    from amused_tune.toy import world
+
+    assert styledrop_table.FIXED == tuple(world.STYLE_IMAGES)
+    result = json.loads((REPO / "docs" / "styledrop_eval.json").read_text())
+    assert styledrop_table.block_of((REPO / "README.md").read_text()) == styledrop_table.render(result)
+    assert result["recipe"] == "recipes/quickstart.yaml" and result["random"] == 12
+    assert len(result["images"]) == 18
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--styledrop.rounds=0", "styledrop.rounds must be >= 1"),
+    ("--styledrop.adapter_scales=[0]", "styledrop.adapter_scales must be numbers > 0"),
+    ("--styledrop.prompts=[]", "styledrop.rounds > 1 draws candidates for styledrop.prompts"),
+    ("--adapter.kind=full", "use adapter.kind=lora"),
+    ("--styledrop.pick=clip", "styledrop.pick=clip needs styledrop.clip_model"),
+])
+def test_bad_styledrop_values_are_one_line_errors(capsys, override, message):
+    assert cli_main([str(REPO / "recipes" / "quickstart.yaml"), override, "--print_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_clip_model_that_is_not_there_stops_before_anything_trains(tmp_path, capsys):
+    """Offline and not downloaded (here: a folder that does not exist): one line saying how to get it or how to
+    train without the feedback round, before round 1 trains."""
+    out = tmp_path / "run"
+    code = cli_main([str(REPO / "recipes" / "styledrop_256.yaml"), "--model.base=tiny",
+                     f"--styledrop.clip_model={tmp_path / 'no-clip'}", f"--output.dir={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "hf download" in err[0] and "styledrop.rounds=1" in err[0] and "Traceback" not in err[0]
+    assert not (out / "round-1" / "adapter").exists() and not (out / "round-1" / "checkpoints").exists()

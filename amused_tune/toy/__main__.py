@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--pairs", type=int, default=0, metavar="N",
                    help="with --styledrop: also N random pairs of style images, each pair trained together as a folder")
     e.add_argument("--seed", type=int, default=0, help="with --random / --pairs: the seed of the draw")
+    e.add_argument("--jobs", type=int, default=1, help="with --styledrop: train this many style images at a time, "
+                                                       "each in its own process with one thread")
     e.add_argument("--picture", default=None, help="with --styledrop: write the worst image's before/after picture "
                                                    "(base above, adapter below, one [v] prompt per background) here")
     e.add_argument("--round2", action="store_true", help="with --styledrop: the same as --rounds 2")
@@ -84,6 +86,8 @@ def _eval_problem(args) -> str | None:
     for flag in ("prompts", "seeds", "threads"):
         if getattr(args, flag) < 1:
             return f"--{flag} must be >= 1, got {getattr(args, flag)}"
+    if args.jobs < 1:
+        return f"--jobs must be >= 1, got {args.jobs}"
     for flag in ("random", "pairs"):
         if getattr(args, flag) < 0:
             return f"--{flag} must be >= 0, got {getattr(args, flag)}"
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         styledrop_eval(args.recipe or DEFAULT_RECIPE, args.out or "styledrop_eval.json",
                        30 if args.prompts == 50 else args.prompts, tuple(range(args.seeds)), images,
                        workdir=args.workdir, base_dir=args.dir, random=args.random, pairs=args.pairs, seed=args.seed,
-                       picture=args.picture,
+                       picture=args.picture, jobs=args.jobs,
                        **overrides)
         return 0
     folder = Path(args.dir) if args.dir else toy_dir()

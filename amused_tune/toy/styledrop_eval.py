@@ -214,48 +214,79 @@ def style_cases(images: list[str] | None = None, random: int = 0, pairs: int = 0
     return cases
 
 
-def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | None = None, n_prompts: int = 30,
-                   seeds=(0, 1), images: list[str] | None = None, workdir: str | Path | None = None,
-                   base_dir: str | Path | None = None, print_fn=print, random: int = 0, pairs: int = 0,
-                   seed: int = 0, picture: str | Path | None = None, **overrides) -> dict:
-    """Train `recipe_path` (every round of it) on each style image set of `style_cases(images, random, pairs,
-    seed)` and measure each on `n_prompts` new-content prompts x `seeds`; print and return (and write to `out`)
-    every set's numbers, the worst set's, and the ``[v]`` samples by background colour over all sets; `picture`:
-    write the worst set's `before_after` there. `overrides` ("section.key": value, e.g. "styledrop.rounds": 2) go
-    on top of the recipe."""
+_BASES: dict[str, object] = {}  # the base's components, loaded once per process
+
+
+def measure_case(recipe_path: str, name: str, specs: list[world.ShapeSpec], root: str, n_prompts: int, seeds,
+                 base_dir: str | None, overrides: dict, print_fn=print) -> dict:
+    """Train and measure one style image set (`styledrop_eval`'s step; runs in a worker process with jobs > 1):
+    its numbers, and its `before_after` picture in ROOT/NAME/before_after.png."""
     from amused_tune.model.bases import load_components
     from amused_tune.toy import toy_dir
     from amused_tune.toy.evaluate import read_sampling_defaults
     from amused_tune.toy.finetune_eval import _apply_run
 
+    if os.environ.get("EVAL_WORKER"):
+        torch.set_num_threads(1)
+    folder = Path(base_dir) if base_dir else toy_dir()
+    base = _BASES.setdefault(str(folder), load_components(str(folder)))
+    settings = read_sampling_defaults(folder)
+    print_fn(f"{name}: " + " + ".join(repr(world.caption(s)) for s in specs))
+    prompts = new_content_prompts(specs, n_prompts)
+    run = train_on(recipe_path, specs, Path(root) / name, prompts, print_fn, base_dir, **overrides)
+    tuned = _apply_run(base, run)
+    numbers = measure(base, tuned, prompts, settings, seeds)
+    print_fn(f"{name}:  " + "  ".join(f"{k} {numbers[k]:.2f}" for k in KEYS))
+    before_after(base, tuned, prompts, settings, Path(root) / name / "before_after.png",
+                 " + ".join(map(world.caption, specs)))
+    return numbers
+
+
+def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | None = None, n_prompts: int = 30,
+                   seeds=(0, 1), images: list[str] | None = None, workdir: str | Path | None = None,
+                   base_dir: str | Path | None = None, print_fn=print, random: int = 0, pairs: int = 0,
+                   seed: int = 0, picture: str | Path | None = None, jobs: int = 1, **overrides) -> dict:
+    """Train `recipe_path` (every round of it) on each style image set of `style_cases(images, random, pairs,
+    seed)` and measure each on `n_prompts` new-content prompts x `seeds` (`jobs` sets at a time, each in its own
+    process with one thread; the numbers do not depend on it); print and return (and write to `out`) every set's
+    numbers, the worst set's, and the ``[v]`` samples by background colour over all sets; `picture`: write the
+    worst set's `before_after` there. `overrides` ("section.key": value, e.g. "styledrop.rounds": 2) go on top of
+    the recipe."""
+    import shutil
+
+    from amused_tune.toy import toy_dir
+    from amused_tune.toy.evaluate import read_sampling_defaults
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     folder = Path(base_dir) if base_dir else toy_dir()
-    settings = read_sampling_defaults(folder)
     cases = style_cases(images, random, pairs, seed)
-    base = load_components(str(folder))
-    per_image = {}
     with tempfile.TemporaryDirectory(prefix="styledrop-eval-") as tmp:
-        root = Path(workdir) if workdir else Path(tmp)
-        for name, specs in cases.items():
-            print_fn(f"{name}: " + " + ".join(repr(world.caption(s)) for s in specs))
-            prompts = new_content_prompts(specs, n_prompts)
-            run = train_on(recipe_path, specs, root / name, prompts, print_fn, str(base_dir) if base_dir else None,
-                           **overrides)
-            tuned = _apply_run(base, run)
-            numbers = measure(base, tuned, prompts, settings, seeds)
-            per_image[name] = numbers
-            print_fn("  " + "  ".join(f"{k} {numbers[k]:.2f}" for k in KEYS))
-            if picture and worst_name(per_image) == name:  # the worst so far: its picture replaces the last one
-                before_after(base, tuned, prompts, settings, Path(picture), " + ".join(map(world.caption, specs)))
+        root = str(Path(workdir) if workdir else Path(tmp))
+        args = [(str(recipe_path), name, specs, root, n_prompts, tuple(seeds), str(base_dir) if base_dir else None,
+                 overrides) for name, specs in cases.items()]
+        if jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            os.environ["EVAL_WORKER"] = "1"  # one thread per worker
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                per_image = dict(zip(cases, pool.map(measure_case, *zip(*args))))
+        else:
+            per_image = {a[1]: measure_case(*a, print_fn=print_fn) for a in args}
+        if picture:
+            shutil.copyfile(Path(root) / worst_name(per_image) / "before_after.png", picture)
+    for name, numbers in per_image.items():
+        print_fn(f"{name:<40} " + "  ".join(f"{k} {numbers[k]:.2f}" for k in KEYS))
     worst = summarize(per_image)
     totals = background_totals(per_image)
-    print_fn("worst image: " + "  ".join(f"{k} {worst[k]:.2f}" for k in KEYS))
+    print_fn("worst image: " + "  ".join(f"{k} {worst[k]:.2f}" for k in KEYS) + f"  ({worst_name(per_image)})")
     for line in verdict(worst) + background_lines(totals):
         print_fn("  " + line)
     recipe = load_recipe(recipe_path, **overrides).styledrop
     result = {"recipe": str(recipe_path), "overrides": overrides, "base": str(folder), "rounds": recipe.rounds,
               "per_prompt": recipe.per_prompt, "adapter_scales": list(recipe.adapter_scales), "prompts": n_prompts,
-              "seeds": list(seeds), "random": random, "pairs": pairs, "seed": seed, "sampling": settings,
+              "seeds": list(seeds), "random": random, "pairs": pairs, "seed": seed,
+              "sampling": read_sampling_defaults(folder),
               "styles": {name: [world.caption(s) for s in specs] for name, specs in cases.items()},
               "images": per_image, "worst": worst, "worst_image": worst_name(per_image), "by_background": totals}
     if out:
