@@ -1,6 +1,6 @@
 """The README's StyleDrop numbers, from the output file of one toy evaluation command:
 
-    python -m amused_tune.toy eval --styledrop --random 12 --seed 0 --jobs 2 \
+    python -m amused_tune.toy eval --styledrop --random 12 --seed 0 --jobs 2 --workdir runs/styledrop-eval \
         --picture assets/quickstart/toy_before_after.png --out docs/styledrop_eval.json
     python bench/styledrop_table.py            # rewrite the block between the styledrop-table markers of README.md
     python bench/styledrop_table.py --print    # print it, write nothing
@@ -32,7 +32,11 @@ def render(result: dict) -> str:
     fixed = [n for n in result["images"] if n in FIXED]
     drawn = [n for n in result["images"] if n not in FIXED]
     s = result["sampling"]
-    lines = [f"Recipe `{result['recipe']}` ({result['rounds']} round{'s' * (result['rounds'] > 1)}), "
+    wanted = len(result["styles"])
+    so_far = "" if result.get("complete", True) else (
+        f"**{len(result['images'])} of the command's {wanted} style images measured so far** (rerun it with the same "
+        "`--workdir` to finish: its runs resume). ")
+    lines = [f"{so_far}Recipe `{result['recipe']}` ({result['rounds']} round{'s' * (result['rounds'] > 1)}), "
              f"{len(fixed)} fixed style images and {len(drawn)} drawn at random (seed {result['seed']}), "
              f"{result['prompts']} new-content prompts x {len(result['seeds'])} seeds each (guidance "
              f"{s['guidance']:g}, {s['steps']} steps, min_p {s.get('min_p', 0):g}). "

@@ -498,8 +498,8 @@ def test_the_readme_styledrop_numbers_are_the_eval_files():
     assert styledrop_table.FIXED == tuple(world.STYLE_IMAGES)
     result = json.loads((REPO / "docs" / "styledrop_eval.json").read_text())
     assert styledrop_table.block_of((REPO / "README.md").read_text()) == styledrop_table.render(result)
-    assert result["recipe"] == "recipes/quickstart.yaml" and result["random"] == 12
-    assert len(result["images"]) == 18
+    assert result["recipe"] == "recipes/quickstart.yaml" and result["random"] == 12 and result["seed"] == 0
+    assert len(result["styles"]) == 18 and result["complete"] == (len(result["images"]) == 18)
 
 
 @pytest.mark.parametrize("override, message", [

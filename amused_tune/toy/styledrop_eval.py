@@ -80,7 +80,8 @@ def _set(section: object, dotted: str, value: object) -> None:
     setattr(section, key, value)
 
 
-RUN_OVERRIDES = {"output.overwrite": True, "output.loss_plot": False, "validation.prompts": [], "train.resume": "none"}
+# a workdir run of the same recipe resumes (a finished one is only measured again); another recipe's is discarded
+RUN_OVERRIDES = {"output.overwrite": True, "output.loss_plot": False, "validation.prompts": [], "train.resume": "auto"}
 
 
 def train_on(recipe_path: str | Path, specs: list[world.ShapeSpec], folder: Path, held_out: list[str],
@@ -248,47 +249,66 @@ def styledrop_eval(recipe_path: str | Path = DEFAULT_RECIPE, out: str | Path | N
                    seed: int = 0, picture: str | Path | None = None, jobs: int = 1, **overrides) -> dict:
     """Train `recipe_path` (every round of it) on each style image set of `style_cases(images, random, pairs,
     seed)` and measure each on `n_prompts` new-content prompts x `seeds` (`jobs` sets at a time, each in its own
-    process with one thread; the numbers do not depend on it); print and return (and write to `out`) every set's
-    numbers, the worst set's, and the ``[v]`` samples by background colour over all sets; `picture`: write the
-    worst set's `before_after` there. `overrides` ("section.key": value, e.g. "styledrop.rounds": 2) go on top of
-    the recipe."""
+    process with one thread; the numbers do not depend on it); print and return (and write to `out`, after every
+    set, with "complete" false until the last) every set's numbers, the worst set's, and the ``[v]`` samples by
+    background colour over all sets; `picture`: write the worst set's `before_after` there. With a `workdir`, a
+    rerun resumes the runs there. `overrides` ("section.key": value, e.g. "styledrop.rounds": 2) go on top of the
+    recipe."""
     import shutil
 
-    from amused_tune.toy import toy_dir
-    from amused_tune.toy.evaluate import read_sampling_defaults
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    folder = Path(base_dir) if base_dir else toy_dir()
     cases = style_cases(images, random, pairs, seed)
+    setup = {"recipe": str(recipe_path), "overrides": overrides, "base_dir": base_dir, "prompts": n_prompts,
+             "seeds": list(seeds), "random": random, "pairs": pairs, "seed": seed, "cases": cases}
+    per_image: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="styledrop-eval-") as tmp:
         root = str(Path(workdir) if workdir else Path(tmp))
-        args = [(str(recipe_path), name, specs, root, n_prompts, tuple(seeds), str(base_dir) if base_dir else None,
-                 overrides) for name, specs in cases.items()]
+        args = {name: (str(recipe_path), name, specs, root, n_prompts, tuple(seeds),
+                       str(base_dir) if base_dir else None, overrides) for name, specs in cases.items()}
+
+        def done(name: str, numbers: dict) -> None:
+            per_image[name] = numbers
+            result = eval_result(setup, {n: per_image[n] for n in cases if n in per_image})
+            if out:
+                Path(out).write_text(json.dumps(result, indent=2) + "\n")
+            if picture:  # the worst so far
+                shutil.copyfile(Path(root) / result["worst_image"] / "before_after.png", picture)
+
         if jobs > 1:
             import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
             os.environ["EVAL_WORKER"] = "1"  # one thread per worker
             with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                per_image = dict(zip(cases, pool.map(measure_case, *zip(*args))))
+                futures = {pool.submit(measure_case, *a): name for name, a in args.items()}
+                for future in as_completed(futures):
+                    done(futures[future], future.result())
         else:
-            per_image = {a[1]: measure_case(*a, print_fn=print_fn) for a in args}
-        if picture:
-            shutil.copyfile(Path(root) / worst_name(per_image) / "before_after.png", picture)
-    for name, numbers in per_image.items():
+            for name, a in args.items():
+                done(name, measure_case(*a, print_fn=print_fn))
+    result = eval_result(setup, per_image)
+    for name, numbers in result["images"].items():
         print_fn(f"{name:<40} " + "  ".join(f"{k} {numbers[k]:.2f}" for k in KEYS))
-    worst = summarize(per_image)
-    totals = background_totals(per_image)
-    print_fn("worst image: " + "  ".join(f"{k} {worst[k]:.2f}" for k in KEYS) + f"  ({worst_name(per_image)})")
-    for line in verdict(worst) + background_lines(totals):
+    worst = result["worst"]
+    print_fn("worst image: " + "  ".join(f"{k} {worst[k]:.2f}" for k in KEYS) + f"  ({result['worst_image']})")
+    for line in verdict(worst) + background_lines(result["by_background"]):
         print_fn("  " + line)
-    recipe = load_recipe(recipe_path, **overrides).styledrop
-    result = {"recipe": str(recipe_path), "overrides": overrides, "base": str(folder), "rounds": recipe.rounds,
-              "per_prompt": recipe.per_prompt, "adapter_scales": list(recipe.adapter_scales), "prompts": n_prompts,
-              "seeds": list(seeds), "random": random, "pairs": pairs, "seed": seed,
-              "sampling": read_sampling_defaults(folder),
-              "styles": {name: [world.caption(s) for s in specs] for name, specs in cases.items()},
-              "images": per_image, "worst": worst, "worst_image": worst_name(per_image), "by_background": totals}
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def eval_result(setup: dict, per_image: dict[str, dict]) -> dict:
+    """What `styledrop_eval` writes: its settings, every measured set (in the order of the cases), the worst one's
+    numbers and the by-background totals; "complete" once every case is measured."""
+    from amused_tune.toy import toy_dir
+    from amused_tune.toy.evaluate import read_sampling_defaults
+
+    folder = Path(setup["base_dir"]) if setup["base_dir"] else toy_dir()
+    recipe = load_recipe(setup["recipe"], **setup["overrides"]).styledrop
+    cases = setup["cases"]
+    return {"recipe": setup["recipe"], "overrides": setup["overrides"], "base": str(folder), "rounds": recipe.rounds,
+            "per_prompt": recipe.per_prompt, "adapter_scales": list(recipe.adapter_scales),
+            "prompts": setup["prompts"], "seeds": setup["seeds"], "random": setup["random"], "pairs": setup["pairs"],
+            "seed": setup["seed"], "sampling": read_sampling_defaults(folder),
+            "styles": {name: [world.caption(s) for s in specs] for name, specs in cases.items()},
+            "complete": len(per_image) == len(cases), "images": per_image, "worst": summarize(per_image),
+            "worst_image": worst_name(per_image), "by_background": background_totals(per_image)}
