@@ -525,3 +525,19 @@ def test_a_clip_model_that_is_not_there_stops_before_anything_trains(tmp_path, c
     assert code == 2 and len(err) == 1, err
     assert "hf download" in err[0] and "styledrop.rounds=1" in err[0] and "Traceback" not in err[0]
     assert not (out / "round-1" / "adapter").exists() and not (out / "round-1" / "checkpoints").exists()
+
+
+def test_the_estimate_counts_the_candidate_draw_and_keeps_both_recipes_at_3_gb():
+    """With styledrop.rounds 2 the candidate draw is a moment of the run: every weight (U-ViT, LoRA, text encoder,
+    VQ) back on the GPU, `styledrop.batch_size` prompts sampled with guidance, then decoded at once."""
+    from amused_tune.memory import estimate as memory
+
+    for name in ("styledrop_256", "styledrop_512"):
+        recipe = parse_recipe([str(REPO / "recipes" / f"{name}.yaml")])[0]
+        est = memory.estimate(recipe)
+        assert est.peak_gb <= 3.0 and "styledrop candidates: VQ decode" in est.moments, name
+        assert est.moments["styledrop candidates: sampling"][1].startswith(f"{recipe.styledrop.batch_size} prompts")
+        one_round = memory.estimate(parse_recipe([str(REPO / "recipes" / f"{name}.yaml"), "--styledrop.rounds=1"])[0])
+        assert not any(m.startswith("styledrop") for m in one_round.moments) and one_round.peak_gb <= est.peak_gb
+    four = memory.estimate(parse_recipe([str(REPO / "recipes" / "styledrop_512.yaml"), "--styledrop.batch_size=4"])[0])
+    assert four.peak_gb > 3.0 and four.peak_gb == pytest.approx(four.at("styledrop candidates: VQ decode") / memory.GB)
