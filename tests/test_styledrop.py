@@ -541,3 +541,59 @@ def test_the_estimate_counts_the_candidate_draw_and_keeps_both_recipes_at_3_gb()
         assert not any(m.startswith("styledrop") for m in one_round.moments) and one_round.peak_gb <= est.peak_gb
     four = memory.estimate(parse_recipe([str(REPO / "recipes" / "styledrop_512.yaml"), "--styledrop.batch_size=4"])[0])
     assert four.peak_gb > 3.0 and four.peak_gb == pytest.approx(four.at("styledrop candidates: VQ decode") / memory.GB)
+
+
+KILL_RUNNER = r'''
+"""The CLI, with the candidate draw pausing (and touching RUNNER_MARKER) before its second batch."""
+import os, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from amused_tune.sampling import sampler
+real, calls = sampler.generate, []
+def paused(comps, prompts, seeds, **kw):
+    if any("[v]" in p for p in prompts or []):
+        calls.append(seeds)
+        if len(calls) == 2:
+            Path(os.environ["RUNNER_MARKER"]).write_text("drawing")
+            time.sleep(120)
+    return real(comps, prompts, seeds, **kw)
+sampler.generate = paused
+from amused_tune.cli import main
+sys.exit(main())
+'''
+
+
+@pytest.mark.slow  # about 40 s on 2 idle cores: a reference run, a killed one, its resumption
+def test_sigkill_in_the_candidate_step_resumes_there_to_the_same_adapter(tmp_path):
+    """A real SIGKILL of `amused-tune RECIPE.yaml` while it draws round 2's candidates: rerunning the command keeps
+    round 1 and the candidates already drawn, and ends with the weights and losses of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_resume import assert_same_run
+
+    recipe_file = rounds_recipe_file(tmp_path, pick="all")
+    assert cli_main([str(recipe_file), f"--output.dir={tmp_path / 'ref'}"]) == 0
+    reset_accelerate()
+    (tmp_path / "runner.py").write_text(KILL_RUNNER)
+    out, marker = tmp_path / "killed", tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(recipe_file), f"--output.dir={out}"],
+                            env={**os.environ, "PYTHONPATH": str(REPO), "RUNNER_MARKER": str(marker)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    cands = out / "round-2" / "candidates"
+    assert (out / "round-1" / "adapter").is_dir() and not (cands / "candidates.jsonl").exists()
+    assert len(list(cands.glob("*.png"))) == 2 and not (out / "adapter").exists()
+    assert cli_main([str(recipe_file), f"--output.dir={out}"]) == 0
+    assert_same_run(tmp_path / "ref", out)
+    assert json.loads((out / "styledrop.json").read_text())["kept"] == {"2": [4, 4]}

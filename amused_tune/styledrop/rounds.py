@@ -64,6 +64,8 @@ def round_recipe(recipe: Recipe, k: int, folders: list[Path]) -> Recipe:
     r.output.dir = str(round_dir(Path(recipe.output.dir), k, rounds))
     if k < rounds:
         r.output.push_to_hub = False  # only the last round's adapter is the result
+    if k > 1 and r.train.resume not in ("auto", "none"):  # a checkpoint path belongs to round 1
+        r.train.resume = "auto"
     if folders:
         r.data = with_candidates(recipe.data, folders)
     return r.validate()
@@ -133,13 +135,23 @@ def share_prior(done: Path, run: Path) -> None:
         os.replace(tmp, target)
 
 
+def train_round(recipe: Recipe, k: int, rounds: int) -> dict:
+    """Train one round; a stop (a signal, a non-finite loss) says which round, and that the same command resumes."""
+    from amused_tune.train.loop import TrainingStopped, train
+
+    try:
+        return train(recipe)
+    except TrainingStopped as err:
+        said = str(err).split(" Resume with:")[0].rstrip(".")
+        raise TrainingStopped(f"StyleDrop round {k} of {rounds}: {said}. Rerun the same command to resume the "
+                              "rounds", err.exit_code, err.error) from None
+
+
 def run_rounds(recipe: Recipe, make_picker: Callable[[Recipe], Callable], print_fn=print) -> dict:
     """Train every round of `recipe` (styledrop.rounds > 1); returns the last round's training summary, with
     "rounds" (what each later round kept). `make_picker(recipe)` returns the picker, `picker(images, prompts,
     reference) -> list[bool]`; it is called before round 1 when a pick is still to be made, so a picker that cannot
     load fails before anything trains."""
-    from amused_tune.train.loop import train
-
     s = recipe.styledrop
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RecipeError("styledrop.rounds > 1 runs in one process: start it with amused-tune, not accelerate "
@@ -153,7 +165,7 @@ def run_rounds(recipe: Recipe, make_picker: Callable[[Recipe], Callable], print_
 
     previous, folders = round_recipe(recipe, 1, []), []
     print_fn(f"StyleDrop round 1 of {s.rounds}: {previous.output.dir}")
-    summary = train(previous)
+    summary = train_round(previous, 1, s.rounds)
     for k in later:
         folder = candidates_dir(out, k)
         if not (folder / CANDIDATES).is_file():
@@ -183,6 +195,6 @@ def run_rounds(recipe: Recipe, make_picker: Callable[[Recipe], Callable], print_
                      f"the data{also} alone -> {round_dir(out, k, s.rounds)}")
         previous = round_recipe(recipe, k, folders)
         share_prior(round_dir(out, 1, s.rounds), Path(previous.output.dir))
-        summary = train(previous)
+        summary = train_round(previous, k, s.rounds)
     return {**summary, "rounds": {k: tuple(v) for k, v in state["kept"].items()}}
 
