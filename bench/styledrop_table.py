@@ -39,9 +39,9 @@ def render(result: dict) -> str:
     lines = [f"{so_far}Recipe `{result['recipe']}` ({result['rounds']} round{'s' * (result['rounds'] > 1)}), "
              f"{len(fixed)} fixed style images and {len(drawn)} drawn at random (seed {result['seed']}), "
              f"{result['prompts']} new-content prompts x {len(result['seeds'])} seeds each (guidance "
-             f"{s['guidance']:g}, {s['steps']} steps, min_p {s.get('min_p', 0):g}). "
-             f"The worst image is `{result['worst_image']}`:", "",
-             "| share of samples | worst image | target |", "|---|---|---|"]
+             f"{s['guidance']:g}, {s['steps']} steps, min_p {s.get('min_p', 0):g}). The fewest samples with the "
+             f"frame and the caption: `{result['worst_image']}` (the picture below).", "",
+             f"| share of samples | worst of the {len(result['images'])} images | target |", "|---|---|---|"]
     for key, label, target in ROWS:
         lines.append(f"| {label} | {result['worst'][key]:.2f} | {target} |")
     lines += ["", "| style image | frame | frame + caption | leak | caption kept | clean |", "|---|---|---|---|---|---|"]
