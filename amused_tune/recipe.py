@@ -336,6 +336,46 @@ class PriorConfig:
 
 
 @dataclass
+class StyleDropConfig:
+    """StyleDrop's feedback rounds in one command (docs/styledrop.md). Round 1 trains on the data; every later round
+    draws candidates with the previous round's adapter, keeps the ones a picker accepts (the toy's classifier on
+    model.base=toy, a CLIP model elsewhere) and trains a fresh adapter on them, the earlier rounds' kept ones and the
+    data. With rounds > 1, round k's run is OUTPUT_DIR/round-k/ and its candidates OUTPUT_DIR/round-k/candidates/,
+    except the last round, whose run is OUTPUT_DIR itself (so sample, merge and push use it). Rerunning the command
+    resumes wherever it stopped, inside a round's training or its candidates."""
+
+    rounds: int = 1
+    """Training rounds: 1 trains on the data only; 2 adds StyleDrop's feedback round (round 1, then candidates drawn
+    with its adapter and picked, then a fresh adapter trained on what was kept); 3 or more repeat the feedback."""
+    prompts: Union[list[str], str] = field(default_factory=list)
+    """The prompts candidates are drawn for, with the style's token (e.g. 'A house in [V] style'): a list, or the
+    path of a text file with one prompt per line (relative paths are tried from the working directory, then from
+    the kit's folder). Needed when rounds > 1."""
+    per_prompt: int = 2
+    """Candidates drawn per prompt at each of adapter_scales."""
+    adapter_scales: list[float] = field(default_factory=lambda: [1.0])
+    """Strengths of the previous round's adapter the candidates are drawn at (1: as trained); a style drawn too
+    weakly on some content shows up at a higher one, e.g. [1, 1.5]."""
+    seed: int = 0
+    """Seed of round 2's first candidate (candidate i uses seed + i; round k adds 10000 x (k - 2))."""
+    batch_size: int = 8
+    """Candidates drawn per sampling call (the memory estimate counts this batch, with guidance's second row)."""
+    pick: Literal["auto", "toy", "clip", "all"] = "auto"
+    """Who keeps candidates: toy (the toy world's exact classifier: style, caption and no stray cell; model.base=toy
+    only), clip (a CLIP model, styledrop.clip_model: candidates at or above the median in both content, the
+    image-prompt score, and style, the image-to-style-image score), all (every candidate: no feedback), auto (toy on
+    the toy base, else clip when styledrop.clip_model is set, else all, said at the start)."""
+    clip_model: Optional[str] = None
+    """The CLIP model of pick=clip: a Hub id (downloaded once into the Hugging Face cache) or a local folder holding
+    a CLIPModel and its tokenizer, e.g. openai/clip-vit-base-patch32. It runs on the CPU."""
+
+    def picker(self, base: str) -> str:
+        """The picker `pick` resolves to on `base`: toy, clip or all."""
+        if self.pick != "auto":
+            return self.pick
+        return "toy" if base == "toy" else "clip" if self.clip_model else "all"
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/default"
     """Output folder: recipe.yaml, adapter/ or transformer/, checkpoints/, samples/, metrics.jsonl, README.md.
@@ -369,6 +409,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    styledrop: StyleDropConfig = field(default_factory=StyleDropConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def resolve(self) -> "Recipe":
@@ -412,6 +453,7 @@ class Recipe:
                               f"{self.prior.images_per_prompt} and {self.prior.weight}")
         self._check_captions()
         self._check_sources()
+        self._check_styledrop()
         if not 0 <= self.train.cond_dropout <= 1:
             raise RecipeError(f"train.cond_dropout must be in [0, 1], got {self.train.cond_dropout}")
         if not 0 <= self.train.label_smoothing < 1:
@@ -457,6 +499,32 @@ class Recipe:
                               "layers")
         if a.dropout:
             raise RecipeError(f"adapter.dropout is LoRA's input dropout: adapter.kind={a.kind} has none, set it to 0")
+
+    def _check_styledrop(self) -> None:
+        s = self.styledrop
+        if s.rounds < 1:
+            raise RecipeError(f"styledrop.rounds must be >= 1 (1: no feedback round), got {s.rounds}")
+        if s.per_prompt < 1 or s.batch_size < 1:
+            raise RecipeError(f"styledrop.per_prompt and styledrop.batch_size must be >= 1, got {s.per_prompt} and "
+                              f"{s.batch_size}")
+        if not s.adapter_scales or min(s.adapter_scales) <= 0:
+            raise RecipeError(f"styledrop.adapter_scales must be numbers > 0 (1: the adapter as trained), got "
+                              f"{list(s.adapter_scales)}")
+        if s.rounds == 1:
+            return
+        if not s.prompts:
+            raise RecipeError("styledrop.rounds > 1 draws candidates for styledrop.prompts: set them (a list, or a "
+                              "text file with one prompt per line), or set styledrop.rounds=1")
+        if self.adapter.kind == "full":
+            raise RecipeError("styledrop.rounds > 1 draws candidates with the round's adapter: use adapter.kind=lora "
+                              "(or dora), or set styledrop.rounds=1")
+        picker = s.picker(self.model.base)
+        if picker == "toy" and self.model.base != "toy":
+            raise RecipeError(f"styledrop.pick=toy reads the toy world's images, but model.base={self.model.base}: "
+                              "set styledrop.pick=clip with styledrop.clip_model, or styledrop.rounds=1")
+        if picker == "clip" and not s.clip_model:
+            raise RecipeError("styledrop.pick=clip needs styledrop.clip_model (e.g. openai/clip-vit-base-patch32), "
+                              "or set styledrop.rounds=1 to train round 1 only")
 
     def _check_optimizer(self) -> None:
         o = self.optim

@@ -13,6 +13,7 @@ from PIL import Image
 from amused_tune.cli import main as cli_main
 from amused_tune.cli.args import parse_recipe
 from amused_tune.cli.styledrop_round2 import main as round2_main
+from conftest import reset_accelerate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,13 +39,14 @@ def test_recipes_follow_table_4(name, base, alpha, lr, memory):
 
 @pytest.fixture(scope="module")
 def round1(tmp_path_factory):
-    """`amused-tune recipes/styledrop_256.yaml --model.base=tiny --train.max_steps=5`, from another directory."""
+    """`amused-tune recipes/styledrop_256.yaml --model.base=tiny --train.max_steps=5 --styledrop.rounds=1` (round 1
+    only: the recipe's CLIP picker is not there offline), from another directory."""
     tmp = tmp_path_factory.mktemp("styledrop")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # the card's image path resolves from the kit's folder
         mp.setenv("AMUSED_TUNE_CACHE", str(tmp / "cache"))
         code = cli_main([str(REPO / "recipes" / "styledrop_256.yaml"), "--model.base=tiny", "--train.max_steps=5",
-                         "--validation.steps=2"])
+                         "--validation.steps=2", "--styledrop.rounds=1"])
         yield code, tmp / "runs" / "styledrop_256"
 
 
@@ -325,31 +327,273 @@ def test_the_three_styledrop_recipes_ship_the_same_single_image_method():
         assert recipe.adapter.kind == "lora" and set(recipe.adapter.targets) == {"to_q", "to_k", "to_v"}, name
 
 
-@pytest.mark.slow  # learning check or real-size shapes: in the full suite (`pytest --full`)
-def test_feedback_rounds_train_each_round_on_everything_kept_so_far(tmp_path, monkeypatch):
-    """`toy eval --styledrop --rounds 3`: round r samples with round r-1's adapter, and trains a fresh adapter on
-    what the picker kept in every round so far and the style image (2 steps a round, 2 captions, keep-all picker)."""
-    from amused_tune.toy import styledrop_eval, world
+# --------------------------------------------------------------------------------------------- rounds in one command
+
+CAPTIONS = ["a red circle on a white background in [v] style", "a green square on a black background in [v] style"]
+
+
+def _keep_even(images, prompts, reference=None):
+    """A deterministic picker: keeps candidates 0, 2, ..."""
+    return [i % 2 == 0 for i in range(len(images))]
+
+
+def rounds_recipe_file(folder: Path, rounds: int = 2, pick: str = "auto") -> Path:
+    """The quickstart on the toy, cut down: 2 steps a round, one prior prompt, 2 candidate prompts x 1 seed at
+    strengths 1 and 1.5 (4 candidates a round, drawn 2 at a time), no validation grid."""
+    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    raw["train"].update(max_steps=2, checkpoint_every=1, batch_size=2)
+    raw["validation"]["prompts"] = []
+    raw["prior"]["prompts"] = ["a red circle on a black background"]
+    raw["data"]["cache_dir"] = str(folder / "cache")
+    raw["output"] = {"dir": str(folder / "run"), "loss_plot": False}
+    raw["styledrop"] = {"rounds": rounds, "prompts": CAPTIONS, "per_prompt": 1, "adapter_scales": [1, 1.5],
+                        "batch_size": 2, "pick": pick}
+    path = folder / "rounds.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow  # about 25 s on 2 idle cores: three rounds of training
+def test_three_rounds_in_one_command_write_each_round_and_train_each_on_everything_kept(tmp_path):
+    """styledrop.rounds=3: round 1 in run/round-1, round 2's candidates (drawn by round 1's adapter) and run in
+    run/round-2, round 3's candidates (new seeds, by round 2's adapter) in run/round-3/candidates, and round 3, the
+    result, in run itself: trained on the style image and both rounds' kept candidates, with round 1's prior."""
+    from amused_tune.styledrop.rounds import run_rounds
+
+    recipe = parse_recipe([str(rounds_recipe_file(tmp_path, rounds=3))])[0]
+    summary = run_rounds(recipe, lambda _: _keep_even)
+    run = tmp_path / "run"
+    assert summary["output_dir"] == str(run) and summary["rounds"] == {"2": (2, 4), "3": (2, 4)}
+    for folder in (run / "round-1", run / "round-2", run):
+        assert (folder / "adapter" / "pytorch_lora_weights.safetensors").is_file(), folder
+        assert json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    for k, seeds, drawn_by in ((2, [0, 1, 2, 3], run / "round-1"), (3, [10000, 10001, 10002, 10003], run / "round-2")):
+        cands = run / f"round-{k}" / "candidates"
+        rows = [json.loads(line) for line in (cands / "candidates.jsonl").read_text().splitlines()]
+        assert [(r["text"], r["seed"], r["adapter_scale"]) for r in rows] == [
+            (CAPTIONS[0], seeds[0], 1.0), (CAPTIONS[1], seeds[1], 1.0), (CAPTIONS[0], seeds[2], 1.5),
+            (CAPTIONS[1], seeds[3], 1.5)]
+        assert json.loads((cands / "picked.json").read_text()) == {r["file_name"]: i % 2 == 0 for i, r in enumerate(rows)}
+        assert sorted(p.name for p in cands.glob("*.png")) == sorted([rows[0]["file_name"], rows[2]["file_name"]])
+        assert Image.open(cands / rows[0]["file_name"]).text["adapter"] == str(drawn_by / "adapter")
+        assert not (cands / "candidates.partial.jsonl").exists()
+    final = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert final["styledrop"]["rounds"] == 1 and final["data"]["path"] is None
+    assert [(s["source"], s["path"]) for s in final["data"]["sources"]] == [
+        ("single_image", "assets/quickstart/toy_style.png"),
+        ("imagefolder", str((run / "round-2" / "candidates").resolve())),
+        ("imagefolder", str((run / "round-3" / "candidates").resolve()))]
+    assert json.loads((run / "data_report.json").read_text())["used"] == 1 + 2 + 2
+    assert (run / "prior" / "prior.safetensors").read_bytes() == (
+        run / "round-1" / "prior" / "prior.safetensors").read_bytes()
+    assert json.loads((run / "styledrop.json").read_text())["kept"] == {"2": [2, 4], "3": [2, 4]}
+
+    again = run_rounds(recipe, lambda _: pytest.fail("every pick is made: no picker is loaded"))
+    assert again["already_done"] and again["rounds"] == summary["rounds"]
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL: nothing catches it, nothing after it runs."""
+
+
+def test_a_kill_in_the_candidate_step_resumes_there_and_ends_bit_identical(tmp_path, monkeypatch):
+    """Killed after the first batch of candidates (and with a half-written image and a cut progress line left
+    behind), the rerun draws only the missing batch and ends with round 2's weights and losses bit-identical to a
+    run never killed."""
+    from amused_tune.sampling import sampler
+    from amused_tune.styledrop.rounds import run_rounds
+    from helpers import assert_same_run
+
+    reference = parse_recipe([str(rounds_recipe_file(tmp_path / "ref"))])[0]
+    run_rounds(reference, lambda _: _keep_even)
+    reset_accelerate()
+
+    recipe = parse_recipe([str(rounds_recipe_file(tmp_path / "killed"))])[0]
+    real, calls = sampler.generate, []
+
+    def killed_on_the_second_batch(comps, prompts, seeds, **kw):
+        if any("[v]" in p for p in prompts or []):
+            calls.append(list(seeds))
+            if len(calls) == 2:
+                raise Killed
+        return real(comps, prompts, seeds, **kw)
+
+    monkeypatch.setattr(sampler, "generate", killed_on_the_second_batch)
+    with pytest.raises(Killed):
+        run_rounds(recipe, lambda _: _keep_even)
+    cands = tmp_path / "killed" / "run" / "round-2" / "candidates"
+    assert not (cands / "candidates.jsonl").exists() and len(list(cands.glob("*.png"))) == 2
+    (cands / ".002-half-written.png.tmp").write_bytes(b"\x89PNG")  # what a kill inside image.save leaves
+    with (cands / "candidates.partial.jsonl").open("a") as partial:
+        partial.write('{"file_name": "00')  # a line cut by the kill
+    reset_accelerate()
+
+    calls.clear()
+    run_rounds(recipe, lambda _: _keep_even)
+    assert calls == [[2, 3]]  # only the batch the kill cut off
+    assert_same_run(tmp_path / "ref" / "run", tmp_path / "killed" / "run")
+    ref_cands = tmp_path / "ref" / "run" / "round-2" / "candidates"
+    assert sorted(p.name for p in cands.glob("*.png")) == sorted(p.name for p in ref_cands.glob("*.png"))
+    for image in ref_cands.glob("*.png"):
+        assert Image.open(image).tobytes() == Image.open(cands / image.name).tobytes()
+
+
+def test_random_style_images_are_seeded_distinct_and_never_two_colours_alike():
+    from amused_tune.toy import world
+
+    drawn = world.random_style_specs(30, seed=3)
+    assert drawn == world.random_style_specs(30, seed=3) and drawn != world.random_style_specs(30, seed=4)
+    assert len({(s.shape, s.colour, s.background) for s in drawn}) == 30
+    for spec in drawn:
+        assert spec.style and spec.colour != spec.background and spec.ring not in (spec.colour, spec.background)
+        assert world.parse_caption(world.caption(spec)) == (spec.shape, spec.colour, spec.background)
+    fixed = list(world.STYLE_IMAGES.values())
+    assert not set(world.random_style_specs(84, seed=0, exclude=fixed)) & set(fixed)  # 90 - 6 left: all of them
+    with pytest.raises(ValueError, match="only 84 style images are left"):
+        world.random_style_specs(85, seed=0, exclude=fixed)
+
+
+@pytest.mark.slow  # about 30 s on 2 idle cores: two runs, each measured and drawn
+def test_the_eval_trains_random_images_and_pairs_and_counts_by_background(tmp_path, monkeypatch):
+    """`toy eval --styledrop --images none --random 1 --pairs 1` (1 training step, 3 prompts x 1 seed): a random
+    image trained alone and a random pair trained as a folder, each measured; the [v] samples by background add up
+    over both; the worst one's before/after picture is written."""
+    from amused_tune.toy import world
+    from amused_tune.toy.__main__ import main as toy_main
 
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(styledrop_eval, "toy_picker", lambda images, prompts, reference=None: [True] * len(images))
-    spec = world.STYLE_IMAGES["blue_triangle_on_white"]
-    short = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
-    short["train"].update(max_steps=2, checkpoint_every=2)
-    short["prior"]["prompts"] = ["a red circle on a black background"]
-    (tmp_path / "short.yaml").write_text(yaml.safe_dump(short))
-    run, recipe = styledrop_eval.train_on(tmp_path / "short.yaml", spec, tmp_path / "img", print)
-    captions = world.all_captions()
-    held_out = captions[2:]  # every caption but two is an evaluation prompt: 2 candidates a round with per_prompt 1
-    last = styledrop_eval.feedback_rounds(recipe, run, held_out, rounds=3, per_prompt=1, print_fn=print)
-    assert last == tmp_path / "img" / "run3" and (last / "adapter").is_dir()
-    round2, round3 = tmp_path / "img" / "round2", tmp_path / "img" / "round3"
-    drawn2 = sorted(p.name for p in round2.glob("0*.png"))
-    assert len(drawn2) == 2 and (round2 / "reference.png").is_file()
-    rows3 = [json.loads(line) for line in (round3 / "metadata.jsonl").read_text().splitlines()]
-    names3 = sorted(r["file_name"] for r in rows3)
-    # round 3 trains on its own 2 samples, round 2's 2 (copied in) and the style image
-    assert names3 == sorted([p.name for p in round3.glob("0*.png")] + [f"round2-{n}" for n in drawn2] +
-                            ["reference.png"])
-    assert {r["text"] for r in rows3} == {c + world.STYLE_SUFFIX for c in captions[:2]} | {world.caption(spec)}
-    assert yaml.safe_load((round3 / "round2.yaml").read_text())["data"]["path"] == str(round3.resolve())
+    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    raw["train"].update(max_steps=1, checkpoint_every=1, batch_size=2)
+    raw["prior"]["prompts"] = ["a red circle on a black background"]
+    raw["styledrop"]["rounds"] = 1
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(raw))
+    out, picture = tmp_path / "eval.json", tmp_path / "worst.png"
+    assert toy_main(["eval", "--styledrop", "--recipe", str(tmp_path / "short.yaml"), "--images", "none",
+                     "--random", "1", "--pairs", "1", "--seed", "5", "--prompts", "3", "--seeds", "1",
+                     "--workdir", str(tmp_path / "w"), "--picture", str(picture), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    one, a, b = world.random_style_specs(3, seed=5, exclude=[])
+    single, pair = world.spec_name(one), f"{world.spec_name(a)}+{world.spec_name(b)}"
+    assert list(result["images"]) == [single, pair]
+    assert result["styles"][pair] == [world.caption(a), world.caption(b)]
+    assert json.loads((tmp_path / "w" / pair / "run" / "data_report.json").read_text())["used"] == 2
+    for numbers in result["images"].values():
+        assert sum(n for _, _, n in numbers["by_background"].values()) == 3
+    assert sum(n for _, _, n in result["by_background"].values()) == 6
+    assert result["worst"]["style_match"] == min(r["style_match"] for r in result["images"].values())
+    image = Image.open(picture)
+    assert result["worst_image"] in (single, pair) and image.text["top"] == "the base"
+    assert image.height == 2 * 256 and image.width == 256 * len(json.loads(image.text["prompts"]))
+
+
+def test_the_readme_styledrop_numbers_are_the_eval_files():
+    """README.md's StyleDrop block is what bench/styledrop_table.py makes of docs/styledrop_eval.json."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import styledrop_table
+    from amused_tune.toy import world
+
+    assert styledrop_table.FIXED == tuple(world.STYLE_IMAGES)
+    result = json.loads((REPO / "docs" / "styledrop_eval.json").read_text())
+    assert styledrop_table.block_of((REPO / "README.md").read_text()) == styledrop_table.render(result)
+    assert result["recipe"] == "recipes/quickstart.yaml" and result["random"] == 12 and result["seed"] == 0
+    assert len(result["styles"]) == 18 and result["complete"] == (len(result["images"]) == 18)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--styledrop.rounds=0", "styledrop.rounds must be >= 1"),
+    ("--styledrop.adapter_scales=[0]", "styledrop.adapter_scales must be numbers > 0"),
+    ("--styledrop.prompts=[]", "styledrop.rounds > 1 draws candidates for styledrop.prompts"),
+    ("--adapter.kind=full", "use adapter.kind=lora"),
+    ("--styledrop.pick=clip", "styledrop.pick=clip needs styledrop.clip_model"),
+])
+def test_bad_styledrop_values_are_one_line_errors(capsys, override, message):
+    assert cli_main([str(REPO / "recipes" / "quickstart.yaml"), override, "--print_config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_clip_model_that_is_not_there_stops_before_anything_trains(tmp_path, capsys):
+    """Offline and not downloaded (here: a folder that does not exist): one line saying how to get it or how to
+    train without the feedback round, before round 1 trains."""
+    out = tmp_path / "run"
+    code = cli_main([str(REPO / "recipes" / "styledrop_256.yaml"), "--model.base=tiny",
+                     f"--styledrop.clip_model={tmp_path / 'no-clip'}", f"--output.dir={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "hf download" in err[0] and "styledrop.rounds=1" in err[0] and "Traceback" not in err[0]
+    assert not (out / "round-1" / "adapter").exists() and not (out / "round-1" / "checkpoints").exists()
+
+
+def test_the_estimate_counts_the_candidate_draw_and_keeps_both_recipes_at_3_gb():
+    """With styledrop.rounds 2 the candidate draw is a moment of the run: every weight (U-ViT, LoRA, text encoder,
+    VQ) back on the GPU, `styledrop.batch_size` prompts sampled with guidance, then decoded at once."""
+    from amused_tune.memory import estimate as memory
+
+    for name in ("styledrop_256", "styledrop_512"):
+        recipe = parse_recipe([str(REPO / "recipes" / f"{name}.yaml")])[0]
+        est = memory.estimate(recipe)
+        assert est.peak_gb <= 3.0 and "styledrop candidates: VQ decode" in est.moments, name
+        assert est.moments["styledrop candidates: sampling"][1].startswith(f"{recipe.styledrop.batch_size} prompts")
+        one_round = memory.estimate(parse_recipe([str(REPO / "recipes" / f"{name}.yaml"), "--styledrop.rounds=1"])[0])
+        assert not any(m.startswith("styledrop") for m in one_round.moments) and one_round.peak_gb <= est.peak_gb
+    four = memory.estimate(parse_recipe([str(REPO / "recipes" / "styledrop_512.yaml"), "--styledrop.batch_size=4"])[0])
+    assert four.peak_gb > 3.0 and four.peak_gb == pytest.approx(four.at("styledrop candidates: VQ decode") / memory.GB)
+
+
+KILL_RUNNER = r'''
+"""The CLI, with the candidate draw pausing (and touching RUNNER_MARKER) before its second batch."""
+import os, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from amused_tune.sampling import sampler
+real, calls = sampler.generate, []
+def paused(comps, prompts, seeds, **kw):
+    if any("[v]" in p for p in prompts or []):
+        calls.append(seeds)
+        if len(calls) == 2:
+            Path(os.environ["RUNNER_MARKER"]).write_text("drawing")
+            time.sleep(120)
+    return real(comps, prompts, seeds, **kw)
+sampler.generate = paused
+from amused_tune.cli import main
+sys.exit(main())
+'''
+
+
+@pytest.mark.slow  # about 40 s on 2 idle cores: a reference run, a killed one, its resumption
+def test_sigkill_in_the_candidate_step_resumes_there_to_the_same_adapter(tmp_path):
+    """A real SIGKILL of `amused-tune RECIPE.yaml` while it draws round 2's candidates: rerunning the command keeps
+    round 1 and the candidates already drawn, and ends with the weights and losses of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import assert_same_run
+
+    recipe_file = rounds_recipe_file(tmp_path, pick="all")
+    assert cli_main([str(recipe_file), f"--output.dir={tmp_path / 'ref'}"]) == 0
+    reset_accelerate()
+    (tmp_path / "runner.py").write_text(KILL_RUNNER)
+    out, marker = tmp_path / "killed", tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(recipe_file), f"--output.dir={out}"],
+                            env={**os.environ, "PYTHONPATH": str(REPO), "RUNNER_MARKER": str(marker)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    cands = out / "round-2" / "candidates"
+    assert (out / "round-1" / "adapter").is_dir() and not (cands / "candidates.jsonl").exists()
+    assert len(list(cands.glob("*.png"))) == 2 and not (out / "adapter").exists()
+    assert cli_main([str(recipe_file), f"--output.dir={out}"]) == 0
+    assert_same_run(tmp_path / "ref", out)
+    assert json.loads((out / "styledrop.json").read_text())["kept"] == {"2": [4, 4]}

@@ -69,14 +69,33 @@ def read_prompts(path: str) -> list[str]:
     return read_prompt_file(path, "--prompts")
 
 
-def _picker(args):
-    if args.pick == "toy":
+def make_picker(kind: str, clip_model: str | None = None):
+    """The picker `kind` names: toy (the toy world's classifier) or clip (a CLIP model, Hub id or folder); raises
+    ValueError with a one-line reason when the CLIP model cannot be loaded."""
+    if kind == "toy":
         from amused_tune.toy.styledrop_eval import toy_picker
 
         return toy_picker
     from amused_tune.styledrop.clip_picker import ClipPicker
 
-    return ClipPicker.load(args.clip_model)
+    return ClipPicker.load(clip_model)
+
+
+def recipe_picker(recipe):
+    """The picker of `styledrop.rounds` (passed to styledrop.rounds.run_rounds); RecipeError saying how to get the
+    CLIP model, or how to train without the feedback round, when it cannot be loaded."""
+    from amused_tune.recipe import RecipeError
+
+    s = recipe.styledrop
+    kind = s.picker(recipe.model.base)
+    if kind == "all":
+        print("styledrop: every candidate is kept (styledrop.pick=all; set styledrop.clip_model to pick by CLIP "
+              "score)")
+        return lambda images, prompts, reference=None: [True] * len(images)
+    try:
+        return make_picker(kind, s.clip_model)
+    except ValueError as err:
+        raise RecipeError(f"styledrop.clip_model: {err}; or set styledrop.rounds=1 to train round 1 only") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                    device=args.device, adapter_scales=tuple(args.adapter_scales))
         rows = generate_candidates(recipe, run, out, read_prompts(args.prompts), options)
         if args.pick:
-            kept, total = pick(out, _picker(args))
+            kept, total = pick(out, make_picker(args.pick, args.clip_model))
             path = finalize(recipe, run, out)
             print(f"{args.pick} picker kept {kept} of {total} candidates in {out}\ntrain round 2 with:\n"
                   f"  amused-tune {path}")

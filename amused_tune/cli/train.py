@@ -77,7 +77,13 @@ def run_training(recipe) -> int:
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     quiet_libraries()
     try:
-        summary = train(recipe, data=plan)
+        if recipe.styledrop.rounds > 1:  # StyleDrop's feedback rounds (amused_tune/styledrop/rounds.py)
+            from amused_tune.cli.styledrop_round2 import recipe_picker
+            from amused_tune.styledrop.rounds import run_rounds
+
+            summary = run_rounds(recipe, recipe_picker)
+        else:
+            summary = train(recipe, data=plan)
     except TrainingStopped as err:
         if os.environ.get("RANK", "0") == "0":  # every process stops alike: say it once
             print(f"amused-tune: {'error: ' if err.error else ''}{err}", file=sys.stderr)

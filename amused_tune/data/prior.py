@@ -46,14 +46,15 @@ def read_prompt_file(path: str | Path, label: str) -> list[str]:
     return found
 
 
-def prior_prompts(prompts: list[str] | str) -> list[str]:
-    """The recipe's prior.prompts: a list, or a text file's prompts (relative paths also from the kit's folder)."""
+def prior_prompts(prompts: list[str] | str, key: str = "prior.prompts") -> list[str]:
+    """The recipe's prior.prompts (or another prompts key, `key`): a list, or a text file's prompts (relative paths
+    also from the kit's folder)."""
     if not isinstance(prompts, str):
         return [p for p in prompts if p.strip()]
     try:
-        return read_prompt_file(resolve_path(prompts), "prior.prompts=")
+        return read_prompt_file(resolve_path(prompts), f"{key}=")
     except ValueError as err:
-        raise RecipeError(str(err).replace("prior.prompts= ", "prior.prompts=")) from None
+        raise RecipeError(str(err).replace(f"{key}= ", f"{key}=")) from None
 
 
 class PriorDataset(Dataset):

@@ -78,6 +78,7 @@ class Plan:
     validation_images: int = 0  # the sample grid drawn between steps (validation.prompts x images_per_prompt)
     optimizer: str | None = None  # optim.name (None: adamw, or adamw8bit with adam_8bit)
     ema: str | None = None  # where the EMA copy of the trainable weights lives: "cuda", "cpu" or None (no EMA)
+    candidate_batch: int = 0  # styledrop.rounds > 1: candidates drawn per sampling call between rounds (0: none)
 
     @property
     def optimizer_name(self) -> str:
@@ -168,7 +169,8 @@ def plan_of(recipe) -> Plan:
         grad_checkpointing=t.grad_checkpointing, lora_rank=a.rank, lora_targets=tuple(a.targets),
         adapter_kind=a.kind if a.kind != "full" else "lora",
         validation_images=len(recipe.validation.prompts) * recipe.validation.images_per_prompt,
-        optimizer=recipe.optim.resolved_name, ema=ema_device(recipe))
+        optimizer=recipe.optim.resolved_name, ema=ema_device(recipe),
+        candidate_batch=recipe.styledrop.batch_size if recipe.styledrop.rounds > 1 else 0)
 
 
 def ema_device(recipe) -> str | None:
@@ -324,6 +326,8 @@ def estimate_plan(plan: Plan) -> Estimate:
     est.resident["optimizer step"] = weights + grads
     if plan.validation_images:
         add_validation(est, plan, counts, weights)
+    if plan.candidate_batch:
+        add_candidates(est, plan, counts)
     return est
 
 
@@ -342,6 +346,24 @@ def add_validation(est: Estimate, plan: Plan, counts: dict, weights: int) -> Non
     where = ", VQ back on the GPU" if vq else ""
     est.moments["validation: VQ decode"] = (vq + decode, f"1 image at a time{where}")
     est.resident["validation: VQ decode"] = weights
+
+
+def add_candidates(est: Estimate, plan: Plan, counts: dict) -> None:
+    """StyleDrop's candidate draw between rounds (styledrop.rounds > 1; no training state then): the base with the
+    round's LoRA, text encoder and VQ model all on the GPU, sampling `candidate_batch` prompts with guidance (twice
+    the rows), then decoding that batch at once."""
+    from amused_tune.memory.trace import TRACED_BATCHES, peak_at, trace_decode, trace_sampling
+
+    n = plan.candidate_batch
+    weights = (DTYPE_BYTES[plan.frozen_dtype] * counts["uvit"] + 4 * sum(counts["lora_sizes"])
+               + DTYPE_BYTES[plan.text_dtype] * (counts["text"] + counts["text_buffers"])
+               + DTYPE_BYTES["fp32"] * counts["vq"] + CUDA_WORKSPACE)
+    sampling = peak_at(*(trace_sampling(plan.step_setup(), k) for k in TRACED_BATCHES), 2 * n)
+    decode = peak_at(*(trace_decode(plan.resolution, k, "fp32") for k in TRACED_BATCHES), n)
+    est.moments["styledrop candidates: sampling"] = (sampling, f"{n} prompts with guidance ({2 * n} rows)")
+    est.resident["styledrop candidates: sampling"] = weights
+    est.moments["styledrop candidates: VQ decode"] = (decode, f"{n} images at once")
+    est.resident["styledrop candidates: VQ decode"] = weights
 
 
 def add_cache_building(est: Estimate, plan: Plan, counts: dict) -> None:

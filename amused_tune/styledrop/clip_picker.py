@@ -2,7 +2,8 @@
 
 - content: the cosine similarity of the candidate's image embedding to its prompt's text embedding (does it show
   what the prompt asks?), the prompt's style words (`style_words`, a regular expression: "in [V] style") left out;
-- style: the cosine similarity of the candidate's image embedding to the reference (round 1's style image).
+- style: the cosine similarity of the candidate's image embedding to the reference (round 1's style image; with
+  several style images, to their mean embedding).
 
 A candidate is kept when both scores are at least the `quantile` of the candidates' scores (default the median):
 the ones that are good at both. The CLIP model is one the user names (a Hub id or a local folder holding a
@@ -29,9 +30,17 @@ class ClipPicker:
 
     @classmethod
     def load(cls, name: str, **kw) -> "ClipPicker":
+        """The CLIP model `name` (Hub id or folder); ValueError with a one-line reason and the fix when it cannot
+        be loaded (not downloaded and offline, no such folder, not a CLIP model)."""
         from transformers import CLIPModel, CLIPTokenizer
 
-        return cls(CLIPModel.from_pretrained(name), CLIPTokenizer.from_pretrained(name), **kw)
+        try:
+            return cls(CLIPModel.from_pretrained(name), CLIPTokenizer.from_pretrained(name), **kw)
+        except (OSError, ValueError, KeyError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f"the CLIP model {name} could not be loaded ({reason}): download it once while online "
+                             f"(hf download {name}) or pass a local folder holding a CLIPModel and its "
+                             "tokenizer") from None
 
     def _pixels(self, images) -> torch.Tensor:
         size = self.model.config.vision_config.image_size
@@ -61,7 +70,11 @@ class ClipPicker:
             return []
         img = self.image_embeds(images)
         content = (img * self.text_embeds(prompts)).sum(-1)
-        style = img @ self.image_embeds([reference])[0] if reference is not None else torch.ones(len(images))
+        references = reference if isinstance(reference, (list, tuple)) else [reference] * (reference is not None)
+        if references:
+            style = img @ torch.nn.functional.normalize(self.image_embeds(list(references)).mean(0), dim=-1)
+        else:
+            style = torch.ones(len(images))
         self.scores = list(zip(content.tolist(), style.tolist()))
         c_min, s_min = torch.quantile(content, self.quantile), torch.quantile(style, self.quantile)
         return [bool(c >= c_min and s >= s_min) for c, s in zip(content, style)]

@@ -43,18 +43,32 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--styledrop-sweep", action="store_true",
                    help="with --adapter: style rates under plain guidance and StyleDrop guidance (lambda_a, lambda_b)")
     e.add_argument("--styledrop", action="store_true",
-                   help="train a single-image StyleDrop recipe on each style image of the world and print each one's "
-                        "rates on new content and the worst image's (see amused_tune/toy/styledrop_eval.py)")
+                   help="train a StyleDrop recipe (every round of it) on each style image and print each one's rates "
+                        "on new content, the worst image's and the [v] samples by background colour (see "
+                        "amused_tune/toy/styledrop_eval.py)")
+    e.add_argument("--random", type=int, default=0, metavar="N",
+                   help="with --styledrop: also N random style images (random shape, colour and background, drawn "
+                        "with --seed); with --images none, only those")
+    e.add_argument("--pairs", type=int, default=0, metavar="N",
+                   help="with --styledrop: also N random pairs of style images, each pair trained together as a folder")
+    e.add_argument("--seed", type=int, default=0, help="with --random / --pairs: the seed of the draw")
+    e.add_argument("--jobs", type=int, default=1, help="with --styledrop: train this many style images at a time, "
+                                                       "each in its own process with one thread")
+    e.add_argument("--picture", default=None, help="with --styledrop: write the worst image's before/after picture "
+                                                   "(base above, adapter below, one [v] prompt per background) here")
     e.add_argument("--round2", action="store_true", help="with --styledrop: the same as --rounds 2")
-    e.add_argument("--rounds", type=int, default=1, help="with --styledrop: measure after StyleDrop's rounds 2..N, each "
-                                                         "trained on what the classifier kept of the previous round's "
-                                                         "samples (and of earlier rounds'); 1: round 1 only")
-    e.add_argument("--per-prompt", type=int, default=2, help="with --rounds > 1: candidates drawn per world caption "
-                                                             "in each round")
+    e.add_argument("--rounds", type=int, default=None, help="with --styledrop: styledrop.rounds (default: the "
+                                                            "recipe's); later rounds draw candidates for the world "
+                                                            "captions that are not evaluation prompts")
+    e.add_argument("--per-prompt", type=int, default=None, help="with --styledrop: styledrop.per_prompt, candidates "
+                                                                "per world caption in each later round (default: the "
+                                                                "recipe's)")
     e.add_argument("--recipe", default=None, help="with --styledrop: the recipe to train (default recipes/quickstart.yaml)")
-    e.add_argument("--images", default=None, help="with --styledrop: comma-separated style image names (default all)")
-    e.add_argument("--adapter-scales", type=float, nargs="+", default=[1.0], metavar="SCALE",
-                   help="with --rounds > 1: draw --per-prompt candidates at each of these adapter strengths")
+    e.add_argument("--images", default=None, help="with --styledrop: comma-separated fixed style image names "
+                                                  "(default all six; none: no fixed image)")
+    e.add_argument("--adapter-scales", type=float, nargs="+", default=None, metavar="SCALE",
+                   help="with --styledrop: styledrop.adapter_scales, the strengths candidates are drawn at "
+                        "(default: the recipe's)")
     e.add_argument("--workdir", default=None, help="with --styledrop: keep each image's runs and round-2 candidates "
                                                    "in this folder (default: a temporary folder, deleted at the end)")
     e.add_argument("--out", default=None, help="with --styledrop: write the numbers to this JSON file "
@@ -72,6 +86,20 @@ def _eval_problem(args) -> str | None:
     for flag in ("prompts", "seeds", "threads"):
         if getattr(args, flag) < 1:
             return f"--{flag} must be >= 1, got {getattr(args, flag)}"
+    if args.jobs < 1:
+        return f"--jobs must be >= 1, got {args.jobs}"
+    for flag in ("random", "pairs"):
+        if getattr(args, flag) < 0:
+            return f"--{flag} must be >= 0, got {getattr(args, flag)}"
+    if args.styledrop and args.images is not None:
+        from amused_tune.toy.world import STYLE_IMAGES
+
+        unknown = [n for n in args.images.split(",") if n and n != "none" and n not in STYLE_IMAGES]
+        if unknown:
+            return f"--images {unknown[0]}: no such style image; known: {', '.join(STYLE_IMAGES)} (or none)"
+    if args.styledrop and args.images is not None and not args.images.replace("none", "").strip(",") \
+            and not args.random and not args.pairs:
+        return "--images none leaves nothing to train: add --random N or --pairs N"
     for flag in ("dir", "adapter"):
         folder = getattr(args, flag, None)
         if folder and not Path(folder).is_dir():
@@ -145,10 +173,16 @@ def run(args) -> int:
     if args.styledrop:
         from amused_tune.toy.styledrop_eval import DEFAULT_RECIPE, styledrop_eval
 
+        rounds = 2 if args.round2 and args.rounds is None else args.rounds
+        overrides = {f"styledrop.{key}": value for key, value in (
+            ("rounds", rounds), ("per_prompt", args.per_prompt),
+            ("adapter_scales", list(args.adapter_scales) if args.adapter_scales else None)) if value is not None}
+        images = None if args.images is None else [n for n in args.images.split(",") if n and n != "none"]
         styledrop_eval(args.recipe or DEFAULT_RECIPE, args.out or "styledrop_eval.json",
-                       30 if args.prompts == 50 else args.prompts, tuple(range(args.seeds)),
-                       args.images.split(",") if args.images else None, rounds=max(args.rounds, 2 if args.round2 else 1), per_prompt=args.per_prompt,
-                       workdir=args.workdir, base_dir=args.dir, adapter_scales=tuple(args.adapter_scales))
+                       30 if args.prompts == 50 else args.prompts, tuple(range(args.seeds)), images,
+                       workdir=args.workdir, base_dir=args.dir, random=args.random, pairs=args.pairs, seed=args.seed,
+                       picture=args.picture, jobs=args.jobs,
+                       **overrides)
         return 0
     folder = Path(args.dir) if args.dir else toy_dir()
     comps = _load_folder(folder)

@@ -236,3 +236,22 @@ STYLE_IMAGES: dict[str, ShapeSpec] = {
     "black_circle_on_yellow": ShapeSpec("circle", "black", "yellow", style=True),
     "green_square_on_red": ShapeSpec("square", "green", "red", style=True),
 }
+
+
+def spec_name(spec: ShapeSpec) -> str:
+    """A style image's name, e.g. red_circle_on_black (as the keys of `STYLE_IMAGES`)."""
+    return f"{spec.colour}_{spec.shape}_on_{spec.background}"
+
+
+def random_style_specs(n: int, seed: int, exclude: list[ShapeSpec] = ()) -> list[ShapeSpec]:
+    """`n` style images nobody chose: a random shape, shape colour and background (the shape's colour never the
+    background's; the style's grey frame is neither, being no world colour), drawn with `seed`, no two alike and
+    none in `exclude`. Raises ValueError when fewer than `n` remain."""
+    import random
+
+    assert STYLE_COLOUR not in WORLD_COLOURS  # the frame is always a third colour
+    taken = {(s.shape, s.colour, s.background) for s in exclude}
+    pool = [t for t in all_triples() if t not in taken]
+    if n > len(pool):
+        raise ValueError(f"only {len(pool)} style images are left to draw, not {n}")
+    return [ShapeSpec(*t, style=True) for t in random.Random(seed).sample(pool, n)]
