@@ -73,7 +73,7 @@ def test_two_processes_train_save_once_and_resume_exactly(tmp_path):
     # both adapters saved: the U-ViT's and the text encoder's
     saved = load_file(out / "adapter" / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("transformer.") for k in saved)
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0.png", "step-2.png", "step-4.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["before_after.png", "step-0.png", "step-2.png", "step-4.png"]
 
     # stop after step 2 (as if killed), resume with two processes: the same weights and losses as straight through
     reference = load_file(out / "checkpoints" / "step-4" / "trainable.safetensors")

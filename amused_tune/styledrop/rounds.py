@@ -50,7 +50,7 @@ def candidate_prompts(prompts: list[str] | str) -> list[str]:
 def with_candidates(data, folders: list[Path]):
     """The data section of a later round: the recipe's own source(s) and one imagefolder source per candidates
     folder (their captions are the prompts they were drawn for)."""
-    from amused_tune.data.mixture import OWN_KEYS
+    from amused_tune.data.cards import OWN_KEYS
 
     own = list(data.sources) or [SourceConfig(**{k: getattr(data, k) for k in OWN_KEYS})]
     drawn = [SourceConfig(source="imagefolder", path=str(f.resolve()), caption_column="text") for f in folders]
@@ -69,21 +69,20 @@ def round_recipe(recipe: Recipe, k: int, folders: list[Path]) -> Recipe:
         r.train.resume = "auto"
     if folders:
         r.data = with_candidates(recipe.data, folders)
-    return r.validate()
+    return r.resolve().validate()
 
 
 def style_images(data) -> list:
     """Up to MAX_REFERENCES of the recipe's local training images (PIL), for the picker's style score."""
     from PIL import Image
 
-    from amused_tune.data.mixture import part_configs
-    from amused_tune.data.sources import open_source
+    from amused_tune.data.preflight import preflight
 
     found = []
-    for cfg, _ in part_configs(data):
-        if cfg.source == "hub":
+    for part in preflight(data).parts:
+        if part.cfg.source == "hub":
             continue
-        for record in open_source(cfg).records[: MAX_REFERENCES - len(found)]:
+        for record in part.source().records[: MAX_REFERENCES - len(found)]:
             try:
                 found.append(Image.open(record.ref).convert("RGB"))
             except (OSError, ValueError):
