@@ -111,8 +111,8 @@ def test_single_image_styledrop_keeps_the_caption(quickstart):
     assert quickstart["style_match"] >= 0.80, quickstart
 
 
-# the shipped method (the quickstart: single image, prior preservation, at most half of the tokens masked) on three
-# of the six style images, one per shape, on a saturated, a dark and a light background; the full command (six
+# the shipped method (the quickstart: the image and its recoloured copies, prior preservation, at most half of the
+# tokens masked) on three of the six style images, one per shape, on a saturated, a dark and a light background; the full command (six
 # images) is in docs/toy.md
 STYLE_IMAGES_TESTED = ("yellow_square_on_blue", "red_circle_on_black", "blue_triangle_on_white")
 
@@ -129,12 +129,13 @@ def test_styledrop_method_learns_the_style_for_any_style_image(tmp_path, monkeyp
     worst = result["worst"]
     assert set(result["images"]) == set(STYLE_IMAGES_TESTED)
     assert json.loads((tmp_path / "styledrop_eval.json").read_text())["worst"] == worst
-    # measured with train.max_masking_rate 0.5 (without it: 0.45, 0.15, 0.00, 1.00, 0.03)
-    assert worst["style_with"] >= 0.47, worst  # measured 0.57
-    assert worst["style_match"] >= 0.43, worst  # measured 0.53
-    assert worst["leak"] <= 0.05, worst  # measured 0.00
-    assert worst["caption_kept"] >= 0.95, worst  # measured 1.00
-    assert worst["clean"] >= 0.42, worst  # measured 0.52
+    # measured with the recoloured copies (data.colour_variants 29, 200 steps): 1.00 / 0.97 / 0.00 / 1.00 / 0.97;
+    # the image alone (100 steps): 0.57 / 0.53 / 0.00 / 1.00 / 0.52
+    assert worst["style_with"] >= 0.90, worst
+    assert worst["style_match"] >= 0.85, worst
+    assert worst["leak"] <= 0.05, worst
+    assert worst["caption_kept"] >= 0.95, worst
+    assert worst["clean"] >= 0.85, worst
 
 
 def test_the_eval_table_shows_the_rows_of_what_the_run_teaches(tmp_path):
