@@ -9,6 +9,8 @@ carries copies of them inside the package (amused_tune/kit/), so an installed ki
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -107,3 +109,17 @@ def yaml_error_words(err: Exception) -> str:
         hint = ("usually an unclosed quote or bracket above the reported line, or indentation that does not line up "
                 "with the lines above")
     return f"{where}: {problem} ({hint})"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] when it is absent); a line cut short by a killed process is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.common import RECIPE_FILE, torch_dtype
+from amused_tune.common import RECIPE_FILE, read_jsonl, torch_dtype
 from amused_tune.writes import write_file, write_with
 
 CANDIDATES = "candidates.jsonl"
@@ -71,19 +71,6 @@ def candidate_plan(prompts: list[str], args: CandidateOptions) -> list[dict]:
     return rows
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file; a line cut short by a killed process is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
 def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: CandidateOptions) -> list[dict]:
     """Sample the candidates with the round-1 adapter (resuming a killed draw: see the module docstring); returns
     the rows written to candidates.jsonl."""
@@ -101,7 +88,7 @@ def generate_candidates(recipe, run: Path, out: Path, prompts: list[str], args: 
         raise ValueError(f"adapter scales must be > 0, got {list(scales)}")
     plan = candidate_plan(prompts, args)
     out.mkdir(parents=True, exist_ok=True)
-    done = {r["file_name"] for r in read_rows(out / PARTIAL) if (out / str(r.get("file_name"))).is_file()}
+    done = {r["file_name"] for r in read_jsonl(out / PARTIAL) if (out / str(r.get("file_name"))).is_file()}
     todo = [r for r in plan if r["file_name"] not in done]
     if todo:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
@@ -159,7 +146,7 @@ def pick(out: Path, picker, references: list | None = None) -> tuple[int, int]:
     exactly the same ones. Returns (kept, candidates)."""
     from PIL import Image
 
-    rows = read_rows(out / CANDIDATES)
+    rows = read_jsonl(out / CANDIDATES)
     drawn = [r for r in rows if "seed" in r]
     decided = out / PICKED
     if decided.is_file():
@@ -184,7 +171,7 @@ def write_metadata(out: Path) -> list[dict]:
     """OUT/metadata.jsonl (an imagefolder dataset) for the candidates still in `out`; returns its rows."""
     if not (out / CANDIDATES).is_file():
         raise ValueError(f"{out}: no {CANDIDATES}; generate candidates first (--prompts prompts.txt)")
-    kept = [{"file_name": r["file_name"], "text": r["text"]} for r in read_rows(out / CANDIDATES)
+    kept = [{"file_name": r["file_name"], "text": r["text"]} for r in read_jsonl(out / CANDIDATES)
             if (out / r["file_name"]).is_file()]
     if not kept:
         raise ValueError(f"{out}: every candidate was deleted; generate new ones with another --seed")
@@ -195,7 +182,7 @@ def write_metadata(out: Path) -> list[dict]:
 def finalize(recipe, run: Path, out: Path) -> Path:
     """metadata.jsonl for the candidates still in `out`, and round2.yaml training a fresh adapter on them."""
     kept = write_metadata(out)
-    total = len(read_rows(out / CANDIDATES))
+    total = len(read_jsonl(out / CANDIDATES))
     recipe = recipe.to_dict()
     data = recipe["data"]
     recipe["data"] = {"source": "imagefolder", "path": str(out.resolve()), "caption_column": "text",

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from amused_tune.model import adapters
-from amused_tune.common import METRICS_FILE, RECIPE_FILE
+from amused_tune.common import METRICS_FILE, RECIPE_FILE, read_jsonl
 from amused_tune.model.provenance import run_record, write_record
 from amused_tune.recipe import Recipe, RecipeError
 from amused_tune.share import hub
@@ -135,15 +135,7 @@ def _row_step(line: str) -> int:
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl (a last line cut short by a killed process is ignored)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    return read_jsonl(path)
 
 
 def write_loss_plot(metrics: Path, png: Path) -> Path | None:
