@@ -372,7 +372,7 @@ def test_help_piped_into_a_reader_that_stops_is_not_a_traceback():
 def test_recipe_help_shows_that_recipes_values(capsys):
     assert cli_main(["quickstart", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--train.max_steps MAX_STEPS Optimizer steps to train for. (type: int, default: 100)" in text
+    assert "--train.max_steps MAX_STEPS Optimizer steps to train for. (type: int, default: 200)" in text
     assert "default: 0.002" in text  # optim.lr of the quickstart, not the schema's 0.0008
 
 

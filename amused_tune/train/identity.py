@@ -25,7 +25,10 @@ RESUMABLE_CHANGES = {
 # keys added after run folders were first written, each with the value that does what the versions before it did:
 # a recipe.yaml the kit wrote without the key is read with that value (cli.args.parse_recipe), and the key at that
 # value is left out of the fingerprint, so an earlier run still resumes as itself
-ADDED_KEYS = {("data", "pixel_art"): False, ("data", "background"): "#ffffff"}
+ADDED_KEYS = {("data", "pixel_art"): False, ("data", "background"): "#ffffff", ("data", "colour_variants"): 0,
+              ("data", "colours"): None}
+# sections added since, likewise: at their defaults (what earlier versions did) they leave the fingerprint unchanged
+ADDED_SECTIONS = ("styledrop",)
 RESOLVED_HEADER = "# resolved recipe written by amused-tune"
 VERSIONED = ("amused-tune", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
@@ -41,6 +44,9 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     for (section, key), earlier in ADDED_KEYS.items():
         if d[section].get(key) == earlier:
             d[section].pop(key)
+    for section in ADDED_SECTIONS:
+        if d.get(section) == Recipe().to_dict()[section]:
+            d.pop(section)
     if recipe.validation.holdout:  # held-out images are not trained on: a different holdout is a different run
         d["holdout"] = recipe.validation.holdout
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
