@@ -352,3 +352,19 @@ def one_error(capsys, rc: int, prefix: str = "amused-tune") -> str:
     assert rc == 2, (rc, err[-2000:])
     assert len(lines) == 1 and "Traceback" not in err + captured.out, err[-2000:]
     return lines[0]
+
+
+def tiny(tmp_path: Path, folder: Path, name: str = "run", **sections) -> Recipe:
+    """A 3-step fp32 LoRA recipe on the tiny base over `folder`; `sections` override keys, e.g. train={"max_steps": 5}."""
+    recipe = Recipe(
+        model=ModelConfig(base="tiny"),
+        data=DataConfig(source="imagefolder", path=str(folder), cache=False, cache_dir=str(tmp_path / "cache")),
+        adapter=AdapterConfig(kind="lora", rank=4, alpha=4.0),
+        optim=OptimConfig(lr=1e-3),
+        train=TrainConfig(batch_size=2, max_steps=3, precision="fp32", checkpoint_every=100, cond_dropout=0.0),
+        output=OutputConfig(dir=str(tmp_path / name), loss_plot=False),
+    )
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(recipe, section), key, value)
+    return recipe

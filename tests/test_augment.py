@@ -18,8 +18,8 @@ from amused_tune.model.bases import build_tiny, encode_images
 from amused_tune.data.preprocess import preprocess
 from amused_tune.recipe import DataConfig
 from conftest import reset_accelerate
-from test_optimizers import resumed_equals_straight
-from test_resume import recipe_for
+from helpers import resumed_equals_straight
+from helpers import recipe_for
 
 RED, WHITE, GREY = (220, 30, 30), (245, 245, 245), (128, 128, 128)
 TOY = {"red": RED, "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30), "white": WHITE,

@@ -9,7 +9,7 @@ import torch
 
 from amused_tune.train import compiling, outputs
 from amused_tune.train.loop import train
-from tests.test_train_gpu_path import tiny
+from helpers import tiny
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

@@ -164,3 +164,20 @@ def test_docs_layout_has_a_line_for_every_module():
     modules = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if "kit" not in p.parts}
     modules -= {m for m in modules if m.endswith("__init__.py") and not (PACKAGE / m).read_text().count("\ndef ")}
     assert sorted(modules - listed) == [] and sorted(listed - modules) == []
+
+
+def test_test_modules_import_only_conftest_and_helpers():
+    """pytest puts tests/ (not the repository) on sys.path, so `tests.x` imports fail on a clean clone; and a test
+    importing another test module runs that module's tests twice. Shared code lives in conftest.py or helpers.py."""
+    tests = Path(__file__).resolve().parent
+    own = {p.stem for p in tests.glob("*.py")}
+    wrong = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top == "tests" or (top in own and top not in ("conftest", "helpers")):
+                    wrong.append(f"{path.name}: {name}")
+    assert wrong == []

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from amused_tune.model import lean
 from amused_tune.model.adapters import attach_lora, set_adapter_scales
 from amused_tune.model.bases import build_tiny
-from tests.conftest import tiny_uvit_inputs, tiny_with_random_lora
+from conftest import tiny_uvit_inputs, tiny_with_random_lora
 
 
 class CountOps(TorchDispatchMode):

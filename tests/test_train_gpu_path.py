@@ -20,23 +20,9 @@ from amused_tune.recipe import (AdapterConfig, DataConfig, ModelConfig, OptimCon
                                 TrainConfig, ValidationConfig)
 from amused_tune.train import loop, outputs, step as train_step, validation
 from amused_tune.train.loop import train
+from helpers import tiny
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def tiny(tmp_path: Path, folder: Path, name: str = "run", **sections) -> Recipe:
-    recipe = Recipe(
-        model=ModelConfig(base="tiny"),
-        data=DataConfig(source="imagefolder", path=str(folder), cache=False, cache_dir=str(tmp_path / "cache")),
-        adapter=AdapterConfig(kind="lora", rank=4, alpha=4.0),
-        optim=OptimConfig(lr=1e-3),
-        train=TrainConfig(batch_size=2, max_steps=3, precision="fp32", checkpoint_every=100, cond_dropout=0.0),
-        output=OutputConfig(dir=str(tmp_path / name), loss_plot=False),
-    )
-    for section, values in sections.items():
-        for key, value in values.items():
-            setattr(getattr(recipe, section), key, value)
-    return recipe
 
 
 def rows(run: Path) -> list[dict]:
