@@ -206,8 +206,12 @@ def test_the_toy_base_has_no_estimate_and_says_why():
 
 def test_stop_sends_sigint_to_the_process_the_page_started(tmp_path):
     out = tmp_path / "run"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                               start_new_session=True, stdout=subprocess.PIPE, text=True)
     try:
+        # a SIGINT that lands while the interpreter is still starting can be lost (seen under load): wait until it
+        # sleeps, as a training run the page stops is well past its start
+        assert sleeper.stdout.readline().strip() == "ready"
         (tmp_path / ".ui").mkdir()
         (tmp_path / ".ui" / "run.json").write_text(json.dumps({"pid": sleeper.pid, "out": str(out.resolve()),
                                                               "command": "amused-tune x", "log": "none"}))
