@@ -26,6 +26,7 @@ PEFT_FILE = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe a run writes into its output folder
 METRICS_FILE = "metrics.jsonl"
+ROUNDS_FILE = "styledrop.json"  # OUTPUT_DIR of a StyleDrop run of several rounds: its recipe and what each round kept
 
 # the precisions a recipe or a command names (model.dtype, train.precision, --dtype): torch's name, bytes per value
 DTYPES = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2), "fp16": ("float16", 2)}

@@ -105,6 +105,38 @@ def test_a_hundred_runs_are_all_listed(tmp_path):
     assert len(found) == 100 and found[0].name == "run-099" and found[-1].name == "run-000"
 
 
+def test_a_styledrop_run_of_two_rounds_is_one_run_showing_the_round_it_trains(tmp_path):
+    """OUTPUT_DIR holds styledrop.json from the start, round 1 trains in OUTPUT_DIR/round-1 and the last round in
+    OUTPUT_DIR itself: the page lists one run, shows round 1's steps and grids while it trains (not an empty run),
+    is not finished when round 1 is, and is finished when round 2 is."""
+    out = tmp_path / "quickstart-lora"
+    out.mkdir()
+    (out / "styledrop.json").write_text(json.dumps({"fingerprint": "x", "rounds": 2, "kept": {}}))
+    assert [(r.name, r.status, r.round) for r in runs_mod.list_runs(tmp_path)] == [
+        ("quickstart-lora", "new", "round 1 of 2")]
+    fake_run(out, "round-1", 30, max_steps=200, age_s=1)
+    found = runs_mod.list_runs(tmp_path)
+    assert [(r.name, r.status, r.step, r.round) for r in found] == [("quickstart-lora", "running", 30, "round 1 of 2")]
+    assert found[0].row()[2] == "30 of 200 (round 1 of 2)"
+    assert "round 1 of 2" in runs_mod.summary_line(found[0], runs_mod.metric_series(out / "round-1"))
+    assert runs_mod.live_folder(out) == (out / "round-1", "round 1 of 2")
+    (out / "round-1" / "adapter").mkdir()
+    (out / "round-1" / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    rows = "".join(json.dumps({"step": s, "loss": 0.5, "lr": 1e-3}) + "\n" for s in range(1, 201))
+    (out / "round-1" / "metrics.jsonl").write_text(rows)
+    old = time.time() - 3600
+    os.utime(out / "round-1" / "metrics.jsonl", (old, old))
+    assert runs_mod.list_runs(tmp_path, {str(out.resolve()): None})[0].status == "stopped"  # round 2 still to come
+    fake_run(tmp_path, "quickstart-lora-final", 200, max_steps=200, finished=True)
+    for name in ("samples", "adapter", "recipe.yaml", "metrics.jsonl"):
+        (tmp_path / "quickstart-lora-final" / name).rename(out / name)
+    (tmp_path / "quickstart-lora-final").rmdir()
+    found = [r for r in runs_mod.list_runs(tmp_path) if r.name.startswith("quickstart")]
+    assert [(r.name, r.status, r.step, r.round) for r in found] == [
+        ("quickstart-lora", "finished", 200, "round 2 of 2")]
+    assert runs_mod.live_folder(out) == (out, "round 2 of 2")
+
+
 def test_metric_series_has_raw_smoothed_and_heldout_loss(tmp_path):
     series = runs_mod.metric_series(fake_run(tmp_path, "r", 20, heldout=True))
     assert series["step"] == list(range(1, 21)) and series["loss"][0] == 2.0
@@ -206,11 +238,12 @@ def test_the_toy_base_has_no_estimate_and_says_why():
 
 def test_stop_sends_sigint_to_the_process_the_page_started(tmp_path):
     out = tmp_path / "run"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
-                               start_new_session=True, stdout=subprocess.PIPE, text=True)
+    # a stand-in for the trainer, which installs its own SIGINT handler (train/stops.py): a pytest started in the
+    # background of a script inherits SIGINT ignored, and so would a plain child; it says when it is past its start
+    code = ("import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); print('ready', flush=True);"
+            " time.sleep(60)")
+    sleeper = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True)
     try:
-        # a SIGINT that lands while the interpreter is still starting can be lost (seen under load): wait until it
-        # sleeps, as a training run the page stops is well past its start
         assert sleeper.stdout.readline().strip() == "ready"
         (tmp_path / ".ui").mkdir()
         (tmp_path / ".ui" / "run.json").write_text(json.dumps({"pid": sleeper.pid, "out": str(out.resolve()),

@@ -111,13 +111,17 @@ def test_quickstart_from_the_page_trains_stops_resumes_and_compares(server, tmp_
         page.locator("#stop-run").click()
         wait_for(lambda: "stopped" in status(page), 60, "the run to stop")
         stopped_at = step_of(page)
-        assert 0 < stopped_at < 400 and (out / "checkpoints" / f"step-{stopped_at}").is_dir()
+        # the quickstart runs two StyleDrop rounds: round 1 trains (and was stopped) in OUTPUT_DIR/round-1
+        assert 0 < stopped_at < 400 and (out / "round-1" / "checkpoints" / f"step-{stopped_at}").is_dir()
+        assert "round 1 of 2" in status(page)
 
         # Start again: the run resumes from its checkpoint (max_steps is not part of a run's identity: train 10 more)
         start_quickstart(page, out, max_steps=stopped_at + 10)
         wait_for(lambda: f"resumed from" in page.locator("#run-log textarea").input_value(), 90, "the resume line")
         assert f"(step {stopped_at})" in page.locator("#run-log textarea").input_value()
-        wait_for(lambda: "finished" in status(page), 150, "the run to finish")
+        # then round 2: round 1's adapter draws its candidates, the toy's classifier picks, a fresh adapter trains
+        wait_for(lambda: "finished" in status(page), 300, "both rounds to finish")
+        assert "round 2 of 2" in status(page)
         assert step_of(page) == stopped_at + 10
 
         page.get_by_role("tab", name="Compare").click()

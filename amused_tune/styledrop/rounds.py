@@ -22,12 +22,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from amused_tune.common import ROUNDS_FILE
 from amused_tune.writes import folder_aside, write_file
 from amused_tune.recipe import Recipe, RecipeError, SourceConfig
 from amused_tune.styledrop.round2 import (CANDIDATES, PICKED, CandidateOptions, generate_candidates, pick,
                                          write_metadata)
 
-STATE = "styledrop.json"
+STATE = ROUNDS_FILE
 MAX_REFERENCES = 8  # style images shown to the picker
 
 

@@ -58,7 +58,7 @@ class Page:
     def pin(self, name: str | None, value: float) -> int | None:
         """The grid the slider was moved to, or None (follow the newest grid) when it was moved to the newest."""
         path = self.folder_of(name)
-        newest = len(runs_mod.grids(path)) - 1 if path else 0
+        newest = len(runs_mod.grids(runs_mod.live_folder(path)[0])) - 1 if path else 0
         return None if value is None or value >= newest else int(value)
 
     def run_view(self, name: str | None, grid_index: int | None):
@@ -70,8 +70,9 @@ class Page:
                     gr.update(maximum=1, value=0), None, "", "", gr.update(visible=False))
         alive = processes.alive_runs(self.runs).get(str(path.resolve()))
         info = runs_mod.run_info(path, alive)
-        series = runs_mod.metric_series(path)
-        grids = runs_mod.grids(path)
+        live = runs_mod.live_folder(path)[0]  # a StyleDrop run of several rounds: the round training now
+        series = runs_mod.metric_series(live)
+        grids = runs_mod.grids(live)
         index = len(grids) - 1 if grid_index is None or grid_index >= len(grids) - 1 else int(grid_index)
         grid = grids[index] if grids else None
         slider = gr.update(minimum=0, maximum=max(len(grids) - 1, 1), value=max(index, 0),
@@ -82,7 +83,7 @@ class Page:
         last = log.rsplit("\n", 1)[-1]
         if info.status not in ACTIVE and "error:" in last:  # how the run ended, the command's own line
             summary += f"  \n{last}"
-        return (summary, loss_frame(series), slider, str(grid[1]) if grid else None, runs_mod.eval_markdown(path), log,
+        return (summary, loss_frame(series), slider, str(grid[1]) if grid else None, runs_mod.eval_markdown(live), log,
                 gr.update(visible=stoppable))
 
     def card(self, name: str | None) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from amused_tune.common import DIFFUSERS_FILE, METRICS_FILE, RECIPE_FILE
+from amused_tune.common import DIFFUSERS_FILE, METRICS_FILE, RECIPE_FILE, ROUNDS_FILE
 from amused_tune.share.card import CARD, sample_grids
 
 RECENT_S = 120  # a run whose metrics.jsonl changed this recently, and that is not finished, counts as running
@@ -32,21 +32,49 @@ class RunInfo:
     max_steps: int | None
     loss: float | None
     updated: float  # mtime of the newest of recipe.yaml / metrics.jsonl
+    round: str = ""  # a StyleDrop run of several rounds: "round k of n", the one training or last trained
 
     def row(self) -> list:
         of = f"{self.step} of {self.max_steps}" if self.max_steps else str(self.step)
+        of += f" ({self.round})" if self.round else ""
         loss = "" if self.loss is None or not math.isfinite(self.loss) else f"{self.loss:.4f}"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.updated))
         return [self.name, self.status, of, loss, when]
 
 
 def run_folders(root: Path) -> list[Path]:
-    """Every folder under `root` (one or two levels down) that holds a run's recipe.yaml."""
+    """Every folder under `root` (one or two levels down) that holds a run's recipe.yaml, or a StyleDrop run of
+    several rounds (its styledrop.json: one run, whose round-k folders are not listed apart)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = [p.parent for p in root.glob(f"*/{RECIPE_FILE}")] + [p.parent for p in root.glob(f"*/*/{RECIPE_FILE}")]
+    found += [p.parent for p in root.glob(f"*/{ROUNDS_FILE}")]
+    found = [p for p in found if not (re.fullmatch(r"round-\d+", p.name) and (p.parent / ROUNDS_FILE).is_file())]
     return sorted({p for p in found if not p.name.startswith(".") and not p.parent.name.startswith(".")})
+
+
+def rounds_of(path: Path) -> int:
+    """How many StyleDrop rounds the run in `path` trains (1: a plain run)."""
+    try:
+        return int(json.loads((Path(path) / ROUNDS_FILE).read_text()).get("rounds", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
+def live_folder(path: Path) -> tuple[Path, str]:
+    """The folder whose files show the run in `path` now, and which round it is ("" for a plain run): a run of n
+    StyleDrop rounds trains round k < n in OUTPUT_DIR/round-k and the last round in OUTPUT_DIR itself."""
+    path = Path(path)
+    rounds = rounds_of(path)
+    if rounds <= 1:
+        return path, ""
+    if (path / RECIPE_FILE).is_file():
+        return path, f"round {rounds} of {rounds}"
+    for k in range(rounds - 1, 0, -1):
+        if (path / f"round-{k}" / RECIPE_FILE).is_file():
+            return path / f"round-{k}", f"round {k} of {rounds}"
+    return path, f"round 1 of {rounds}"
 
 
 def _recipe(path: Path) -> dict:
@@ -92,7 +120,9 @@ def finished_weights(path: Path, recipe: dict) -> bool:
 
 
 def run_info(path: Path, alive: bool | None = None, now: float | None = None) -> RunInfo:
-    """The run in `path`; `alive`: whether a process the page started is training it (None: not known)."""
+    """The run in `path`; `alive`: whether a process the page started is training it (None: not known). A run of
+    several StyleDrop rounds shows the round training (or last trained); it is finished when its last round is."""
+    run, path = path, live_folder(path)[0]
     recipe = _recipe(path)
     metrics = path / METRICS_FILE
     last = last_row(metrics) if metrics.is_file() else None
@@ -100,7 +130,7 @@ def run_info(path: Path, alive: bool | None = None, now: float | None = None) ->
     updated = max(times) if times else 0.0
     step = int(last["step"]) if last else 0
     max_steps = max_steps_of(recipe)
-    done = finished_weights(path, recipe) and (max_steps is None or step >= max_steps)
+    done = path == run and finished_weights(path, recipe) and (max_steps is None or step >= max_steps)
     recent = metrics.is_file() and (now or time.time()) - metrics.stat().st_mtime < RECENT_S
     if alive:
         status = "running" if last else "starting"
@@ -111,7 +141,8 @@ def run_info(path: Path, alive: bool | None = None, now: float | None = None) ->
     else:
         status = "stopped" if last or (path / "checkpoints").is_dir() else "new"
     loss = last.get("loss") if last else None
-    return RunInfo(path.name, path, status, step, max_steps, loss if isinstance(loss, (int, float)) else None, updated)
+    return RunInfo(run.name, run, status, step, max_steps, loss if isinstance(loss, (int, float)) else None, updated,
+                   live_folder(run)[1])
 
 
 def list_runs(root: Path, alive: dict[str, bool] | None = None) -> list[RunInfo]:
@@ -153,6 +184,8 @@ def metric_series(path: Path) -> dict[str, list]:
 def summary_line(info: RunInfo, series: dict[str, list]) -> str:
     """status, step of max, lr, images/s and peak memory of the newest logged step, in one line."""
     parts = [f"**{info.status}**", f"step {info.step} of {info.max_steps}" if info.max_steps else f"step {info.step}"]
+    if info.round:
+        parts.insert(1, info.round)
     if series["step"]:
         lr, speed, peak = series["lr"][-1], series["images_per_s"][-1], series["peak_mem_gb"][-1]
         parts.append(f"loss {series['loss'][-1]:.4f} (mean of last {min(SMOOTH, len(series['loss']))}: "
