@@ -27,6 +27,18 @@ ROWS = (("style_with", "`... in [v] style`: the frame is drawn", ">= 0.90"),
         ("clean", "`[v] style` samples without a stray cell", ">= 0.80"))
 
 
+def worst_said(result: dict) -> str:
+    """Which image the picture below shows: the one with the fewest samples with the frame and the caption, or,
+    when several tie, the first of them (every one of them is a worst image)."""
+    key = lambda r: (r["style_match"], r["style_with"])  # noqa: E731 (the eval's own order: worst_name)
+    worst = result["images"][result["worst_image"]]
+    tied = sum(key(r) == key(worst) for r in result["images"].values())
+    if tied == 1:
+        return f"The fewest samples with the frame and the caption: `{result['worst_image']}` (the picture below)."
+    return (f"{tied} images tie for the fewest samples with the frame and the caption; the picture below is the "
+            f"first of them, `{result['worst_image']}`.")
+
+
 def render(result: dict) -> str:
     """The README block (markdown) for one `toy eval --styledrop` result."""
     fixed = [n for n in result["images"] if n in FIXED]
@@ -39,8 +51,7 @@ def render(result: dict) -> str:
     lines = [f"{so_far}Recipe `{result['recipe']}` ({result['rounds']} round{'s' * (result['rounds'] > 1)}), "
              f"{len(fixed)} fixed style images and {len(drawn)} drawn at random (seed {result['seed']}), "
              f"{result['prompts']} new-content prompts x {len(result['seeds'])} seeds each (guidance "
-             f"{s['guidance']:g}, {s['steps']} steps, min_p {s.get('min_p', 0):g}). The fewest samples with the "
-             f"frame and the caption: `{result['worst_image']}` (the picture below).", "",
+             f"{s['guidance']:g}, {s['steps']} steps, min_p {s.get('min_p', 0):g}). {worst_said(result)}", "",
              f"| share of samples | worst of the {len(result['images'])} images | target |", "|---|---|---|"]
     for key, label, target in ROWS:
         lines.append(f"| {label} | {result['worst'][key]:.2f} | {target} |")

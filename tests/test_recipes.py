@@ -148,7 +148,7 @@ def test_a_copy_gets_its_own_output_dir_so_its_first_run_trains(tmp_path, monkey
     assert copy.output.dir == "runs/my_style-lora"
     text = (tmp_path / "my_style.yaml").read_text()
     assert "runs/quickstart" not in text and "--adapter runs/my_style-lora" in text
-    full, _, _ = parse_recipe(["my_style.yaml", "--adapter.kind=full"])
+    full, _, _ = parse_recipe(["my_style.yaml", "--adapter.kind=full", "--styledrop.rounds=1"])
     assert full.output.dir == "runs/my_style-full"
     assert run_cli(["cp", "styledrop_256", "my style.yaml"])[0] == 0
     assert parse_recipe(["my style.yaml"])[0].output.dir == "runs/my style"

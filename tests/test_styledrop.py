@@ -510,8 +510,8 @@ def test_the_readme_styledrop_numbers_are_the_eval_files():
     ("--styledrop.pick=clip", "styledrop.pick=clip needs styledrop.clip_model"),
 ])
 def test_bad_styledrop_values_are_one_line_errors(capsys, override, message):
-    # the quickstart with its feedback round turned on (it ships with one round)
-    assert cli_main([str(REPO / "recipes" / "quickstart.yaml"), "--styledrop.rounds=2", override, "--print_config"]) == 2
+    # the quickstart, which runs its feedback round (styledrop.rounds 2)
+    assert cli_main([str(REPO / "recipes" / "quickstart.yaml"), override, "--print_config"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 

@@ -328,7 +328,7 @@ def test_print_config_shows_resolved_overrides(capsys):
 
 def test_overrides_reach_the_recipe():
     recipe, _, _ = parse_recipe([str(REPO / "recipes/quickstart.yaml"), "--adapter.kind=full",
-                                 "--optim.adam_8bit=true", "--train.grad_accum=4"])
+                                 "--optim.adam_8bit=true", "--train.grad_accum=4", "--styledrop.rounds=1"])
     assert (recipe.adapter.kind, recipe.optim.adam_8bit, recipe.train.grad_accum) == ("full", True, 4)
 
 
@@ -336,7 +336,7 @@ def test_overrides_reach_the_recipe():
 def test_cli_full_finetune_8bit_with_accumulation_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "full"
-    code = cli_main(["recipes/quickstart.yaml", "--adapter.kind=full", "--optim.adam_8bit=true",
+    code = cli_main(["recipes/quickstart.yaml", "--adapter.kind=full", "--styledrop.rounds=1", "--optim.adam_8bit=true",
                      "--train.grad_accum=4", "--train.max_steps=2", f"--output.dir={out}",
                      "--validation.prompts=[]"])
     assert code == 0
@@ -371,6 +371,6 @@ def test_validation_does_not_change_training(tmp_path, image_folder):
 
 
 def test_output_dir_template_fills_recipe_values():
-    recipe, _, _ = parse_recipe([str(REPO / "recipes/quickstart.yaml"), "--adapter.kind=full",
+    recipe, _, _ = parse_recipe([str(REPO / "recipes/quickstart.yaml"), "--adapter.kind=full", "--styledrop.rounds=1",
                                  "--output.dir=runs/x-{adapter.kind}-r{adapter.rank}"])
     assert recipe.output.dir == "runs/x-full-r8"
