@@ -67,6 +67,7 @@ def test_round2_candidates_pick_dataset_and_recipe(round1, tmp_path, capsys, mon
     out = tmp_path / "round2"
     args = [str(run), "--prompts", str(prompts), "--per-prompt", "2", "--steps", "2", "--out", str(out)]
     assert round2_main(args) == 0
+    assert capsys.readouterr().out.startswith(f"4 candidates and the style image (reference.png) in {out}\n")
     rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["A house in [V] style"] * 2 + ["A boat in [V] style"] * 2 + [
         "A mushroom in [V] style"]
