@@ -122,7 +122,7 @@ def finished_weights(path: Path, recipe: dict) -> bool:
 def run_info(path: Path, alive: bool | None = None, now: float | None = None) -> RunInfo:
     """The run in `path`; `alive`: whether a process the page started is training it (None: not known). A run of
     several StyleDrop rounds shows the round training (or last trained); it is finished when its last round is."""
-    run, path = path, live_folder(path)[0]
+    run, (path, round_said) = path, live_folder(path)
     recipe = _recipe(path)
     metrics = path / METRICS_FILE
     last = last_row(metrics) if metrics.is_file() else None
@@ -142,7 +142,7 @@ def run_info(path: Path, alive: bool | None = None, now: float | None = None) ->
         status = "stopped" if last or (path / "checkpoints").is_dir() else "new"
     loss = last.get("loss") if last else None
     return RunInfo(run.name, run, status, step, max_steps, loss if isinstance(loss, (int, float)) else None, updated,
-                   live_folder(run)[1])
+                   round_said)
 
 
 def list_runs(root: Path, alive: dict[str, bool] | None = None) -> list[RunInfo]:
