@@ -99,3 +99,14 @@ def test_every_offline_readme_command_runs_as_written_in_order(fresh_folder):
     assert (fresh_folder / "runs" / "quickstart-lora" / "samples" / "before_after.png").is_file()  # the picture shown
     if any(c.startswith("amused-tune merge runs/quickstart-lora --out merged/") for c in to_run):
         assert (fresh_folder / "merged" / "sampling.json").is_file()
+
+
+def test_ci_runs_the_readmes_full_test_command_and_no_pytest_call_that_selects_nothing():
+    """.ci/run calls the README's full test command, and every pytest call in it passes --full: without it a call
+    naming only slow-marked tests (the wheel's, from a virtualenv) deselects them all and exits 5, failing CI."""
+    readme = (REPO / "README.md").read_text()
+    assert re.search(r"^pytest --full\b", readme, re.M)
+    calls = [line.split("#")[0] for line in (REPO / ".ci" / "run").read_text().splitlines()
+             if re.search(r"\bpytest\b", line.split("#")[0])]
+    assert any(c.strip() == "pytest --full" for c in calls), calls
+    assert calls and all("--full" in c for c in calls), calls
