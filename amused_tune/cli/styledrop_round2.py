@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_write_failure(err):
             raise  # a failed write: amused_tune.cli.main says it in its one line
         return fail(err, PROG)
-    drawn = sum("seed" in r for r in rows)  # (the style image itself, reference.png, is a row too: round 2 keeps it)
-    also = " and the style image (reference.png)" if drawn < len(rows) else ""
+    kept = [r["file_name"] for r in rows if "seed" not in r]  # the style image itself: round 2 keeps it
+    also = f" and the style image ({kept[0]})" if kept else ""
+    drawn = len(rows) - len(kept)
     print(f"{drawn} candidates{also} in {out}\ndelete the ones that miss the style, then run:\n"
           f"  amused-tune styledrop-round2 {run} --finalize")
     return 0

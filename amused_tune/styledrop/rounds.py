@@ -28,7 +28,6 @@ from amused_tune.recipe import Recipe, RecipeError, SourceConfig
 from amused_tune.styledrop.round2 import (CANDIDATES, PICKED, CandidateOptions, generate_candidates, pick,
                                          write_metadata)
 
-STATE = ROUNDS_FILE
 MAX_REFERENCES = 8  # style images shown to the picker
 
 
@@ -102,7 +101,7 @@ def claim(out: Path, recipe: Recipe) -> dict:
     nothing; another recipe's rounds (or a plain run) there are refused, or discarded with output.overwrite."""
     from amused_tune.train.outputs import RUN_ARTIFACTS, run_in
 
-    file, fingerprint = out / STATE, _fingerprint(recipe)
+    file, fingerprint = out / ROUNDS_FILE, _fingerprint(recipe)
     state = json.loads(file.read_text()) if file.is_file() else None
     other = (state or {}).get("fingerprint", fingerprint) != fingerprint or (state is None and run_in(out))
     restart = state is not None and recipe.train.resume == "none"
@@ -183,7 +182,7 @@ def run_rounds(recipe: Recipe, make_picker: Callable[[Recipe], Callable], print_
         except ValueError as err:  # the round-2 library's one-line errors
             raise RecipeError(f"StyleDrop round {k}: {err}") from None
         state["kept"][str(k)] = [kept, total]
-        write_file(out / STATE, json.dumps(state, indent=2) + "\n", "the rounds' progress")
+        write_file(out / ROUNDS_FILE, json.dumps(state, indent=2) + "\n", "the rounds' progress")
         said = f"StyleDrop round {k} of {s.rounds}: the {s.picker(recipe.model.base)} picker kept {kept} of {total}"
         if kept:
             folders.append(folder)

@@ -70,7 +70,7 @@ class Page:
                     gr.update(maximum=1, value=0), None, "", "", gr.update(visible=False))
         alive = processes.alive_runs(self.runs).get(str(path.resolve()))
         info = runs_mod.run_info(path, alive)
-        live = runs_mod.live_folder(path)[0]  # a StyleDrop run of several rounds: the round training now
+        live = info.live  # a StyleDrop run of several rounds: the round training now
         series = runs_mod.metric_series(live)
         grids = runs_mod.grids(live)
         index = len(grids) - 1 if grid_index is None or grid_index >= len(grids) - 1 else int(grid_index)

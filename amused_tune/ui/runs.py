@@ -33,6 +33,7 @@ class RunInfo:
     loss: float | None
     updated: float  # mtime of the newest of recipe.yaml / metrics.jsonl
     round: str = ""  # a StyleDrop run of several rounds: "round k of n", the one training or last trained
+    live: Path | None = None  # the folder whose metrics and grids show it now (`live_folder`)
 
     def row(self) -> list:
         of = f"{self.step} of {self.max_steps}" if self.max_steps else str(self.step)
@@ -50,7 +51,7 @@ def run_folders(root: Path) -> list[Path]:
         return []
     found = [p.parent for p in root.glob(f"*/{RECIPE_FILE}")] + [p.parent for p in root.glob(f"*/*/{RECIPE_FILE}")]
     found += [p.parent for p in root.glob(f"*/{ROUNDS_FILE}")]
-    found = [p for p in found if not (re.fullmatch(r"round-\d+", p.name) and (p.parent / ROUNDS_FILE).is_file())]
+    found = [p for p in found if not (p.parent / ROUNDS_FILE).is_file()]  # a round of a run listed itself
     return sorted({p for p in found if not p.name.startswith(".") and not p.parent.name.startswith(".")})
 
 
@@ -69,12 +70,12 @@ def live_folder(path: Path) -> tuple[Path, str]:
     rounds = rounds_of(path)
     if rounds <= 1:
         return path, ""
-    if (path / RECIPE_FILE).is_file():
-        return path, f"round {rounds} of {rounds}"
-    for k in range(rounds - 1, 0, -1):
-        if (path / f"round-{k}" / RECIPE_FILE).is_file():
-            return path / f"round-{k}", f"round {k} of {rounds}"
-    return path, f"round 1 of {rounds}"
+    from amused_tune.styledrop.rounds import round_dir
+
+    for k in range(rounds, 0, -1):
+        if (round_dir(path, k, rounds) / RECIPE_FILE).is_file():
+            return round_dir(path, k, rounds), f"round {k} of {rounds}"
+    return round_dir(path, 1, rounds), f"round 1 of {rounds}"
 
 
 def _recipe(path: Path) -> dict:
@@ -142,7 +143,7 @@ def run_info(path: Path, alive: bool | None = None, now: float | None = None) ->
         status = "stopped" if last or (path / "checkpoints").is_dir() else "new"
     loss = last.get("loss") if last else None
     return RunInfo(run.name, run, status, step, max_steps, loss if isinstance(loss, (int, float)) else None, updated,
-                   round_said)
+                   round_said, path)
 
 
 def list_runs(root: Path, alive: dict[str, bool] | None = None) -> list[RunInfo]:
